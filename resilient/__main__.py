@@ -1,0 +1,5 @@
+"""``python -m resilient``: the command line (see ``resilient._cli``)."""
+
+from . import _cli
+
+raise SystemExit(_cli.main())

@@ -1,0 +1,134 @@
+"""The worker -> supervisor channel: JSON lines over a dedicated pipe (never stdout).
+
+Every message is validated with pydantic on the supervisor side; a line that does not parse
+is counted and ignored rather than trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+    t: float = Field(default_factory=time.time)
+
+
+class Hello(_Msg):
+    type: Literal["hello"] = "hello"
+    pid: int
+    epoch: int = 0
+    step: int = 0
+    resumed_from: int | None = None
+
+
+class Heartbeat(_Msg):
+    type: Literal["heartbeat"] = "heartbeat"
+    phase: Literal["startup", "train", "validate", "epoch_end", "save"] = "train"
+    epoch: int
+    step: int
+    step_seconds: float | None = None
+    rss_bytes: int | None = None
+
+
+class CheckpointSaved(_Msg):
+    type: Literal["checkpoint_saved"] = "checkpoint_saved"
+    epoch: int
+    step: int
+    seconds: float
+    bytes: int
+    path: str
+    reason: str = "interval"
+
+
+class EpochEnd(_Msg):
+    type: Literal["epoch_end"] = "epoch_end"
+    epoch: int
+    step: int
+    logs: dict[str, float] = Field(default_factory=dict)
+
+
+class FaultFired(_Msg):
+    type: Literal["fault"] = "fault"
+    kind: str
+    step: int
+    key: str
+
+
+class Notice(_Msg):
+    """Something the worker wants journaled (e.g. a skipped damaged checkpoint)."""
+
+    type: Literal["notice"] = "notice"
+    event: str
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+Message = Annotated[Hello | Heartbeat | CheckpointSaved | EpochEnd | FaultFired | Notice, Field(discriminator="type")]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+
+
+def parse_message(line: bytes | str) -> Any:
+    """One validated message, or None for a line that is not one."""
+    try:
+        return _ADAPTER.validate_json(line)
+    except (ValidationError, ValueError):
+        return None
+
+
+class ChannelWriter:
+    """Worker side: writes one message per ``write`` call (atomic for lines under PIPE_BUF)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, msg: _Msg) -> None:
+        if self.fd is None:
+            return
+        data = (msg.model_dump_json() + "\n").encode()
+        with self._lock:
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                self.fd = None  # supervisor gone; the parent-death watch ends us shortly
+
+
+class ChannelReader(threading.Thread):
+    """Supervisor side: reads the pipe until EOF and hands each message to ``on_message``."""
+
+    def __init__(self, fd: int, on_message: Callable[[Any], None]) -> None:
+        super().__init__(name="resilient-channel", daemon=True)
+        self.fd = fd
+        self.on_message = on_message
+        self.bad_lines = 0
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    msg = parse_message(line)
+                    if msg is None:
+                        self.bad_lines += 1
+                        continue
+                    self.on_message(msg)
+        finally:
+            os.close(self.fd)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))

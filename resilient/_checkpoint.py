@@ -1,0 +1,153 @@
+"""The checkpoint store: atomic, checksummed generations with fall-back on load.
+
+A checkpoint is a directory ``checkpoints/ckpt-<step>/`` holding payload files and a
+``manifest.json`` that lists each file's size and SHA-256. It is written under a temporary
+name, every file fsynced, then renamed into place, so a reader sees a whole checkpoint or none.
+Loading verifies the checksums and falls back to the previous generation when one is damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._rundir import fsync_dir, utcnow
+
+MANIFEST = "manifest.json"
+_PREFIX = "ckpt-"
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint failed verification (missing file, size or checksum mismatch)."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    meta: dict[str, Any]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(f["bytes"]) for f in self.files.values())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointStore:
+    """Writes and reads checkpoint generations under one directory."""
+
+    def __init__(self, root: Path, keep: int = 3) -> None:
+        if keep < 2:
+            raise ValueError(f"keep must be >= 2 so a damaged checkpoint has a fall-back. Received: keep={keep}")
+        self.root = Path(root)
+        self.keep = keep
+
+    def save(self, step: int, meta: dict[str, Any], writer: Any) -> Checkpoint:
+        """Create generation ``step``: ``writer(tmp_dir)`` writes the payload files; then commit atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            writer(tmp)
+            files: dict[str, dict[str, Any]] = {}
+            for p in sorted(tmp.iterdir()):
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            manifest = {"step": step, "created": utcnow(), "meta": meta, "files": files}
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            final = self.root / f"{_PREFIX}{step:012d}"
+            if final.exists():
+                # Same step saved again (e.g. epoch end right after a step save): replace it whole.
+                trash = self.root / f".old-{uuid.uuid4().hex}"
+                os.replace(final, trash)
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._prune()
+        return Checkpoint(final, step, meta, files)
+
+    def generations(self) -> list[Path]:
+        """Committed checkpoint directories, newest first."""
+        if not self.root.exists():
+            return []
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)]
+        return sorted(dirs, key=lambda p: p.name, reverse=True)
+
+    def verify(self, path: Path) -> Checkpoint:
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CorruptCheckpoint(f"{path.name}: unreadable manifest ({e})") from e
+        for name, info in manifest["files"].items():
+            p = path / name
+            if not p.exists():
+                raise CorruptCheckpoint(f"{path.name}: missing {name}")
+            if p.stat().st_size != info["bytes"]:
+                raise CorruptCheckpoint(f"{path.name}: {name} has {p.stat().st_size} bytes, manifest says {info['bytes']}")
+            if _sha256(p) != info["sha256"]:
+                raise CorruptCheckpoint(f"{path.name}: {name} checksum mismatch")
+        return Checkpoint(path, int(manifest["step"]), manifest.get("meta", {}), manifest["files"])
+
+    def latest(self, on_corrupt: Any = None) -> Checkpoint | None:
+        """The newest checkpoint that verifies; damaged ones are reported to ``on_corrupt`` and skipped."""
+        for path in self.generations():
+            try:
+                return self.verify(path)
+            except CorruptCheckpoint as e:
+                if on_corrupt is not None:
+                    on_corrupt(path, str(e))
+        return None
+
+    def latest_meta(self) -> dict[str, Any] | None:
+        """Manifest metadata of the newest checkpoint, without verifying payload checksums (cheap)."""
+        for path in self.generations():
+            try:
+                manifest = json.loads((path / MANIFEST).read_text())
+                return {"step": manifest["step"], **manifest.get("meta", {}), "path": str(path)}
+            except (OSError, json.JSONDecodeError, KeyError):
+                continue
+        return None
+
+    def _prune(self) -> None:
+        for old in self.generations()[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+        for tmp in self.root.glob(".tmp-*"):
+            # Left by a worker killed mid-save; never a committed generation.
+            try:
+                if tmp.stat().st_mtime < _now() - 3600:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass
+
+
+def _now() -> float:
+    import time
+
+    return time.time()

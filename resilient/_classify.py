@@ -1,0 +1,119 @@
+"""Failure classification: everything known about a finished attempt -> one incident kind.
+
+Pure and deterministic, so every rule is tested on hand-built evidence. Rules, first match wins:
+
+1. the supervisor's own decision: it killed a silent worker (``hang``) or its watchdog killed
+   one over the memory budget (``host_oom``);
+2. the kernel's word: the memory cgroup's ``oom_kill`` counter went up (``host_oom``);
+3. the worker's structured error report (``gpu_oom``, ``host_oom`` for MemoryError, ``nan_loss``,
+   ``preempted``, ``user_error``);
+4. the exit status: SIGKILL with RSS near the limit at the last sample is ``host_oom``, without
+   memory evidence ``killed``; SIGTERM is ``preempted``; other signals and non-zero exits ``crash``.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from dataclasses import dataclass, field
+from typing import Any
+
+#: RSS at the last sample at or above this fraction of the limit counts as memory evidence.
+RSS_NEAR_LIMIT = 0.9
+
+# Exit statuses the worker uses on purpose (beyond 0 = completed).
+EXIT_REPORTED = 3  # error.json holds the classified exception
+EXIT_PREEMPTED = 4  # SIGTERM honoured: checkpoint saved, then exit
+EXIT_ORPHANED = 5  # the supervisor went away
+
+
+def signal_name(returncode: int | None) -> str | None:
+    """``-11`` -> ``'SIGSEGV'``; None for a normal exit."""
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return _signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """The evidence about one finished attempt."""
+
+    returncode: int | None
+    report: dict[str, Any] | None = None  # the worker's error.json, if it wrote one
+    decision: str | None = None  # "hang" | "watchdog" | "preempt" (SIGTERM sent by the supervisor)
+    oom_kills: int = 0  # increase of the cgroup's oom_kill counter during the attempt
+    last_rss: int | None = None
+    memory_limit: int | None = None
+    heartbeat_age: float | None = None
+    completed: bool = False  # the worker wrote result.json
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def signal(self) -> str | None:
+        return signal_name(self.returncode)
+
+
+def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
+    """``(kind, detail, evidence)``; kind None means the attempt completed the training."""
+    sig = outcome.signal
+    status = sig or f"exit code {outcome.returncode}"
+    evidence: dict[str, Any] = {"exit": status}
+    if outcome.report:
+        evidence["report"] = outcome.report.get("kind")
+
+    if outcome.completed and outcome.returncode == 0:
+        return None, "completed", evidence
+    if outcome.decision == "hang":
+        age = f"{outcome.heartbeat_age:.1f}s" if outcome.heartbeat_age is not None else "too long"
+        evidence["heartbeat_age"] = outcome.heartbeat_age
+        return "hang", f"no heartbeat for {age}; the supervisor killed the worker ({status})", evidence
+    if outcome.decision == "watchdog":
+        evidence.update(source="watchdog", rss=outcome.last_rss, limit=outcome.memory_limit)
+        return "host_oom", (
+            f"resident memory {_gb(outcome.last_rss)} crossed the limit {_gb(outcome.memory_limit)}; "
+            f"the watchdog killed the worker ({status})"
+        ), evidence
+    if outcome.oom_kills > 0:
+        evidence.update(source="cgroup", oom_kills=outcome.oom_kills, limit=outcome.memory_limit)
+        return "host_oom", (
+            f"the kernel's OOM killer ended the worker in its memory cgroup (limit {_gb(outcome.memory_limit)}, "
+            f"oom_kill +{outcome.oom_kills}, {status})"
+        ), evidence
+    report = outcome.report or {}
+    kind = report.get("kind")
+    if kind in {"gpu_oom", "host_oom", "nan_loss", "preempted", "user_error"}:
+        evidence["source"] = "worker report"
+        message = str(report.get("message", "")).strip().splitlines()
+        detail = f"{report.get('type', 'error')}: {message[0] if message else ''}".strip()
+        if kind == "preempted":
+            detail = "SIGTERM received; the worker saved a checkpoint and exited"
+        return kind, detail, evidence
+    if outcome.returncode == EXIT_PREEMPTED or sig == "SIGTERM" or outcome.decision == "preempt":
+        return "preempted", f"terminated ({status})", evidence
+    if sig == "SIGKILL":
+        if (
+            outcome.last_rss is not None
+            and outcome.memory_limit
+            and outcome.last_rss >= RSS_NEAR_LIMIT * outcome.memory_limit
+        ):
+            evidence.update(source="rss", rss=outcome.last_rss, limit=outcome.memory_limit)
+            return "host_oom", (
+                f"SIGKILL with resident memory {_gb(outcome.last_rss)} near the limit {_gb(outcome.memory_limit)}"
+            ), evidence
+        return "killed", "SIGKILL with no memory evidence (killed from outside, or an OOM kill nobody recorded)", evidence
+    if outcome.returncode == EXIT_ORPHANED:
+        return "killed", "the worker lost its supervisor", evidence
+    if sig is not None:
+        return "crash", f"the worker died from {sig}", evidence
+    if outcome.returncode == 0:
+        return "crash", "the worker exited 0 without finishing the training", evidence
+    tail = report.get("message") if report else None
+    return "crash", f"the worker exited with code {outcome.returncode}" + (f": {tail}" if tail else ""), evidence
+
+
+def _gb(n: int | None) -> str:
+    from ._units import format_bytes
+
+    return format_bytes(n)

@@ -1,0 +1,136 @@
+"""Command line: ``python -m resilient <command>``.
+
+Commands::
+
+    policies                         list the presets with their descriptions
+    policies check FILE_OR_NAME      validate a policy and print its ladders (exit 2 if invalid)
+    policies show NAME               print a policy's ladders
+    policies steps                   list the registered steps
+
+A command is a function that adds its subparser and sets ``handler``; add one to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from ._errors import InvalidPolicyError
+
+#: Exit status for an invalid policy or bad usage (argparse uses 2 as well).
+EXIT_INVALID = 2
+
+
+def _add_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("policies", help="list, check and show degradation policies")
+    parser.set_defaults(handler=_policies_list)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+
+    listing = actions.add_parser("list", help="list the presets (the default)")
+    listing.set_defaults(handler=_policies_list)
+
+    check = actions.add_parser("check", help="validate a policy file or preset and print its ladders")
+    check.add_argument("policy", metavar="FILE_OR_NAME", help="a preset name or a path to a TOML file")
+    check.add_argument(
+        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="import MODULE first, so the custom steps it registers are known (repeatable)",
+    )
+    check.set_defaults(handler=_policies_check)
+
+    show = actions.add_parser("show", help="print a policy's ladders")
+    show.add_argument("policy", metavar="NAME", help="a preset name or a path to a TOML file")
+    show.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                      help="import MODULE first (repeatable)")
+    show.set_defaults(handler=_policies_show)
+
+    steps = actions.add_parser("steps", help="list the registered steps")
+    steps.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import MODULE first (repeatable)")
+    steps.set_defaults(handler=_policies_steps)
+
+
+#: Each adds one top-level subcommand; its parser sets ``handler(args, out, err) -> int``.
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [_add_policies]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m resilient`` parser with every command in ``COMMANDS``."""
+    parser = argparse.ArgumentParser(prog="python -m resilient", description="resilient: self-healing Keras training")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and on usage errors; callers want a status
+        return exc.code if isinstance(exc.code, int) else EXIT_INVALID
+    return int(args.handler(args, out, err))
+
+
+def _import_modules(args: argparse.Namespace, err: TextIO) -> bool:
+    for module in getattr(args, "imports", []):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            print(f"error: cannot import {module!r} (--import): {type(exc).__name__}: {exc}", file=err)
+            return False
+    return True
+
+
+def _policies_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._policy import PRESET_DIRS, list_presets
+
+    presets = list_presets()
+    if not presets:
+        print("No presets found in: " + ", ".join(str(folder) for folder in PRESET_DIRS), file=err)
+        return 1
+    width = max(len(name) for name in presets)
+    for name, description in presets.items():
+        print(f"{name:<{width}}  {description}", file=out)
+    return 0
+
+
+def _load(args: argparse.Namespace, out: TextIO, err: TextIO, *, verb: str) -> int:
+    from ._policy import load_policy, resolve_policy_path
+
+    if not _import_modules(args, err):
+        return EXIT_INVALID
+    try:
+        path = resolve_policy_path(args.policy)
+        policy = load_policy(args.policy)
+    except InvalidPolicyError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_INVALID
+    if verb:
+        print(f"{verb}: {path}", file=out)
+    print(policy.describe(), file=out)
+    return 0
+
+
+def _policies_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    return _load(args, out, err, verb="valid")
+
+
+def _policies_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    return _load(args, out, err, verb="policy")
+
+
+def _policies_steps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._policy import list_steps
+
+    if not _import_modules(args, err):
+        return EXIT_INVALID
+    steps = list_steps()
+    width = max(len(name) for name in steps)
+    for name, summary in steps.items():
+        print(f"{name:<{width}}  {summary}", file=out)
+    return 0

@@ -1,0 +1,236 @@
+"""Memory evidence and enforcement: memory cgroups (v1 or v2), psutil sampling, NVML.
+
+``MemoryCgroup.create`` makes a child group of the caller's own memory cgroup with a hard
+limit, so the kernel's real OOM killer enforces the budget on the worker alone and the
+group's ``oom_kill`` counter tells us afterwards that it did. Where cgroups are not writable
+the supervisor falls back to a psutil watchdog (see _supervisor.py).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+_V1_ROOT = Path("/sys/fs/cgroup/memory")
+_V2_ROOT = Path("/sys/fs/cgroup")
+
+
+def _own_cgroup_lines() -> list[tuple[str, str, str]]:
+    try:
+        text = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out.append((parts[0], parts[1], parts[2]))
+    return out
+
+
+def _v1_parent() -> Path | None:
+    for _, controllers, path in _own_cgroup_lines():
+        if "memory" in controllers.split(","):
+            parent = _V1_ROOT / path.lstrip("/")
+            if (parent / "memory.limit_in_bytes").exists():
+                return parent
+    return None
+
+
+def _v2_parent() -> Path | None:
+    if not (_V2_ROOT / "cgroup.controllers").exists():
+        return None
+    for hid, controllers, path in _own_cgroup_lines():
+        if hid == "0" and controllers == "":
+            parent = _V2_ROOT / path.lstrip("/")
+            try:
+                if "memory" in (parent / "cgroup.controllers").read_text().split():
+                    return parent
+            except OSError:
+                return None
+    return None
+
+
+@dataclass
+class MemoryCgroup:
+    """A memory cgroup holding one worker, with a hard limit in bytes."""
+
+    path: Path
+    version: int
+    limit: int
+
+    @classmethod
+    def create(cls, limit: int, name: str | None = None) -> MemoryCgroup:
+        """Create a child group with ``limit``; raises OSError (with the reason) where that is impossible."""
+        name = name or f"resilient-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        v1 = _v1_parent()
+        if v1 is not None:
+            path = v1 / name
+            path.mkdir()
+            try:
+                (path / "memory.limit_in_bytes").write_text(str(limit))
+                swap = path / "memory.memsw.limit_in_bytes"
+                if swap.exists():
+                    try:
+                        swap.write_text(str(limit))  # no escaping the budget into swap
+                    except OSError:
+                        pass
+            except OSError:
+                path.rmdir()
+                raise
+            return cls(path, 1, limit)
+        v2 = _v2_parent()
+        if v2 is not None:
+            path = v2 / name
+            try:
+                subtree = (v2 / "cgroup.subtree_control").read_text().split()
+                if "memory" not in subtree:
+                    (v2 / "cgroup.subtree_control").write_text("+memory")
+            except OSError as e:
+                raise OSError(f"cgroup v2 at {v2} does not delegate the memory controller ({e})") from e
+            path.mkdir()
+            try:
+                (path / "memory.max").write_text(str(limit))
+                if (path / "memory.swap.max").exists():
+                    (path / "memory.swap.max").write_text("0")
+            except OSError:
+                path.rmdir()
+                raise
+            return cls(path, 2, limit)
+        raise OSError("no writable memory cgroup (neither v1 /sys/fs/cgroup/memory nor v2 with the memory controller)")
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def set_limit(self, limit: int) -> None:
+        name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
+        if self.version == 1:
+            swap = self.path / "memory.memsw.limit_in_bytes"
+            # memsw must stay >= limit: lower limit first, raise memsw after; the reverse when raising.
+            if limit < self.limit:
+                (self.path / name).write_text(str(limit))
+                if swap.exists():
+                    try:
+                        swap.write_text(str(limit))
+                    except OSError:
+                        pass
+            else:
+                if swap.exists():
+                    try:
+                        swap.write_text(str(limit))
+                    except OSError:
+                        pass
+                (self.path / name).write_text(str(limit))
+        else:
+            (self.path / name).write_text(str(limit))
+        self.limit = limit
+
+    def oom_kills(self) -> int:
+        """The kernel's count of OOM kills in this group."""
+        name = "memory.oom_control" if self.version == 1 else "memory.events"
+        try:
+            for line in (self.path / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except OSError:
+            pass
+        return 0
+
+    def usage(self) -> int | None:
+        name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def peak(self) -> int | None:
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        try:
+            return int((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        """Remove the group (its processes must be gone); retried briefly while the kernel releases it."""
+        import time
+
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.05)
+
+
+def cgroup_support() -> tuple[bool, str]:
+    """Whether a memory cgroup can be created here, and why not when it cannot."""
+    try:
+        group = MemoryCgroup.create(1 << 30, name=f"resilient-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    except OSError as e:
+        return False, str(e)
+    group.remove()
+    return True, f"cgroup v{group.version}"
+
+
+def tree_rss(pid: int) -> int | None:
+    """Resident memory of ``pid`` and its children, in bytes (None when it is gone)."""
+    try:
+        proc = psutil.Process(pid)
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+    except psutil.Error:
+        return None
+
+
+class GpuMemory:
+    """Per-process GPU memory through NVML, when a GPU and pynvml are present."""
+
+    def __init__(self) -> None:
+        self.available = False
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.available = bool(self._handles)
+        except Exception:  # no driver, no GPU, or no pynvml: GPU evidence is simply absent
+            self._handles = []
+
+    def used_by(self, pids: set[int]) -> int | None:
+        """GPU bytes held by ``pids`` across devices."""
+        if not self.available:
+            return None
+        total = 0
+        for h in self._handles:
+            try:
+                procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(h)
+            except Exception:
+                continue
+            for p in procs:
+                if p.pid in pids and p.usedGpuMemory is not None:
+                    total += int(p.usedGpuMemory)
+        return total
+
+    def totals(self) -> list[tuple[int, int]]:
+        """(used, total) bytes per device."""
+        out = []
+        for h in self._handles:
+            try:
+                info = self._nvml.nvmlDeviceGetMemoryInfo(h)
+                out.append((int(info.used), int(info.total)))
+            except Exception:
+                continue
+        return out

@@ -1,0 +1,702 @@
+"""The worker: one training attempt in a fresh process (``python -m resilient._worker``).
+
+It restores the latest checkpoint, builds model and data for the current Plan, and runs
+``model.fit`` one epoch per call (so a resumed epoch can be shorter) with a single CallbackList
+that user callbacks see as one uninterrupted training. It reports over the channel and never
+decides what happens after a failure: it writes what it knows to ``error.json`` and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ._channel import ChannelWriter, CheckpointSaved, EpochEnd, FaultFired, Heartbeat, Hello, Notice
+from ._classify import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED
+from ._faults import Fault, FiredFaults
+from ._plan import Plan
+from ._rundir import RunDir, RunSpec, atomic_write_text
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Preempted(BaseException):
+    """Raised inside fit after the SIGTERM checkpoint was saved; unwinds to a clean exit."""
+
+
+class NanLoss(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class _State:
+    """Process-wide flags touched by signal handlers."""
+
+    sigterm = threading.Event()
+
+
+# --------------------------------------------------------------------------- process setup
+
+
+def _setup_process(supervisor_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != supervisor_pid:  # the supervisor died before PDEATHSIG was armed
+        os._exit(EXIT_ORPHANED)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # if the machine runs out of RAM, the kernel takes us, not the notebook
+    except OSError:
+        pass
+
+    def watch_parent() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != supervisor_pid:
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch_parent, name="resilient-parent-watch", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: _State.sigterm.set())
+    import faulthandler
+
+    faulthandler.enable()  # a segfault still leaves a Python stack in worker.log
+
+
+def _configure_tf(spec: RunSpec) -> Any:
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            if spec.gpu_memory_limit_bytes:
+                mb = max(1, spec.gpu_memory_limit_bytes // (1 << 20))
+                tf.config.set_logical_device_configuration(gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=mb)])
+            else:
+                tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # already initialized by user code imported earlier; keep its settings
+    return tf
+
+
+# --------------------------------------------------------------------------- model
+
+
+def load_objects(run: RunDir) -> dict[str, Any]:
+    if not run.objects_file.exists():
+        return {}
+    import cloudpickle
+
+    with open(run.objects_file, "rb") as f:
+        return cloudpickle.load(f)
+
+
+def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any]) -> Any:
+    """The model for ``plan``: loaded (or built), put under the plan's precision, compiled."""
+    import warnings
+
+    import keras
+
+    # Keras restores optimizer variables by position and warns when the counts differ; the
+    # checkpoint restores them by meaning right after, so the warning would only mislead.
+    warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+    custom = objects.get("custom_objects", {})
+    keras.mixed_precision.set_global_policy(plan.precision)
+    if spec.model_builder:
+        model = objects["builder"]()
+    else:
+        with keras.saving.custom_object_scope(custom):
+            model = keras.saving.load_model(run.model_file, compile=True, safe_mode=False)
+        if plan.precision != "float32" or plan.grad_accum_steps > 1:
+            model = _rebuild(model, plan, custom)
+    if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
+        raise TypeError(
+            "The model is not compiled. Expected a compiled keras.Model (call model.compile(...) before "
+            "resilient.fit), or a builder that returns one."
+        )
+    if plan.grad_accum_steps > 1 and spec.model_builder:
+        model = _rebuild(model, plan, custom)
+    return model
+
+
+def _rebuild(model: Any, plan: Plan, custom: dict[str, Any]) -> Any:
+    """Rebuild ``model`` under ``plan``'s dtype policy and gradient accumulation; weights carried over."""
+    import keras
+
+    config = model.get_config()
+    _set_dtype_policies(config, plan.precision)
+    compile_config = model.get_compile_config()
+    optimizer_config = keras.optimizers.serialize(_inner_optimizer(model.optimizer))
+    optimizer_config["config"]["gradient_accumulation_steps"] = plan.grad_accum_steps if plan.grad_accum_steps > 1 else None
+    with keras.saving.custom_object_scope(custom):
+        new = model.__class__.from_config(config)
+        new.build_from_config(model.get_build_config()) if model.get_build_config() else None
+        new.set_weights(model.get_weights())
+        optimizer = keras.optimizers.deserialize(optimizer_config)
+        compile_config = dict(compile_config or {})
+        compile_config["optimizer"] = optimizer
+        new.compile(**{k: _deserialize_compile_arg(k, v) for k, v in compile_config.items()})
+    return new
+
+
+def _deserialize_compile_arg(key: str, value: Any) -> Any:
+    import keras
+
+    if key in {"loss", "metrics", "weighted_metrics", "loss_weights"} and value is not None:
+        return keras.saving.deserialize_keras_object(value) if isinstance(value, dict) else _deser_nested(value)
+    return value
+
+
+def _deser_nested(value: Any) -> Any:
+    import keras
+
+    if isinstance(value, dict) and "class_name" in value:
+        return keras.saving.deserialize_keras_object(value)
+    if isinstance(value, list):
+        return [_deser_nested(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _deser_nested(v) for k, v in value.items()}
+    return value
+
+
+def _set_dtype_policies(config: Any, precision: str) -> None:
+    """Point every layer's dtype policy in a model config at ``precision`` (in place)."""
+    if isinstance(config, dict):
+        if config.get("class_name") in {"DTypePolicy", "FloatDTypePolicy"} and isinstance(config.get("config"), dict):
+            name = config["config"].get("name", "")
+            if name in {"float32", "mixed_float16", "mixed_bfloat16"}:
+                config["config"]["name"] = precision
+        for v in config.values():
+            _set_dtype_policies(v, precision)
+    elif isinstance(config, list):
+        for v in config:
+            _set_dtype_policies(v, precision)
+
+
+def _inner_optimizer(opt: Any) -> Any:
+    return getattr(opt, "inner_optimizer", opt)
+
+
+# --------------------------------------------------------------------------- state by meaning
+
+
+def optimizer_state(model: Any) -> dict[str, Any]:
+    """Optimizer variables keyed by meaning (slot name per model variable), not by position."""
+    import numpy as np
+
+    opt = model.optimizer
+    inner = _inner_optimizer(opt)
+    out: dict[str, Any] = {}
+    prefix = inner.name + "/"
+    for v in inner.variables:
+        path = v.path
+        key = path[len(prefix):] if path.startswith(prefix) else path.split("/", 1)[-1]
+        if key == "iteration":
+            continue
+        out["slot:" + key] = np.asarray(v.numpy())
+    accum = inner.gradient_accumulation_steps or 1
+    out["meta:iterations"] = np.asarray(int(inner._iterations.numpy()) // accum, dtype=np.int64)
+    if opt is not inner:
+        for v in opt.variables:
+            if v.path.endswith("dynamic_scale") or v.path.endswith("step_counter"):
+                out["lso:" + v.path.rsplit("/", 1)[-1]] = np.asarray(v.numpy())
+    return out
+
+
+def restore_optimizer_state(model: Any, state: dict[str, Any]) -> list[str]:
+    """Assign saved state to the (possibly rebuilt) optimizer by meaning; returns keys not restored."""
+    opt = model.optimizer
+    inner = _inner_optimizer(opt)
+    if not inner.built:
+        opt.build(model.trainable_variables)
+    prefix = inner.name + "/"
+    skipped = []
+    for v in inner.variables:
+        path = v.path
+        key = "slot:" + (path[len(prefix):] if path.startswith(prefix) else path.split("/", 1)[-1])
+        if key in state and tuple(state[key].shape) == tuple(v.shape):
+            v.assign(state[key])
+    known = {"slot:" + (v.path[len(prefix):] if v.path.startswith(prefix) else v.path.split("/", 1)[-1]) for v in inner.variables}
+    for key in state:
+        if key.startswith("slot:") and key not in known:
+            skipped.append(key)
+    if "meta:iterations" in state:
+        accum = inner.gradient_accumulation_steps or 1
+        inner._iterations.assign(int(state["meta:iterations"]) * accum)
+    if opt is not inner:
+        for v in opt.variables:
+            name = "lso:" + v.path.rsplit("/", 1)[-1]
+            if name in state:
+                v.assign(state[name])
+    return skipped
+
+
+def seed_generator_states(model: Any) -> list[Any]:
+    import numpy as np
+
+    return [np.asarray(sg.state.numpy()) for sg in _seed_generators(model)]
+
+
+def _seed_generators(model: Any) -> list[Any]:
+    out = []
+    for layer in model._flatten_layers(include_self=True):
+        out.extend(getattr(layer, "_seed_generators", []) or [])
+    return out
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def callback_state(cb: Any) -> dict[str, Any]:
+    """The picklable part of a callback's ``__dict__`` (its model and params excluded)."""
+    import cloudpickle
+
+    out = {}
+    for key, value in vars(cb).items():
+        if key in {"model", "_model", "params", "_chief_worker_only", "_supports_tf_logs"}:
+            continue
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            continue  # file writers, locks: rebuilt by the callback itself
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- the attempt
+
+
+class Attempt:
+    """Everything one worker process does, in order: restore, build, train, report."""
+
+    def __init__(self, run: RunDir, attempt: int, channel: ChannelWriter) -> None:
+        self.run = run
+        self.attempt = attempt
+        self.channel = channel
+        self.spec = run.read_spec()
+        self.plan = run.read_plan()
+        self.fired = FiredFaults(run.faults_fired)
+        self.epoch = 0
+        self.offset = 0  # samples into the current epoch
+        self.global_step = 0
+        self.history: dict[str, list[float]] = {}
+        self.epochs_done: list[int] = []
+        self.callback_states: list[dict[str, Any]] | None = None
+        self.metric_values: list[Any] | None = None
+        self.lr_scale_saved = 1.0
+        self.last_save_time = time.monotonic()
+        self.last_save_seconds = 0.0
+        self.last_beat = 0.0
+        self.step_seconds: float | None = None
+        self.user_callbacks: list[Any] = []
+
+    # -- checkpoint
+
+    def save_checkpoint(self, model: Any, reason: str) -> None:
+        import cloudpickle
+        import numpy as np
+
+        from ._checkpoint import CheckpointStore
+
+        self.beat("save", force=True)
+        t0 = time.monotonic()
+        opt_state = optimizer_state(model)
+        meta = {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "global_step": self.global_step,
+            "epochs_done": self.epochs_done,
+            "history": self.history,
+            "plan": self.plan.model_dump(mode="json"),
+            "attempt": self.attempt,
+            "reason": reason,
+            "lr_scale": self.plan.learning_rate_scale,
+            "weight_paths": [w.path for w in model.weights],
+        }
+
+        def write(tmp: Path) -> None:
+            np.savez(tmp / "weights.npz", *[np.asarray(w.numpy()) for w in model.weights])
+            np.savez(tmp / "optimizer.npz", **opt_state)
+            np.savez(tmp / "metrics.npz", *[np.asarray(v.numpy()) for v in model.metrics_variables])
+            np.savez(tmp / "rng.npz", *seed_generator_states(model))
+            with open(tmp / "callbacks.pkl", "wb") as f:
+                cloudpickle.dump([callback_state(cb) for cb in self.user_callbacks], f)
+
+        ckpt = CheckpointStore(self.run.checkpoints).save(self.global_step, meta, write)
+        seconds = time.monotonic() - t0
+        self.last_save_seconds = seconds
+        self.last_save_time = time.monotonic()
+        self.channel.send(
+            CheckpointSaved(epoch=self.epoch, step=self.global_step, seconds=seconds, bytes=ckpt.nbytes,
+                            path=str(ckpt.path), reason=reason)
+        )
+
+    def restore_checkpoint(self, model: Any) -> int | None:
+        import cloudpickle
+        import numpy as np
+
+        from ._checkpoint import CheckpointStore
+
+        def on_corrupt(path: Path, why: str) -> None:
+            self.channel.send(Notice(event="checkpoint_corrupt", fields={"path": str(path), "reason": why}))
+
+        ckpt = CheckpointStore(self.run.checkpoints).latest(on_corrupt=on_corrupt)
+        if ckpt is None:
+            return None
+        meta = ckpt.meta
+        with np.load(ckpt.file("weights.npz")) as z:
+            weights = [z[f"arr_{i}"] for i in range(len(z.files))]
+        if len(weights) != len(model.weights):
+            raise RuntimeError(
+                f"Checkpoint {ckpt.path} holds {len(weights)} weights; the model has {len(model.weights)}."
+            )
+        for var, value in zip(model.weights, weights):
+            var.assign(value)
+        with np.load(ckpt.file("optimizer.npz")) as z:
+            opt_state = {k: z[k] for k in z.files}
+        skipped = restore_optimizer_state(model, opt_state)
+        if skipped:
+            self.channel.send(Notice(event="optimizer_state_skipped", fields={"keys": skipped[:20]}))
+        with np.load(ckpt.file("metrics.npz")) as z:
+            self.metric_values = [z[f"arr_{i}"] for i in range(len(z.files))]
+        with np.load(ckpt.file("rng.npz")) as z:
+            states = [z[f"arr_{i}"] for i in range(len(z.files))]
+        for sg, value in zip(_seed_generators(model), states):
+            sg.state.assign(value)
+        with open(ckpt.file("callbacks.pkl"), "rb") as f:
+            self.callback_states = cloudpickle.load(f)
+        self.epoch = int(meta["epoch"])
+        self.offset = int(meta["offset"])
+        self.global_step = int(meta["global_step"])
+        self.history = {k: list(v) for k, v in meta["history"].items()}
+        self.epochs_done = list(meta["epochs_done"])
+        self.lr_scale_saved = float(meta.get("lr_scale", 1.0))
+        return ckpt.step
+
+    # -- channel
+
+    def beat(self, phase: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last_beat >= 0.25:
+            self.last_beat = now
+            self.channel.send(Heartbeat(phase=phase, epoch=self.epoch, step=self.global_step,  # type: ignore[arg-type]
+                                        step_seconds=self.step_seconds))
+
+    # -- faults
+
+    def fire_due_faults(self, model: Any) -> None:
+        fired = self.fired.load()
+        for fault in self.spec.faults:
+            if fault.step == self.global_step and fault.key not in fired:
+                self.fired.record(fault)
+                self.channel.send(FaultFired(kind=fault.kind, step=self.global_step, key=fault.key))
+                _inject(fault, model, self)
+
+    # -- main
+
+    def run_training(self) -> None:
+        tf = _configure_tf(self.spec)
+        import keras
+
+        keras.utils.set_random_seed(self.spec.seed)
+        objects = load_objects(self.run)
+        model = build_model(self.run, self.spec, self.plan, objects)
+        self.user_callbacks = list(objects.get("callbacks", []))
+        resumed_from = self.restore_checkpoint(model)
+        self._apply_lr_scale(model)
+        self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from))
+
+        from ._data import make_source
+
+        source = make_source(self.spec, self.run, objects)
+        val = source.validation(self.plan)
+        self._configure_checkpointing()
+        verbose = self.spec.verbose
+        head, tail = _Head(self, model), _Tail(self, model)
+        callbacks = keras.callbacks.CallbackList(
+            [head, *self.user_callbacks, tail], add_history=True, add_progbar=verbose != 0, model=model,
+            verbose=verbose, epochs=self.spec.epochs, steps=None,
+        )
+        callbacks = _ContinuingCallbackList.wrap(callbacks, self)
+        started = False
+        while self.epoch < self.spec.epochs:
+            ds, steps = source.epoch(self.plan, self.epoch, self.offset)
+            callbacks.set_params({"verbose": verbose, "epochs": self.spec.epochs, "steps": steps})
+            if not started:
+                callbacks.begin_training()
+                started = True
+            model.fit(ds, epochs=self.epoch + 1, initial_epoch=self.epoch, callbacks=callbacks,
+                      validation_data=val, verbose=verbose, shuffle=False)
+            if model.stop_training and tail.epoch_finished is False:
+                break
+            if model.stop_training:
+                break
+        callbacks.end_training()
+        del tf
+        self.save_checkpoint(model, "final")
+        atomic_write_text(self.run.result_json, json.dumps({
+            "history": self.history, "epochs_done": self.epochs_done, "global_step": self.global_step,
+            "attempt": self.attempt, "stopped_early": bool(model.stop_training and self.epoch < self.spec.epochs),
+        }))
+
+    def _apply_lr_scale(self, model: Any) -> None:
+        ratio = self.plan.learning_rate_scale / self.lr_scale_saved
+        inner = _inner_optimizer(model.optimizer)
+        lr = getattr(inner, "_learning_rate", None)
+        if ratio != 1.0 and hasattr(lr, "assign"):
+            lr.assign(float(lr.numpy()) * ratio)
+
+    def _configure_checkpointing(self) -> None:
+        self.every_steps = self.spec.checkpoint_every_steps
+        self.every_seconds = self.spec.checkpoint_every_seconds
+
+    def checkpoint_due(self) -> bool:
+        if self.every_steps is not None:
+            return self.global_step % self.every_steps == 0
+        elapsed = time.monotonic() - self.last_save_time
+        if self.every_seconds is not None:
+            return elapsed >= self.every_seconds
+        # "auto": saving costs under 2% of training time, and never more than 5 minutes go unsaved.
+        interval = max(50.0 * self.last_save_seconds, 30.0)
+        return elapsed >= min(interval, 300.0)
+
+
+class _Head:
+    """First callback: faults, heartbeats, step timing."""
+
+    def __new__(cls, attempt: Attempt, model: Any) -> Any:
+        import keras
+
+        class Head(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.t0: float | None = None
+
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                if attempt.metric_values is not None:
+                    # Resuming mid-epoch: the epoch's running metrics continue from the checkpoint.
+                    for var, value in zip(model.metrics_variables, attempt.metric_values):
+                        var.assign(value)
+                    attempt.metric_values = None
+                attempt.beat("train", force=True)
+
+            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+                attempt.fire_due_faults(model)
+                self.t0 = time.monotonic()
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                if self.t0 is not None:
+                    dt = time.monotonic() - self.t0
+                    attempt.step_seconds = dt if attempt.step_seconds is None else max(dt, 0.9 * attempt.step_seconds)
+                attempt.beat("train")
+
+            def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+                attempt.beat("validate")
+
+        return Head()
+
+
+class _Tail:
+    """Last callback: progress accounting, NaN check, checkpoints, preemption."""
+
+    def __new__(cls, attempt: Attempt, model: Any) -> Any:
+        import keras
+
+        class Tail(keras.callbacks.Callback):
+            epoch_finished = True
+
+            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                self.epoch_finished = False
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                attempt.global_step += 1
+                size = attempt.plan.batch_size
+                attempt.offset += size
+                loss = (logs or {}).get("loss")
+                if loss is not None:
+                    value = float(loss)
+                    if value != value or value in (float("inf"), float("-inf")):
+                        raise NanLoss(f"loss became {value} at global step {attempt.global_step} (epoch {attempt.epoch})")
+                if _State.sigterm.is_set():
+                    attempt.save_checkpoint(model, "preempted")
+                    raise Preempted()
+                if attempt.checkpoint_due():
+                    attempt.save_checkpoint(model, "interval")
+
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                logs = {k: float(v) for k, v in (logs or {}).items()}
+                for key, value in logs.items():
+                    attempt.history.setdefault(key, []).append(value)
+                attempt.epochs_done.append(epoch)
+                attempt.epoch = epoch + 1
+                attempt.offset = 0
+                self.epoch_finished = True
+                attempt.channel.send(EpochEnd(epoch=epoch, step=attempt.global_step, logs=logs))
+                attempt.save_checkpoint(model, "epoch_end")
+                if _State.sigterm.is_set():
+                    raise Preempted()
+
+        return Tail()
+
+
+class _ContinuingCallbackList:
+    """Makes per-epoch fit calls look like one training to user callbacks.
+
+    ``on_train_begin`` runs once per process, followed by restoring the callbacks' saved state;
+    ``on_train_end`` runs once, when the whole training ends.
+    """
+
+    @staticmethod
+    def wrap(cbl: Any, attempt: Attempt) -> Any:
+        class Continuing(cbl.__class__):
+            def on_train_begin(self, logs: Any = None) -> None:
+                pass
+
+            def on_train_end(self, logs: Any = None) -> None:
+                pass
+
+            def begin_training(self) -> None:
+                super().on_train_begin()
+                if attempt.callback_states is not None:
+                    for cb, state in zip(attempt.user_callbacks, attempt.callback_states):
+                        cb.__dict__.update(state)
+
+            def end_training(self) -> None:
+                super().on_train_end()
+
+        cbl.__class__ = Continuing
+        return cbl
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def _inject(fault: Fault, model: Any, attempt: Attempt) -> None:
+    """Meet ``fault`` through the real mechanism."""
+    kind = fault.kind
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if kind == "gpu_oom":
+        import tensorflow as tf
+
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"OOM when allocating tensor (rehearsed fault {fault.key})"
+        )
+    if kind == "host_oom":
+        _eat_memory()
+    elif kind == "segfault":
+        ctypes.string_at(0)
+    elif kind == "abort":
+        os.abort()
+    elif kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif kind == "preempt":
+        # The supervisor sends SIGTERM on this fault's message; wait for it, bounded.
+        deadline = time.monotonic() + 30
+        while not _State.sigterm.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    elif kind == "nan":
+        var = model.trainable_variables[0]
+        import numpy as np
+
+        var.assign(np.full(var.shape, np.nan, dtype=var.dtype))
+
+
+def _eat_memory() -> None:
+    """Allocate and touch memory until the memory limit kills us (bounded; MemoryError past the bound)."""
+    import numpy as np
+    import psutil
+
+    time.sleep(0.5)  # let the supervisor arm a rehearsal limit when the run has none
+    chunks = []
+    bound = psutil.virtual_memory().available - (1 << 30)
+    total = 0
+    while total < bound:
+        chunks.append(np.ones(32 << 20, dtype=np.uint8))
+        total += 32 << 20
+        time.sleep(0.002)
+    raise MemoryError(f"allocated {total} bytes without reaching a memory limit")
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def classify_exception(exc: BaseException) -> str:
+    """The incident kind the worker reports for an exception."""
+    if isinstance(exc, NanLoss):
+        return "nan_loss"
+    if isinstance(exc, MemoryError):
+        return "host_oom"
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "ResourceExhaustedError" or "OOM when allocating" in text or "out of memory" in text.lower():
+        if "CUDA" in text or "GPU" in text or "OOM when allocating" in text or name == "ResourceExhaustedError":
+            return "gpu_oom"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and cause is not exc:
+        inner = classify_exception(cause)
+        if inner in {"gpu_oom", "host_oom"}:
+            return inner
+    return "user_error"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resilient._worker")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--channel-fd", type=int, default=None)
+    parser.add_argument("--supervisor-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _setup_process(args.supervisor_pid)
+    channel = ChannelWriter(args.channel_fd)
+    run = RunDir(args.run_dir)
+    attempt_dir = run.attempt_dir(args.attempt)
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    channel.send(Heartbeat(phase="startup", epoch=0, step=0))
+    attempt: Attempt | None = None
+    try:
+        attempt = Attempt(run, args.attempt, channel)
+        attempt.run_training()
+    except Preempted:
+        _write_report(attempt_dir, "preempted", None, attempt)
+        return EXIT_PREEMPTED
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process exits
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        _write_report(attempt_dir, classify_exception(exc), exc, attempt)
+        traceback.print_exc()
+        return EXIT_REPORTED
+    return 0
+
+
+def _write_report(attempt_dir: Path, kind: str, exc: BaseException | None, attempt: Attempt | None) -> None:
+    report = {
+        "kind": kind,
+        "type": type(exc).__name__ if exc else None,
+        "message": str(exc) if exc else "",
+        "traceback": "".join(traceback.format_exception(exc)) if exc else "",
+        "epoch": attempt.epoch if attempt else None,
+        "step": attempt.global_step if attempt else None,
+    }
+    atomic_write_text(attempt_dir / "error.json", json.dumps(report))
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: TensorFlow's can hang or crash after a failed step.
+    os._exit(code)
