@@ -35,20 +35,36 @@ def _add_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
     check = actions.add_parser("check", help="validate a policy file or preset and print its ladders")
     check.add_argument("policy", metavar="FILE_OR_NAME", help="a preset name or a path to a TOML file")
     check.add_argument(
-        "--import", dest="imports", action="append", default=[], metavar="MODULE",
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
         help="import MODULE first, so the custom steps it registers are known (repeatable)",
     )
     check.set_defaults(handler=_policies_check)
 
     show = actions.add_parser("show", help="print a policy's ladders")
     show.add_argument("policy", metavar="NAME", help="a preset name or a path to a TOML file")
-    show.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                      help="import MODULE first (repeatable)")
+    show.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (repeatable)",
+    )
     show.set_defaults(handler=_policies_show)
 
     steps = actions.add_parser("steps", help="list the registered steps")
-    steps.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                       help="import MODULE first (repeatable)")
+    steps.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (repeatable)",
+    )
     steps.set_defaults(handler=_policies_steps)
 
 
@@ -58,7 +74,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], N
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m resilient`` parser with every command in ``COMMANDS``."""
-    parser = argparse.ArgumentParser(prog="python -m resilient", description="resilient: self-healing Keras training")
+    parser = argparse.ArgumentParser(
+        prog="python -m resilient", description="resilient: self-healing Keras training"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_command in COMMANDS:
         add_command(subparsers)

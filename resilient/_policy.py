@@ -17,28 +17,36 @@ import difflib
 import inspect
 import os
 import re
-import tomllib
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, create_model
-from pydantic import field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from ._errors import InvalidPolicyError
 from ._incident import RETRYABLE_KINDS, Incident
 from ._plan import Plan
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
-#: Where preset names are looked up, first match wins: ``resilient/presets/`` inside an installed
-#: wheel (``resilient/policies/`` is accepted too), then the top-level ``policies/`` of a source checkout.
-PRESET_DIRS: tuple[Path, ...] = (
-    _PACKAGE_DIR / "presets",
-    _PACKAGE_DIR / "policies",
-    _PACKAGE_DIR.parent / "policies",
-)
+#: Where preset names are looked up, first match wins: ``resilient/presets/``, where the wheel ships
+#: the top-level ``policies/`` folder (pyproject's force-include), then ``policies/`` of a source checkout.
+PRESET_DIRS: tuple[Path, ...] = (_PACKAGE_DIR / "presets", _PACKAGE_DIR.parent / "policies")
 _PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _STEP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -149,7 +157,9 @@ class _StepParamsError(InvalidPolicyError):
             key = ".".join(str(part) for part in error["loc"]) or "(arguments)"
             received, expected = _explain(error, known, what=f"parameters of {cls.name}")
             self.problems.append((key, received, expected))
-        lines = [f"  {key}: received {received}; expected {expected}." for key, received, expected in self.problems]
+        lines = [
+            f"  {key}: received {received}; expected {expected}." for key, received, expected in self.problems
+        ]
         super().__init__(
             f"Invalid arguments for step `{cls.name}`.\n" + "\n".join(lines) + "\n"
             f"Fix the values; the step's parameters are: {_signature(cls)}."
@@ -205,7 +215,8 @@ def register_step(name: str, *, replace: bool = False) -> Callable[[_T], _T]:
         previous = _REGISTRY.get(name)
         if previous is not None and not replace and not _same_definition(previous, cls):
             raise InvalidPolicyError(
-                f"A step named {name!r} is already registered ({_qualname(previous)}). Received: {_qualname(cls)}. "
+                f"A step named {name!r} is already registered ({_qualname(previous)}). "
+                f"Received: {_qualname(cls)}. "
                 f"Expected a new name; pass register_step({name!r}, replace=True) to replace it on purpose."
             )
         _REGISTRY[name] = cls
@@ -315,7 +326,7 @@ def _policy_error(
 
 
 def _coerce_step(entry: object) -> Step:
-    """Turn one ladder entry (a name, a ``{step = ...}`` table, a Step, a Step class or function) into a Step."""
+    """One ladder entry (a name, a ``{step = ...}`` table, a Step, a Step class or function) as a Step."""
     if isinstance(entry, Step):
         return entry
     try:
@@ -372,7 +383,19 @@ def _step_spec(step: Step) -> str | dict[str, Any]:
     return step.spec()
 
 
+def _check_kind(kind: object) -> str:
+    if kind in RETRYABLE_KINDS:
+        return str(kind)
+    if kind == "user_error":
+        hint = "user_error always ends the run, so it takes no ladder."
+    else:
+        close = difflib.get_close_matches(str(kind), RETRYABLE_KINDS, n=1)
+        hint = f"Did you mean {close[0]!r}?" if close else ""
+    raise _policy_error(f"incident kind {kind!r}", f"one of {', '.join(RETRYABLE_KINDS)}", hint=hint)
+
+
 LadderEntry = Annotated[Step, BeforeValidator(_coerce_step), PlainSerializer(_step_spec)]
+IncidentKindKey = Annotated[str, BeforeValidator(_check_kind)]
 
 
 class ProbeSettings(BaseModel):
@@ -397,7 +420,9 @@ class Policy(BaseModel):
 
     description: str = ""
     max_restarts: int = Field(10, ge=0)
-    ladders: dict[str, tuple[LadderEntry, ...]] = Field(default_factory=dict)
+    ladders: dict[IncidentKindKey, tuple[LadderEntry, ...]] = Field(
+        default_factory=dict, validate_default=True
+    )
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
 
     def __init__(self, /, **data: Any) -> None:
@@ -416,22 +441,9 @@ class Policy(BaseModel):
                 f"{value!r} ({type(value).__name__})",
                 f"a table mapping incident kinds ({', '.join(RETRYABLE_KINDS)}) to lists of steps",
             )
-        unknown = [kind for kind in value if kind not in RETRYABLE_KINDS]
-        if unknown:
-            hint = ""
-            if "user_error" in unknown:
-                hint = "user_error always ends the run, so it takes no ladder."
-            else:
-                close = difflib.get_close_matches(str(unknown[0]), RETRYABLE_KINDS, n=1)
-                hint = f"Did you mean {close[0]!r}?" if close else ""
-            raise _policy_error(
-                "incident kind " + ", ".join(repr(kind) for kind in unknown),
-                f"one of {', '.join(RETRYABLE_KINDS)}",
-                subkey=str(unknown[0]),
-                hint=hint,
-            )
         ladders: dict[str, tuple[object, ...]] = {}
-        for kind in RETRYABLE_KINDS:
+        # Every retryable kind gets a ladder, in a fixed order; unknown kinds stay for _check_kind to report.
+        for kind in [*RETRYABLE_KINDS, *(kind for kind in value if kind not in RETRYABLE_KINDS)]:
             entries = value.get(kind, ())
             # A lone entry is a one-rung ladder; that is what `gpu_oom = "halve_batch"` means.
             if isinstance(entries, (str, Mapping, Step)) or not isinstance(entries, Iterable):
@@ -457,7 +469,8 @@ class Policy(BaseModel):
             try:
                 new_plan = step.apply(plan, incident, context)
             except Exception as exc:
-                exc.add_note(f"Raised by policy step {step} on a {incident.kind} incident.")
+                if hasattr(exc, "add_note"):  # Python >= 3.11
+                    exc.add_note(f"Raised by policy step {step} on a {incident.kind} incident.")
                 raise
             if new_plan is None:
                 continue
@@ -501,22 +514,28 @@ class _PolicyProblems(InvalidPolicyError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__(
-            "Invalid policy:\n" + "\n".join(f"  {line}" for line in problems) + "\n" + _FIX_HINT
-        )
+        super().__init__("Invalid policy:\n" + _bullets(problems))
 
 
 _FIX_HINT = (
-    "Ladders map incident kinds to lists of steps: a name (\"drop_cache\"), a table "
+    'Ladders map incident kinds to lists of steps: a name ("drop_cache"), a table '
     '({ step = "halve_batch", min_batch = 8 }) or a Step object.'
 )
 _TOP_LEVEL_KEYS = list(Policy.model_fields)
 _PROBE_KEYS = list(ProbeSettings.model_fields)
 
 
+def _bullets(problems: list[str]) -> str:
+    """Problems one per line, with the ladder syntax reminder when a ladder is at fault."""
+    text = "\n".join(f"  {line}" for line in problems)
+    return text + (f"\n{_FIX_HINT}" if any(line.startswith("ladders") for line in problems) else "")
+
+
 def _format_key(loc: Iterable[object]) -> str:
     key = ""
     for part in loc:
+        if part == "[key]":  # pydantic's marker for an error in a dict key rather than its value
+            continue
         if isinstance(part, int):
             key += f"[{part}]"
         else:
@@ -530,11 +549,14 @@ def _problems(exc: ValidationError) -> list[str]:
         loc = list(error["loc"])
         context = error.get("ctx") or {}
         if error["type"] == "policy":
-            items = context.get("items") or [(context.get("subkey"), context["received"], context["expected"])]
-            for subkey, received, expected in items:
+            items = context.get("items") or [
+                (context.get("subkey"), context["received"], context["expected"])
+            ]
+            for number, (subkey, received, expected) in enumerate(items, start=1):
                 key = _format_key([*loc, subkey] if subkey else loc)
                 line = f"{key}: received {received}; expected {expected}."
-                lines.append(f"{line} {context['hint']}" if context.get("hint") else line)
+                last = number == len(items)
+                lines.append(f"{line} {context['hint']}" if context.get("hint") and last else line)
             continue
         known = _PROBE_KEYS if loc[:1] == ["probe"] else _TOP_LEVEL_KEYS
         received, expected = _explain(error, known, what="keys")
@@ -613,7 +635,8 @@ def resolve_policy_path(spec: str | os.PathLike[str]) -> Path:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise InvalidPolicyError(
-            f"Policy file not found. Received: {str(spec)!r} ({path.resolve()}). Expected an existing TOML file "
+            f"Policy file not found. Received: {str(spec)!r} ({path.resolve()}). "
+            "Expected an existing TOML file "
             f"or a preset name ({', '.join(list_presets()) or 'none found'})."
         )
     return path
@@ -654,9 +677,8 @@ def load_policy(spec: str | os.PathLike[str] | Policy) -> Policy:
         return Policy(**data)
     except _PolicyProblems as exc:
         raise InvalidPolicyError(
-            f"Invalid policy file {where}:\n"
-            + "\n".join(f"  {line}" for line in exc.problems)
-            + f"\n{_FIX_HINT}\nFix the file, then check it with `python -m resilient policies check {path}`."
+            f"Invalid policy file {where}:\n{_bullets(exc.problems)}\n"
+            f"Fix the file, then check it with `python -m resilient policies check {path}`."
         ) from None
 
 

@@ -195,8 +195,10 @@ class Supervisor:
                              meta["path"] if meta else None)
 
         ckpt = CheckpointStore(self.rundir.checkpoints).latest_meta()
-        epoch = mon.epoch if mon.epoch is not None else (outcome.report or {}).get("epoch")
-        step = mon.step if mon.step is not None else (outcome.report or {}).get("step")
+        report = outcome.report or {}
+        # The worker's own report is exact; heartbeats are throttled and may lag a step or two.
+        epoch = report["epoch"] if report.get("epoch") is not None else mon.epoch
+        step = report["step"] if report.get("step") is not None else mon.step
         base = dict(kind=kind, attempt=attempt, epoch=epoch, step=step, detail=detail, evidence=evidence,
                     returncode=outcome.returncode, signal=outcome.signal, memory_peak_bytes=peak,
                     checkpoint_step=ckpt["step"] if ckpt else None, plan_before=self.plan)
@@ -334,13 +336,16 @@ class Supervisor:
                 elif isinstance(msg, CheckpointSaved):
                     mon.max_save_seconds = max(mon.max_save_seconds, msg.seconds)
                     mon.last_checkpoint = msg.model_dump()
+                    mon.epoch, mon.step = msg.epoch, msg.step
                     mon.phase = "train"
                     self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
                                        seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason,
                                        path=msg.path)
                 elif isinstance(msg, EpochEnd):
+                    mon.step = msg.step
                     self.journal.write("epoch_end", attempt=attempt, epoch=msg.epoch, step=msg.step, logs=msg.logs)
                 elif isinstance(msg, FaultFired):
+                    mon.step = msg.step
                     self.journal.write("fault_fired", attempt=attempt, kind=msg.kind, step=msg.step, fault=msg.key)
                     if msg.kind == "preempt":
                         mon.pending_preempt = True
@@ -367,11 +372,8 @@ class Supervisor:
                     rss = tree_rss(proc.pid)
                     if rss is not None:
                         last_rss = rss
-                        peak = max(peak or 0, rss)
-                    if group is not None:
-                        cg_peak = group.peak()
-                        if cg_peak:
-                            peak = max(peak or 0, cg_peak)
+                        if group is None:
+                            peak = max(peak or 0, rss)
                     gpu = self.gpu.used_by({proc.pid}) if self.gpu.available else None
                     if gpu:
                         mon.__dict__["gpu_peak"] = max(mon.__dict__.get("gpu_peak", 0), gpu)
@@ -409,9 +411,8 @@ class Supervisor:
             self._proc = None
         oom_kills = (group.oom_kills() - oom_before) if group else 0
         if group is not None:
-            cg_peak = group.peak()
-            if cg_peak:
-                peak = max(peak or 0, cg_peak)
+            # The group's own peak is what the kernel enforced (RSS also counts shared library pages).
+            peak = group.peak() or peak
             group.remove()
         report = None
         try:

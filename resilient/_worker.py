@@ -431,6 +431,10 @@ class Attempt:
         started = False
         while self.epoch < self.spec.epochs:
             ds, steps = source.epoch(self.plan, self.epoch, self.offset)
+            if self.metric_values is not None and len(model.metrics_variables) != len(self.metric_values):
+                # Compiled metrics are built lazily at the first traced step; build them now so the
+                # resumed epoch's running metrics can be restored before that step.
+                model._symbolic_build(data_batch=next(iter(ds)))
             callbacks.set_params({"verbose": verbose, "epochs": self.spec.epochs, "steps": steps})
             if not started:
                 callbacks.begin_training()

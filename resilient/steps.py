@@ -39,7 +39,7 @@ MIN_PARALLEL_CALLS = 1
 
 
 def _shrink(value: int | None, *, from_auto: int, factor: float, minimum: int) -> int | None:
-    """``value`` scaled by ``factor`` (None, meaning "pipeline's choice", becomes ``from_auto``); never larger."""
+    """``value`` times ``factor``, floored at ``minimum``, never larger; None (auto) becomes ``from_auto``."""
     if value is None:
         return from_auto
     return min(value, max(minimum, int(value * factor)))
@@ -89,7 +89,9 @@ class mixed_precision(Step):
     def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
         if plan.precision != "float32":
             return None
-        if any(past.kind == "nan_loss" and past.plan_before.precision != "float32" for past in context.incidents):
+        if any(
+            past.kind == "nan_loss" and past.plan_before.precision != "float32" for past in context.incidents
+        ):
             return None
         if context.device == "gpu":
             capability = context.gpu_compute_capability
@@ -147,11 +149,19 @@ class shrink_buffers(Step):
     def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
         new_plan = plan.replace(
             shuffle_buffer=_shrink(
-                plan.shuffle_buffer, from_auto=SHUFFLE_BUFFER_FROM_AUTO, factor=self.factor, minimum=MIN_SHUFFLE_BUFFER
+                plan.shuffle_buffer,
+                from_auto=SHUFFLE_BUFFER_FROM_AUTO,
+                factor=self.factor,
+                minimum=MIN_SHUFFLE_BUFFER,
             ),
-            prefetch=_shrink(plan.prefetch, from_auto=PREFETCH_FROM_AUTO, factor=self.factor, minimum=MIN_PREFETCH),
+            prefetch=_shrink(
+                plan.prefetch, from_auto=PREFETCH_FROM_AUTO, factor=self.factor, minimum=MIN_PREFETCH
+            ),
             parallel_calls=_shrink(
-                plan.parallel_calls, from_auto=PARALLEL_CALLS_FROM_AUTO, factor=self.factor, minimum=MIN_PARALLEL_CALLS
+                plan.parallel_calls,
+                from_auto=PARALLEL_CALLS_FROM_AUTO,
+                factor=self.factor,
+                minimum=MIN_PARALLEL_CALLS,
             ),
         )
         return new_plan if new_plan != plan else None

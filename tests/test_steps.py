@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from resilient._errors import InvalidPolicyError
 from resilient._incident import Incident
@@ -21,8 +22,13 @@ from resilient.steps import (
 )
 
 BUILT_IN = [
-    "drop_cache", "halve_batch", "leave_mixed_precision", "lower_learning_rate",
-    "lower_resolution", "mixed_precision", "shrink_buffers",
+    "drop_cache",
+    "halve_batch",
+    "leave_mixed_precision",
+    "lower_learning_rate",
+    "lower_resolution",
+    "mixed_precision",
+    "shrink_buffers",
 ]
 
 
@@ -51,7 +57,7 @@ def test_steps_are_frozen_and_compare_by_value():
     assert step == halve_batch(min_batch=8)
     assert step != halve_batch(min_batch=4)
     assert hash(step) == hash(halve_batch(min_batch=8))
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         step.min_batch = 2  # type: ignore[misc]
 
 
@@ -66,7 +72,11 @@ def test_str_reads_like_the_call():
 
 def test_spec_is_what_a_policy_file_writes():
     assert drop_cache().spec() == "drop_cache"
-    assert halve_batch(min_batch=8).spec() == {"step": "halve_batch", "min_batch": 8, "keep_effective_batch": False}
+    assert halve_batch(min_batch=8).spec() == {
+        "step": "halve_batch",
+        "min_batch": 8,
+        "keep_effective_batch": False,
+    }
 
 
 def test_positional_arguments_follow_declaration_order():
@@ -152,8 +162,14 @@ def test_halve_batch_without_keep_leaves_accumulation_alone():
 
 @pytest.mark.parametrize(
     ("batch", "accum", "expected"),
-    [((32, 1), None, (16, 2)), ((16, 2), None, (8, 4)), ((12, 2), None, (6, 4)), ((9, 1), None, (3, 3)),
-     ((33, 1), None, (11, 3)), ((10, 1), None, (5, 2))],
+    [
+        ((32, 1), None, (16, 2)),
+        ((16, 2), None, (8, 4)),
+        ((12, 2), None, (6, 4)),
+        ((9, 1), None, (3, 3)),
+        ((33, 1), None, (11, 3)),
+        ((10, 1), None, (5, 2)),
+    ],
 )
 def test_halve_batch_keeps_the_effective_batch(batch, accum, expected):
     before = Plan(batch_size=batch[0], grad_accum_steps=batch[1])
@@ -174,7 +190,9 @@ def test_halve_batch_keep_does_not_apply_without_an_exact_divisor(batch, min_bat
     keep=st.booleans(),
     rounds=st.integers(1, 20),
 )
-def test_halve_batch_never_goes_below_min_batch_and_keeps_effective_batch(batch, accum, min_batch, keep, rounds):
+def test_halve_batch_never_goes_below_min_batch_and_keeps_effective_batch(
+    batch, accum, min_batch, keep, rounds
+):
     step = halve_batch(min_batch=min_batch, keep_effective_batch=keep)
     plan = Plan(batch_size=batch, grad_accum_steps=accum)
     for _ in range(rounds):
@@ -366,16 +384,22 @@ plans = st.builds(
     learning_rate_scale=st.floats(1e-6, 10, allow_nan=False),
 )
 all_steps = st.sampled_from(
-    [halve_batch(), halve_batch(min_batch=8, keep_effective_batch=True), mixed_precision(), lower_resolution(),
-     drop_cache(), shrink_buffers(), lower_learning_rate(), leave_mixed_precision()]
+    [
+        halve_batch(),
+        halve_batch(min_batch=8, keep_effective_batch=True),
+        mixed_precision(),
+        lower_resolution(),
+        drop_cache(),
+        shrink_buffers(),
+        lower_learning_rate(),
+        leave_mixed_precision(),
+    ]
 )
 
 
 @given(plan=plans, steps=st.lists(all_steps, max_size=12))
 def test_degraded_plans_survive_a_json_round_trip(plan, steps):
-    context = StepContext(
-        plan, device="tpu", resizable_input=True, source_image_size=(256, 256)
-    )
+    context = StepContext(plan, device="tpu", resizable_input=True, source_image_size=(256, 256))
     for step in steps:
         plan = step.apply(plan, incident(plan), context) or plan
         assert Plan.model_validate_json(plan.model_dump_json()) == plan
