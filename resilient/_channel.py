@@ -108,6 +108,7 @@ class ChannelReader(threading.Thread):
         self.fd = fd
         self.on_message = on_message
         self.bad_lines = 0
+        self.failed_messages = 0
 
     def run(self) -> None:
         buf = b""
@@ -125,7 +126,11 @@ class ChannelReader(threading.Thread):
                     if msg is None:
                         self.bad_lines += 1
                         continue
-                    self.on_message(msg)
+                    try:
+                        self.on_message(msg)
+                    except Exception:
+                        # One message we could not handle must not cut the channel (that would read as a hang).
+                        self.failed_messages += 1
         finally:
             os.close(self.fd)
 

@@ -105,6 +105,13 @@ class CheckpointStore:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CorruptCheckpoint(f"{path.name}: unreadable manifest ({e})") from e
+        if (
+            not isinstance(manifest, dict)
+            or not isinstance(manifest.get("files"), dict)
+            or not isinstance(manifest.get("step"), int)
+            or not all(isinstance(i, dict) and {"bytes", "sha256"} <= i.keys() for i in manifest["files"].values())
+        ):
+            raise CorruptCheckpoint(f"{path.name}: manifest has the wrong structure")
         for name, info in manifest["files"].items():
             p = path / name
             if not p.exists():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal, get_args
@@ -39,7 +39,7 @@ def parse_faults(spec: str | Iterable[str] | None) -> tuple[Fault, ...]:
             continue
         kind, sep, step = text.partition("@")
         kind = kind.strip()
-        if not sep or kind not in FAULT_KINDS or not step.strip().isdigit():
+        if not sep or kind not in FAULT_KINDS or not re.fullmatch(r"[0-9]+", step.strip()):
             raise ValueError(
                 f"Invalid value for argument `faults`. Received: {text!r}. Expected 'kind@step' with kind one of "
                 f"{', '.join(FAULT_KINDS)} and step a non-negative integer, e.g. faults='gpu_oom@40,hang@120'."
@@ -67,9 +67,6 @@ class FiredFaults:
     def record(self, fault: Fault) -> None:
         """Durably add ``fault`` (write, fsync, rename) so it never fires again, even after SIGKILL."""
         fired = self.load() | {fault.key}
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(sorted(fired), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        from ._rundir import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(sorted(fired)))

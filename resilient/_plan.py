@@ -45,16 +45,14 @@ class Plan(BaseModel):
     def _check_image_size(cls, value: object) -> object:
         if value is None:
             return None
-        if isinstance(value, int):
-            return (value, value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
         if isinstance(value, (list, tuple)) and len(value) == 2:
-            h, w = value
-            if int(h) < 1 or int(w) < 1:
-                raise ValueError(f"image_size must be positive. Received: image_size={value!r}")
-            return (int(h), int(w))
+            if all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+                return (int(value[0]), int(value[1]))
         raise ValueError(
             f"Invalid value for `image_size`. Received: image_size={value!r}. "
-            "Expected (height, width), a single int, or None."
+            "Expected (height, width) of positive integers, a single positive int, or None."
         )
 
     @property

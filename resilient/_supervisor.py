@@ -309,7 +309,7 @@ class Supervisor:
             try:
                 group.add(proc.pid)
                 self.journal.write("memory_enforcement", attempt=attempt, mechanism=f"cgroup v{group.version}",
-                                   limit=limit, path=str(group.path))
+                                   limit=group.limit, requested_limit=limit, path=str(group.path))
             except OSError as e:
                 group_note = f"could not move the worker into {group.path} ({e}); the watchdog enforces the limit"
                 group.remove()
@@ -352,7 +352,8 @@ class Supervisor:
                     elif msg.kind == "host_oom" and limit is None:
                         mon.pending_host_oom = True
                 elif isinstance(msg, Notice):
-                    self.journal.write(msg.event, attempt=attempt, **msg.fields)
+                    fields = {k: v for k, v in msg.fields.items() if k not in {"time", "event", "attempt"}}
+                    self.journal.write(msg.event, attempt=attempt, **fields)
 
         reader = ChannelReader(read_fd, on_message)
         reader.start()
@@ -401,6 +402,9 @@ class Supervisor:
                 if decision == "preempt" and age > cfg.preempt_grace:
                     _signal(proc, signal.SIGKILL)
                 time.sleep(cfg.poll_interval)
+        except KeyboardInterrupt:
+            self._stop_worker(grace=cfg.preempt_grace)  # let it save its SIGTERM checkpoint
+            raise
         except BaseException:
             self._stop_worker(grace=cfg.kill_grace)
             raise
@@ -503,10 +507,14 @@ def _stop_when_no_progress(retry_state: tenacity.RetryCallState) -> bool:
 
 
 def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the worker's whole process group (it leads its own session), children included."""
     try:
-        proc.send_signal(sig)
-    except (ProcessLookupError, OSError):
-        pass
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError, OSError):
+        try:
+            proc.send_signal(sig)
+        except (ProcessLookupError, OSError):
+            pass
 
 
 def _total_ram() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -14,7 +15,7 @@ _DURATION_UNITS = {
     "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
     "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,
 }
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$", re.ASCII)
 
 
 def parse_size(value: str | int | float, *, name: str = "size") -> int:
@@ -22,12 +23,12 @@ def parse_size(value: str | int | float, *, name: str = "size") -> int:
     if isinstance(value, bool):
         raise ValueError(f"Invalid value for `{name}`. Received: {name}={value!r}. Expected bytes or a string like '12.7GB'.")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"Invalid value for `{name}`. Received: {name}={value!r}. Expected a positive size.")
+        if not math.isfinite(value) or value < 1:
+            raise ValueError(f"Invalid value for `{name}`. Received: {name}={value!r}. Expected a positive size of at least 1 byte.")
         return int(value)
     match = _NUMBER_UNIT.match(str(value))
     unit = match.group(2).lower() if match else None
-    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
         raise ValueError(
             f"Invalid value for `{name}`. Received: {name}={value!r}. "
             "Expected a positive size such as '12.7GB', '512MiB' or a number of bytes."
@@ -40,8 +41,8 @@ def parse_duration(value: str | int | float, *, name: str = "duration") -> float
     if isinstance(value, bool):
         raise ValueError(f"Invalid value for `{name}`. Received: {name}={value!r}. Expected seconds or a string like '5min'.")
     if isinstance(value, (int, float)):
-        if value <= 0:
-            raise ValueError(f"Invalid value for `{name}`. Received: {name}={value!r}. Expected a positive duration.")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"Invalid value for `{name}`. Received: {name}={value!r}. Expected a positive, finite duration.")
         return float(value)
     match = _NUMBER_UNIT.match(str(value))
     unit = match.group(2).lower() if match else None

@@ -190,6 +190,15 @@ def _inner_optimizer(opt: Any) -> Any:
 # --------------------------------------------------------------------------- state by meaning
 
 
+def _slot_key(variable: Any) -> str:
+    """``adam/sequential_dense_kernel_momentum`` -> ``slot:sequential_dense_kernel_momentum``.
+
+    Slot names embed the model variable's path, so they identify the state of one model variable
+    whatever the optimizer's name, wrapping (LossScaleOptimizer) or variable count.
+    """
+    return "slot:" + variable.path.rsplit("/", 1)[-1]
+
+
 def optimizer_state(model: Any) -> dict[str, Any]:
     """Optimizer variables keyed by meaning (slot name per model variable), not by position."""
     import numpy as np
@@ -197,15 +206,15 @@ def optimizer_state(model: Any) -> dict[str, Any]:
     opt = model.optimizer
     inner = _inner_optimizer(opt)
     out: dict[str, Any] = {}
-    prefix = inner.name + "/"
     for v in inner.variables:
-        path = v.path
-        key = path[len(prefix):] if path.startswith(prefix) else path.split("/", 1)[-1]
-        if key == "iteration":
+        if v is inner._iterations:
             continue
-        out["slot:" + key] = np.asarray(v.numpy())
+        out[_slot_key(v)] = np.asarray(v.numpy())
     accum = inner.gradient_accumulation_steps or 1
-    out["meta:iterations"] = np.asarray(int(inner._iterations.numpy()) // accum, dtype=np.int64)
+    micro = int(inner._iterations.numpy())
+    out["meta:iterations"] = np.asarray(micro // accum, dtype=np.int64)  # optimizer updates
+    out["meta:micro_steps"] = np.asarray(micro % accum, dtype=np.int64)  # into an accumulation window
+    out["meta:accum"] = np.asarray(accum, dtype=np.int64)
     if opt is not inner:
         for v in opt.variables:
             if v.path.endswith("dynamic_scale") or v.path.endswith("step_counter"):
@@ -214,25 +223,31 @@ def optimizer_state(model: Any) -> dict[str, Any]:
 
 
 def restore_optimizer_state(model: Any, state: dict[str, Any]) -> list[str]:
-    """Assign saved state to the (possibly rebuilt) optimizer by meaning; returns keys not restored."""
+    """Assign saved state to the (possibly rebuilt) optimizer by meaning; returns keys not restored.
+
+    ``iterations`` keeps counting optimizer updates across a change of gradient accumulation; a
+    partly accumulated window is kept when the accumulation is unchanged and dropped otherwise.
+    """
     opt = model.optimizer
     inner = _inner_optimizer(opt)
     if not inner.built:
         opt.build(model.trainable_variables)
-    prefix = inner.name + "/"
-    skipped = []
+    accum = inner.gradient_accumulation_steps or 1
+    same_accum = int(state.get("meta:accum", 1)) == accum
+    known = set()
     for v in inner.variables:
-        path = v.path
-        key = "slot:" + (path[len(prefix):] if path.startswith(prefix) else path.split("/", 1)[-1])
+        if v is inner._iterations:
+            continue
+        key = _slot_key(v)
+        known.add(key)
+        if key.endswith("_gradient_accumulator") and not same_accum:
+            continue  # a window of another size: start a fresh one
         if key in state and tuple(state[key].shape) == tuple(v.shape):
             v.assign(state[key])
-    known = {"slot:" + (v.path[len(prefix):] if v.path.startswith(prefix) else v.path.split("/", 1)[-1]) for v in inner.variables}
-    for key in state:
-        if key.startswith("slot:") and key not in known:
-            skipped.append(key)
+    skipped = [k for k in state if k.startswith("slot:") and k not in known]
     if "meta:iterations" in state:
-        accum = inner.gradient_accumulation_steps or 1
-        inner._iterations.assign(int(state["meta:iterations"]) * accum)
+        micro = int(state.get("meta:micro_steps", 0)) if same_accum else 0
+        inner._iterations.assign(int(state["meta:iterations"]) * accum + micro)
     if opt is not inner:
         for v in opt.variables:
             name = "lso:" + v.path.rsplit("/", 1)[-1]
@@ -465,6 +480,8 @@ class Attempt:
         self.every_seconds = self.spec.checkpoint_every_seconds
 
     def checkpoint_due(self) -> bool:
+        if self.global_step % self.plan.grad_accum_steps:
+            return False  # mid accumulation window: wait for the optimizer update
         if self.every_steps is not None:
             return self.global_step % self.every_steps == 0
         elapsed = time.monotonic() - self.last_save_time
@@ -523,14 +540,14 @@ class _Tail:
                 self.epoch_finished = False
 
             def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                attempt.global_step += 1
-                size = attempt.plan.batch_size
-                attempt.offset += size
                 loss = (logs or {}).get("loss")
                 if loss is not None:
                     value = float(loss)
                     if value != value or value in (float("inf"), float("-inf")):
+                        # Raised before this step is counted or saved: the last checkpoint stays good.
                         raise NanLoss(f"loss became {value} at global step {attempt.global_step} (epoch {attempt.epoch})")
+                attempt.global_step += 1
+                attempt.offset += attempt.plan.batch_size
                 if _State.sigterm.is_set():
                     attempt.save_checkpoint(model, "preempted")
                     raise Preempted()

@@ -171,7 +171,6 @@ def test_damage_is_skipped_without_a_callback(tmp_path):
     assert store.latest().step == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a manifest that is valid JSON without 'files' raises KeyError from latest()")
 def test_structurally_wrong_manifest_is_skipped(tmp_path):
     store = CheckpointStore(tmp_path)
     save(store, 1)
@@ -347,7 +346,6 @@ def test_atomic_write_text_failure_keeps_the_old_content(tmp_path):
     assert path.read_text() == "old"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: atomic_write_text leaves its .tmp file behind when the write fails")
 def test_atomic_write_text_failure_leaves_no_temp_file(tmp_path):
     path = tmp_path / "plan.json"
     atomic_write_text(path, "old")

@@ -235,8 +235,6 @@ def test_notices_are_journaled_with_the_attempt(supervise):
     assert notice["time"].endswith("Z")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an exception in on_message (here a Notice field named `attempt`) "
-                                       "ends the channel reader thread; later heartbeats are lost -> false hang")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_message_the_journal_cannot_take_does_not_cut_the_channel(supervise):
     h = supervise({"default": [HELLO, beat(2), {"do": "notice", "event": "odd", "fields": {"attempt": 99}},
@@ -689,7 +687,6 @@ def test_ctrl_c_stops_the_worker_and_journals_interrupted(supervise, monkeypatch
     h.assert_workers_gone()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: on Ctrl-C the monitor stops the worker with kill_grace, not preempt_grace")
 def test_ctrl_c_gives_the_worker_the_preempt_grace_to_save(supervise, monkeypatch):
     h = supervise(INTERRUPTED, kill_grace=0.5, preempt_grace=5.0)
     _interrupt_when_ready(monkeypatch, h)
@@ -701,7 +698,6 @@ def test_ctrl_c_gives_the_worker_the_preempt_grace_to_save(supervise, monkeypatc
 # ---------------------------------------------------------------------------------------- grandchildren
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a hang kill signals the worker pid only, not its process group")
 def test_a_hang_kill_takes_the_workers_children_too(supervise):
     h = supervise({"attempts": {"0": [HELLO, {"do": "spawn_child", "seconds": 6}, beat(3),
                                       {"do": "sleep", "seconds": 30}]},

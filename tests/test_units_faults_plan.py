@@ -106,16 +106,15 @@ def test_parse_duration_rejects_non_positive_numbers_and_bools(bad):
         parse_duration(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parse_duration(float('nan')) returns nan instead of raising")
 def test_parse_duration_rejects_nan():
     with pytest.raises(ValueError, match="Expected"):
         parse_duration(math.nan)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: parse_size(0.5) and parse_size('0.5B') return 0 bytes")
-def test_parse_size_never_returns_zero():
-    assert parse_size(0.5) >= 1
-    assert parse_size("0.5B") >= 1
+@pytest.mark.parametrize("tiny", [0.5, "0.5B"])
+def test_parse_size_rejects_less_than_one_byte(tiny):
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        parse_size(tiny)
 
 
 # ---------------------------------------------------------------------------------------- format_bytes
@@ -260,7 +259,6 @@ def test_plan_image_size_rejects_bad_values(bad):
     assert "image_size" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Plan(image_size=0) / image_size=-3 are accepted as (0, 0) / (-3, -3)")
 @pytest.mark.parametrize("bad", [0, -3])
 def test_plan_image_size_rejects_non_positive_int(bad):
     with pytest.raises(ValidationError):

@@ -1,0 +1,85 @@
+"""End-to-end degradations on tiny real models: the plan changes and the training keeps its meaning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import resilient
+from resilient.steps import halve_batch
+from tests.conftest import make_data, make_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
+
+
+def test_two_gpu_ooms_under_halve_batch_leave_a_quarter_of_the_batch(tmp_path):
+    x, y = make_data()
+    policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=4)]})
+    history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=3, run_dir=tmp_path / "run",
+                            verbose=0, policy=policy, faults="gpu_oom@3,gpu_oom@10", checkpoint_every=2)
+    assert [i.kind for i in history.incidents] == ["gpu_oom", "gpu_oom"]
+    assert [i.plan_after.batch_size for i in history.incidents] == [16, 8]
+    assert history.plan.batch_size == 8
+    assert resilient.Plan.model_validate_json((tmp_path / "run" / "plan.json").read_text()).batch_size == 8
+    assert history.epoch == [0, 1]
+
+
+def test_keep_effective_batch_matches_the_uninterrupted_run(tmp_path):
+    x, y = make_data()
+    ref_model = make_model(metrics=False)
+    resilient.fit(ref_model, x, y, epochs=2, batch_size=32, seed=5, run_dir=tmp_path / "ref", verbose=0,
+                  checkpoint_every=2)
+    model = make_model(metrics=False)
+    policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=4, keep_effective_batch=True)]})
+    history = resilient.fit(model, x, y, epochs=2, batch_size=32, seed=5, run_dir=tmp_path / "degraded",
+                            verbose=0, policy=policy, faults="gpu_oom@5", checkpoint_every=2)
+    assert history.plan.batch_size == 16 and history.plan.grad_accum_steps == 2
+    # iterations counts full-batch updates: 256 samples / 32 per update * 2 epochs.
+    assert int(model.optimizer.iterations.numpy()) == int(ref_model.optimizer.iterations.numpy()) == 16
+    for a, b in zip(ref_model.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_nan_loss_rolls_back_and_lowers_the_learning_rate(tmp_path):
+    x, y = make_data()
+    model = make_model()
+    history = resilient.fit(model, x, y, epochs=2, batch_size=32, seed=3, run_dir=tmp_path / "run", verbose=0,
+                            faults="nan@5", checkpoint_every=2)
+    [incident] = history.incidents
+    assert incident.kind == "nan_loss" and incident.step == 5
+    assert incident.checkpoint_step == 4  # the last good checkpoint; the poisoned step was never saved
+    assert history.plan.learning_rate_scale < 1.0
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert all(np.isfinite(history.history["loss"]))
+    lr = float(model.optimizer.learning_rate.numpy())
+    assert lr == pytest.approx(1e-2 * history.plan.learning_rate_scale, rel=1e-5)
+
+
+def test_invalid_policy_file_fails_fast_without_starting_a_worker(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('max_restarts = 3\n[ladders]\ngpu_oom = [{ step = "halve_batch", min_batch = 0 }]\n')
+    run_dir = tmp_path / "run"
+    x, y = make_data()
+    model = make_model()
+    start = time.monotonic()
+    with pytest.raises(resilient.InvalidPolicyError) as info:
+        resilient.fit(model, x, y, epochs=1, run_dir=run_dir, policy=str(bad), verbose=0)
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "bad.toml" in message and "min_batch" in message and "received 0" in message
+    assert not run_dir.exists(), "a refused call must not touch the run directory"
+
+
+def test_cli_rejects_a_bad_policy_file_quickly(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[ladders]\ngpu_oom = ["no_such_step"]\n')
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "resilient", "policies", "check", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert time.monotonic() - start < 5
+    assert proc.returncode == 2
+    assert "no_such_step" in proc.stdout + proc.stderr
