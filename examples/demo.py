@@ -18,11 +18,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import resilient  # first: keeps TensorFlow in this process from reserving the whole GPU
+import keras
+import numpy as np
+from sklearn.datasets import load_digits
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+import resilient  # first: keeps TensorFlow in this process from reserving the whole GPU
 
 
 def build_model() -> keras.Model:
@@ -71,7 +71,7 @@ def main() -> int:
         run_dir=run_dir, faults=args.faults, hang_timeout=10, checkpoint_every=10, verbose=2,
     )
     elapsed = time.monotonic() - start
-    loss, accuracy = model.evaluate(x_val, y_val, verbose=0)
+    _, accuracy = model.evaluate(x_val, y_val, verbose=0)
 
     print("\n" + "=" * 78)
     print(f"Training completed: {len(history.epoch)} of {args.epochs} epochs in {elapsed:.0f}s.")

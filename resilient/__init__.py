@@ -10,8 +10,8 @@ import os as _os
 # TensorFlow grow GPU memory on demand in this process and in every worker.
 _os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
-from . import steps  # noqa: E402
-from ._errors import (  # noqa: E402
+from . import steps
+from ._errors import (
     InvalidArgumentError,
     InvalidPolicyError,
     ResilientError,
@@ -19,11 +19,11 @@ from ._errors import (  # noqa: E402
     TrainingFailedError,
     UserCodeError,
 )
-from ._fit import fit  # noqa: E402
-from ._history import History  # noqa: E402
-from ._incident import Incident  # noqa: E402
-from ._plan import Plan  # noqa: E402
-from ._policy import Policy, StepContext, load_policy, register_step  # noqa: E402
+from ._fit import fit
+from ._history import History
+from ._incident import Incident
+from ._plan import Plan
+from ._policy import Policy, StepContext, load_policy, register_step
 
 __version__ = "0.1.0"
 

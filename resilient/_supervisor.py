@@ -41,7 +41,7 @@ from ._errors import TrainingFailedError, UserCodeError
 from ._incident import Incident
 from ._memory import GpuMemory, MemoryCgroup, tree_rss
 from ._plan import Plan
-from ._rundir import Journal, RunDir
+from ._rundir import Journal, RunDir, atomic_write_text
 from ._units import format_bytes
 
 #: Floor of the automatic hang timeout, in seconds.
@@ -84,6 +84,13 @@ class RunResult:
     checkpoint: str | None
 
 
+OOM_KINDS = ("gpu_oom", "host_oom")
+
+
+class _Restart(Exception):
+    """Restart with a new plan that is not a reaction to an incident (a probe)."""
+
+
 class _AttemptFailed(Exception):
     def __init__(self, incident: Incident, no_progress: bool) -> None:
         super().__init__(incident.detail)
@@ -107,6 +114,7 @@ class _Monitor:
         self.pending_preempt = False
         self.pending_host_oom = False
         self.resumed_from: int | None = None
+        self.start_step: int | None = None
 
 
 class Supervisor:
@@ -121,15 +129,21 @@ class Supervisor:
         self.gpu = GpuMemory()
         self._attempt_base = sum(1 for e in self.rundir.read_events() if e.get("event") == "attempt_started")
         self._proc: subprocess.Popen[bytes] | None = None
+        # Probing back up after an OOM degradation: bisect between the plan that works and the one that failed.
+        self._working: Plan | None = None
+        self._failed: Plan | None = None
+        self._probing: Plan | None = None
+        self._probes_done = 0
+        self._next_probe_plan: Plan | None = None
 
     # ------------------------------------------------------------------ run loop
 
     def run(self) -> RunResult:
         cfg = self.cfg
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(cfg.max_restarts + 1) | _stop_when_no_progress,
+            stop=tenacity.stop_any(self._stop_after_restarts, _stop_when_no_progress),
             wait=self._wait,
-            retry=tenacity.retry_if_exception_type(_AttemptFailed),
+            retry=tenacity.retry_if_exception_type((_AttemptFailed, _Restart)),
             sleep=cfg.sleep,
             reraise=True,
         )
@@ -151,10 +165,14 @@ class Supervisor:
             self.journal.write("run_finished", status="interrupted")
             raise
 
+    def _stop_after_restarts(self, retry_state: tenacity.RetryCallState) -> bool:
+        """Stop once the incidents of this call exceed max_restarts (probe restarts are free)."""
+        return len(self.incidents) > self.cfg.max_restarts
+
     def _wait(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if not isinstance(exc, _AttemptFailed):
-            return 0.0
+            return 0.0  # a probe restart
         if exc.incident.plan_changed or exc.incident.kind == "preempted":
             return 0.0  # a new plan, or a polite stop: no reason to wait
         repeats = 0
@@ -169,14 +187,15 @@ class Supervisor:
     # ------------------------------------------------------------------ one attempt
 
     def _attempt(self) -> RunResult:
-        cfg = self.cfg
         attempt = self._attempt_base + len(self.incidents)
         adir = self.rundir.attempt_dir(attempt)
         adir.mkdir(parents=True, exist_ok=True)
         for stale in ("error.json",):
             (adir / stale).unlink(missing_ok=True)
         self.rundir.result_json.unlink(missing_ok=True)
-        self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"))
+        atomic_write_text(adir / "plan.json", self.plan.model_dump_json(indent=2))
+        self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
+                           probe=self._probing is not None)
         self._say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
 
         outcome, mon, peak = self._spawn_and_monitor(attempt, adir)
@@ -187,6 +206,8 @@ class Supervisor:
         self.journal.write("attempt_ended", attempt=attempt, memory_peak_bytes=peak, **ended)
 
         if kind is None:
+            if self.plan != self.rundir.read_plan():
+                self.rundir.write_plan(self.plan)  # a probe that ran to the end is the settled plan
             result = json.loads(self.rundir.result_json.read_text())
             self.journal.write("run_finished", status="completed", epochs=len(result["epochs_done"]),
                                global_step=result["global_step"])
@@ -215,6 +236,29 @@ class Supervisor:
                 traceback=report.get("traceback", ""), run_dir=str(self.rundir.path),
             )
 
+        if outcome.decision == "probe" and kind == "preempted":
+            # Not an incident: we stopped a healthy worker to try a larger plan.
+            nxt = self._next_probe_plan
+            self._next_probe_plan = None
+            self._probing, self._probes_done = nxt, self._probes_done + 1
+            self.journal.write("probe_started", attempt=attempt, **{"from": self.plan.model_dump(mode="json"),
+                                                                     "to": nxt.model_dump(mode="json")})
+            self._say(f"probing a larger plan: {nxt.describe()} (settled: {self.plan.describe()})")
+            self.plan = nxt
+            raise _Restart()
+
+        if self._probing is not None and kind in OOM_KINDS and self._working is not None:
+            # The probe did not fit: it becomes the new upper bound; go back to the plan that works.
+            self._failed, failed_probe, self._probing = self.plan, self.plan, None
+            incident = Incident(**base, action=f"probe failed: back to {self._working.describe()}",
+                                plan_after=self._working)
+            self._record(incident)
+            self.journal.write("probe_failed", attempt=attempt, plan=failed_probe.model_dump(mode="json"),
+                               back_to=self._working.model_dump(mode="json"))
+            self._say(f"probe {failed_probe.describe()} ran out of memory; back to {self._working.describe()}")
+            self.plan = self._working
+            raise _AttemptFailed(incident, no_progress=False)
+
         probe = Incident(**base, action="")
         degraded = self.cfg.policy.degrade(self.plan, probe, self._context())
         if degraded is not None:
@@ -230,6 +274,8 @@ class Supervisor:
             action = "give up: no progress"
         incident = Incident(**base, action=action, plan_after=new_plan)
         self._record(incident)
+        if kind in OOM_KINDS and new_plan.batch_size < self.plan.batch_size:
+            self._failed, self._working = self.plan, new_plan  # bounds for probing back up
         if new_plan != self.plan:
             self.journal.write("plan_changed", **{"from": self.plan.model_dump(mode="json"),
                                                   "to": new_plan.model_dump(mode="json"), "reason": action,
@@ -261,7 +307,8 @@ class Supervisor:
         if self.cfg.worker_cmd is not None:
             return self.cfg.worker_cmd(attempt, fd)
         return [sys.executable, "-m", "resilient._worker", "--run-dir", str(self.rundir.path),
-                "--attempt", str(attempt), "--channel-fd", str(fd), "--supervisor-pid", str(os.getpid())]
+                "--attempt", str(attempt), "--channel-fd", str(fd), "--supervisor-pid", str(os.getpid()),
+                "--plan", str(self.rundir.attempt_dir(attempt) / "plan.json")]
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -331,6 +378,7 @@ class Supervisor:
                         mon.max_step_seconds = max(mon.max_step_seconds, msg.step_seconds)
                 elif isinstance(msg, Hello):
                     mon.epoch, mon.step, mon.resumed_from = msg.epoch, msg.step, msg.resumed_from
+                    mon.start_step = msg.step
                     self.journal.write("worker_ready", attempt=attempt, pid=msg.pid, epoch=msg.epoch, step=msg.step,
                                        resumed_from_step=msg.resumed_from)
                 elif isinstance(msg, CheckpointSaved):
@@ -361,6 +409,9 @@ class Supervisor:
         pump.start()
 
         decision: str | None = None
+        probe_cfg = getattr(cfg.policy, "probe", None)
+        stable_steps = probe_cfg.stable_steps if probe_cfg is not None and probe_cfg.enabled else None
+        probe_checked = stable_steps is None or (self._working is None and self._probing is None)
         last_rss: int | None = None
         peak: int | None = None
         heartbeat_age: float | None = None
@@ -395,6 +446,14 @@ class Supervisor:
                 ):
                     decision = "watchdog"
                     _signal(proc, signal.SIGKILL)
+                if not probe_checked and decision is None:
+                    with mon.lock:
+                        trained = (mon.step or 0) - mon.start_step if mon.start_step is not None else 0
+                    if trained >= stable_steps:
+                        probe_checked = True
+                        if self._probe_due(attempt):
+                            decision = "probe"
+                            _signal(proc, signal.SIGTERM)  # checkpoint, exit; restarted with the probe plan
                 if age > timeout and decision is None:
                     decision, heartbeat_age = "hang", age
                     self._say(f"no heartbeat for {age:.1f}s (timeout {timeout:.1f}s): stopping the worker")
@@ -429,6 +488,23 @@ class Supervisor:
             completed=self.rundir.result_json.exists(),
         )
         return outcome, mon, peak
+
+    def _probe_due(self, attempt: int) -> bool:
+        """Called once an attempt trained ``stable_steps``: settle a probe that held, pick the next one."""
+        from ._policy import next_probe
+
+        if self._probing is not None:
+            self._working, self._probing = self._probing, None
+            self.rundir.write_plan(self._working)  # a new VM resumes from the settled plan
+            self.journal.write("probe_succeeded", attempt=attempt, plan=self._working.model_dump(mode="json"))
+        if self._working is None or self._failed is None:
+            return False
+        max_probes = self.cfg.policy.probe.max_probes
+        nxt = next_probe(self._working, self._failed) if self._probes_done < max_probes else None
+        if nxt is None:
+            return False
+        self._next_probe_plan = nxt
+        return True
 
     def _arm_rehearsal_limit(self, group: MemoryCgroup | None, rss: int | None) -> int:
         base = (group.usage() if group is not None else None) or rss or 0

@@ -294,12 +294,13 @@ def callback_state(cb: Any) -> dict[str, Any]:
 class Attempt:
     """Everything one worker process does, in order: restore, build, train, report."""
 
-    def __init__(self, run: RunDir, attempt: int, channel: ChannelWriter) -> None:
+    def __init__(self, run: RunDir, attempt: int, channel: ChannelWriter, plan_file: str | None = None) -> None:
         self.run = run
         self.attempt = attempt
         self.channel = channel
         self.spec = run.read_spec()
-        self.plan = run.read_plan()
+        # The supervisor hands each attempt its plan (a probe may differ from the settled plan.json).
+        self.plan = Plan.model_validate_json(Path(plan_file).read_text()) if plan_file else run.read_plan()
         self.fired = FiredFaults(run.faults_fired)
         self.epoch = 0
         self.offset = 0  # samples into the current epoch
@@ -680,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempt", type=int, required=True)
     parser.add_argument("--channel-fd", type=int, default=None)
     parser.add_argument("--supervisor-pid", type=int, required=True)
+    parser.add_argument("--plan", default=None, help="this attempt's plan (JSON); default: run_dir/plan.json")
     args = parser.parse_args(argv)
     _setup_process(args.supervisor_pid)
     channel = ChannelWriter(args.channel_fd)
@@ -689,12 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     channel.send(Heartbeat(phase="startup", epoch=0, step=0))
     attempt: Attempt | None = None
     try:
-        attempt = Attempt(run, args.attempt, channel)
+        attempt = Attempt(run, args.attempt, channel, plan_file=args.plan)
         attempt.run_training()
     except Preempted:
         _write_report(attempt_dir, "preempted", None, attempt)
         return EXIT_PREEMPTED
-    except BaseException as exc:  # noqa: BLE001 - every failure is reported, then the process exits
+    except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
         _write_report(attempt_dir, classify_exception(exc), exc, attempt)

@@ -83,3 +83,34 @@ def test_cli_rejects_a_bad_policy_file_quickly(tmp_path):
     assert time.monotonic() - start < 5
     assert proc.returncode == 2
     assert "no_such_step" in proc.stdout + proc.stderr
+
+
+class SlowSteps:
+    """Makes each step take a while, so the supervisor sees stable stretches at a known pace."""
+
+    def __new__(cls, seconds: float):
+        import keras
+
+        class _Slow(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                time.sleep(seconds)
+
+        return _Slow()
+
+
+def test_probing_back_up_settles_above_blind_halving(tmp_path):
+    x, y = make_data(n=512)
+    policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=4)]},
+                              probe={"enabled": True, "stable_steps": 4, "max_probes": 2})
+    run_dir = tmp_path / "run"
+    history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=3, run_dir=run_dir, verbose=0,
+                            policy=policy, faults="gpu_oom@3", checkpoint_every=2, callbacks=[SlowSteps(0.05)])
+    assert [i.kind for i in history.incidents] == ["gpu_oom"]
+    evs = resilient._rundir.RunDir(run_dir).read_events()
+    started = [e for e in evs if e["event"] == "probe_started"]
+    assert started and started[0]["from"]["batch_size"] == 16 and 16 < started[0]["to"]["batch_size"] < 32
+    # Probes are restarts we chose, not incidents; the run still completes every epoch.
+    assert history.epoch == [0, 1]
+    assert 16 < history.plan.batch_size < 32
+    settled = resilient.Plan.model_validate_json((run_dir / "plan.json").read_text())
+    assert settled == history.plan, "a new VM resumes from the settled plan"

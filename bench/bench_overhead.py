@@ -1,0 +1,288 @@
+"""What resilient costs when nothing goes wrong, and how fast it comes back when something does.
+
+Same small CNN (two conv blocks, ~0.2 M parameters) on the same synthetic-but-learnable
+32x32x3 data, side by side in one run:
+
+1. steady-state throughput: resilient.fit (default checkpoint_every="auto") / plain model.fit
+   in this process; median samples/s over the epochs after the first.       target >= 0.97
+2. whole-run wall time of a ~60 s training: resilient.fit(...) (worker start included) /
+   model.fit(...) (its own compile included), same epochs.                   target <= 1.10
+3. recovery after a rehearsed crash (faults="segfault@N"): fault -> first resumed step,
+   divided by the cold start (attempt 0 started -> its first step).          target <= 1.3
+
+    python bench/bench_overhead.py            # ~3 min on 2 cores
+    python bench/bench_overhead.py --quick    # ~1.5 min
+
+See bench/README.md for how each number is taken from the journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import resilient  # noqa: E402  (first, as the README says)
+
+import _common as C  # noqa: E402
+import keras  # noqa: E402
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Plain model.fit's clock: train begin and every epoch end; stops once ``budget`` seconds are used."""
+
+    def __init__(self, budget: float | None = None, min_epochs: int = 3) -> None:
+        super().__init__()
+        self.budget = budget
+        self.min_epochs = min_epochs
+        self.begin = 0.0
+        self.ends: list[float] = []
+
+    def on_train_begin(self, logs=None):
+        self.begin = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        self.ends.append(now)
+        if self.budget is None or len(self.ends) < self.min_epochs:
+            return
+        last = now - (self.ends[-2] if len(self.ends) > 1 else self.begin)
+        if now - self.begin + 0.5 * last >= self.budget:
+            self.model.stop_training = True
+
+
+class StepMarks(keras.callbacks.Callback):
+    """Carried into the worker: appends to ``path`` the wall time of the first step each process
+    trains, and the time the global step is back at each rehearsed fault's step.
+
+    The journal has no event for "first trained step of an attempt", so this is how the
+    recovery benchmark sees it (see bench/README.md). Only the recovery run carries it.
+    """
+
+    def __init__(self, path: str, fault_steps: list[int]) -> None:
+        super().__init__()
+        self.path = path
+        self.fault_steps = list(fault_steps)
+        self.pid = -1
+        self.first_iteration = None
+        self.pending: list[int] = []
+
+    def _mark(self, **fields):
+        fields.update(pid=os.getpid(), t=time.time())
+        with open(self.path, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.pid != os.getpid():  # first step of this process (state is restored from checkpoints)
+            self.pid = os.getpid()
+            it = int(self.model.optimizer.iterations.numpy())
+            self.first_iteration = it
+            self._mark(what="first_step", iteration=it)
+            self.pending = [s for s in self.fault_steps if s >= it]
+            return
+        if self.pending:
+            it = int(self.model.optimizer.iterations.numpy())
+            while self.pending and it >= self.pending[0]:
+                self._mark(what="regained", iteration=it, fault_step=self.pending.pop(0))
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def plain_fit(x, y, batch, budget, max_epochs, mon):
+    t0 = time.time()
+    model = C.small_cnn(x.shape[1:])
+    timer = EpochTimer(budget=budget)
+    model.fit(x, y, batch_size=batch, epochs=max_epochs, verbose=0, callbacks=[timer])
+    wall = time.time() - t0
+    starts = [timer.begin] + timer.ends[:-1]
+    durations = [e - s for s, e in zip(starts, timer.ends)]
+    return {"wall_s": wall, "epochs": len(timer.ends), "epoch_s": durations,
+            "load": mon.between(t0, t0 + wall)}
+
+
+def resilient_fit(x, y, batch, epochs, run_dir, mon):
+    t0 = time.time()
+    model = C.small_cnn(x.shape[1:])
+    resilient.fit(model, x, y, batch_size=batch, epochs=epochs, verbose=0, run_dir=run_dir, seed=0)
+    wall = time.time() - t0
+    j = C.read_journal(run_dir)
+    ready = C.events(j, "worker_ready")[0]["_t"]
+    ends = [e["_t"] for e in C.events(j, "epoch_end")]
+    starts = [ready] + ends[:-1]
+    saves = C.events(j, "checkpoint_saved")
+    started = C.events(j, "attempt_started")[0]["_t"]
+    finished = C.events(j, "run_finished")[-1]["_t"]
+    return {
+        "wall_s": wall, "epochs": len(ends), "epoch_s": [e - s for s, e in zip(starts, ends)],
+        "checkpoints": len(saves), "checkpoint_reasons": sorted({s.get("reason", "?") for s in saves}),
+        "checkpoint_seconds_total": sum(s["seconds"] for s in saves),
+        "checkpoint_bytes": saves[-1]["bytes"] if saves else None,
+        "breakdown_s": {
+            "before_worker (validate, save model and data)": started - t0,
+            "worker start -> ready (import TF, load model)": ready - started,
+            "training (ready -> last epoch_end)": ends[-1] - ready,
+            "final checkpoint, exit, load weights into caller": (t0 + wall) - ends[-1],
+            "run_finished journaled -> fit returned": (t0 + wall) - finished,
+        },
+        "memory_peak_bytes": C.events(j, "attempt_ended")[0].get("memory_peak_bytes"),
+        "load": mon.between(t0, t0 + wall),
+    }
+
+
+def recovery_run(x, y, batch, epochs, fault_steps, run_dir, mon):
+    marks_path = str(Path(run_dir).with_suffix(".marks.jsonl"))
+    faults = ",".join(f"segfault@{s}" for s in fault_steps)
+    t0 = time.time()
+    model = C.small_cnn(x.shape[1:])
+    resilient.fit(model, x, y, batch_size=batch, epochs=epochs, verbose=0, run_dir=run_dir, seed=0,
+                  faults=faults, callbacks=[StepMarks(marks_path, fault_steps)])
+    wall = time.time() - t0
+    j = C.read_journal(run_dir)
+    marks = [json.loads(line) for line in open(marks_path) if line.strip()]
+    firsts = [m for m in marks if m["what"] == "first_step"]
+    regained = {m["fault_step"]: m["t"] for m in marks if m["what"] == "regained"}
+    started = {e["attempt"]: e["_t"] for e in C.events(j, "attempt_started")}
+    ready = {e["attempt"]: e for e in C.events(j, "worker_ready")}
+    ended = {e["attempt"]: e for e in C.events(j, "attempt_ended")}
+    pids = {e["pid"]: a for a, e in ready.items()}
+    first_step = {pids[m["pid"]]: m for m in firsts if m["pid"] in pids}
+
+    cold = {
+        "attempt": 0,
+        "start -> ready (spawn, import TF, load model)": ready[0]["_t"] - started[0],
+        "ready -> first step (data pipeline, trace, step)": first_step[0]["t"] - ready[0]["_t"],
+    }
+    cold["total"] = first_step[0]["t"] - started[0]
+    recoveries = []
+    for fe in C.events(j, "fault_fired"):
+        a = fe["attempt"]
+        nxt = a + 1
+        if nxt not in first_step:
+            continue
+        rec = {
+            "attempt": nxt,
+            "fault_step": fe["step"],
+            "resumed_from_step": ready[nxt].get("resumed_from_step"),
+            "fault -> death noticed (attempt_ended)": ended[a]["_t"] - fe["_t"],
+            "death -> next attempt_started (classify, backoff)": started[nxt] - ended[a]["_t"],
+            "start -> ready (spawn, import TF, load model, restore)": ready[nxt]["_t"] - started[nxt],
+            "ready -> first step (data pipeline, trace, step)": first_step[nxt]["t"] - ready[nxt]["_t"],
+            "total": first_step[nxt]["t"] - fe["_t"],
+        }
+        rec["steps_retrained"] = fe["step"] - (rec["resumed_from_step"] or 0)
+        if fe["step"] in regained:
+            rec["fault -> back at the fault's step"] = regained[fe["step"]] - fe["_t"]
+        recoveries.append(rec)
+    incidents = [{"kind": e["kind"], "step": e["step"], "action": e["action"]} for e in C.events(j, "incident")]
+    return {"wall_s": wall, "cold": cold, "recoveries": recoveries, "incidents": incidents,
+            "load": mon.between(t0, t0 + wall)}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shorter runs (~20 s trainings, one rehearsed crash)")
+    ap.add_argument("--seconds", type=float, default=None, help="length of the plain training (default 60, quick 20)")
+    ap.add_argument("--samples", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--keep", action="store_true", help="keep the run directories")
+    args = ap.parse_args()
+    budget = args.seconds or (20.0 if args.quick else 60.0)
+
+    x, y = C.image_data(args.samples)
+    steps_per_epoch = -(-args.samples // args.batch)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_overhead_"))
+    print(f"bench_overhead: {args.samples} samples of 32x32x3, batch {args.batch} ({steps_per_epoch} steps/epoch), "
+          f"~{budget:.0f} s trainings; run dirs in {tmp}", flush=True)
+    try:
+        with C.CpuMonitor() as mon:
+            print("  plain model.fit ...", flush=True)
+            plain = plain_fit(x, y, args.batch, budget, 1000, mon)
+            epochs = plain["epochs"]
+            print(f"  resilient.fit, {epochs} epochs ...", flush=True)
+            res = resilient_fit(x, y, args.batch, epochs, tmp / "steady", mon)
+            if args.quick:
+                fault_steps, rec_epochs = [steps_per_epoch + steps_per_epoch // 2], 2
+            else:
+                fault_steps, rec_epochs = [steps_per_epoch + steps_per_epoch // 2, 2 * steps_per_epoch + steps_per_epoch // 2], 3
+            print(f"  resilient.fit with faults segfault@{fault_steps}, {rec_epochs} epochs ...", flush=True)
+            rec = recovery_run(x, y, args.batch, rec_epochs, fault_steps, tmp / "recovery", mon)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    n = args.samples
+    plain_sps = [n / d for d in plain["epoch_s"][1:]]
+    res_sps = [n / d for d in res["epoch_s"][1:]]
+    p_med, r_med = C.median(plain_sps), C.median(res_sps)
+    thr_ratio = r_med / p_med
+    wall_ratio = res["wall_s"] / plain["wall_s"]
+    cold_total = rec["cold"]["total"]
+    first_rec = rec["recoveries"][0] if rec["recoveries"] else None
+    rec_ratio = first_rec["total"] / cold_total if first_rec else float("nan")
+
+    print()
+    print("throughput and wall time (same model, data, batch and epochs)")
+    C.table([
+        ["plain model.fit", plain["epochs"], plain["epoch_s"][0], p_med, min(plain_sps), max(plain_sps), plain["wall_s"],
+         plain["load"]["foreign_cores"]],
+        ["resilient.fit", res["epochs"], res["epoch_s"][0], r_med, min(res_sps), max(res_sps), res["wall_s"],
+         res["load"]["foreign_cores"]],
+    ], ["", "epochs", "epoch0 s", "median sps", "min sps", "max sps", "wall s", "other procs (cores)"])
+    ck_pct = 100 * res["checkpoint_seconds_total"] / max(1e-9, res["breakdown_s"]["training (ready -> last epoch_end)"])
+    print(f"resilient checkpoints: {res['checkpoints']} ({', '.join(res['checkpoint_reasons'])}), "
+          f"{res['checkpoint_seconds_total']:.2f} s in all = {ck_pct:.2f}% of training time, "
+          f"{res['checkpoint_bytes']} bytes each")
+    print("resilient.fit wall time, where it went:")
+    C.table([[k, v] for k, v in res["breakdown_s"].items()], ["phase", "seconds"])
+    print()
+    print("cold start vs recovery after a rehearsed segfault (seconds)")
+    keys = ["start -> ready (spawn, import TF, load model)", "ready -> first step (data pipeline, trace, step)"]
+    rows = [["cold start (attempt 0)", "-", "-", rec["cold"][keys[0]], rec["cold"][keys[1]], cold_total, "-", "-"]]
+    for r in rec["recoveries"]:
+        rows.append([
+            f"recovery -> attempt {r['attempt']} (fault @{r['fault_step']})",
+            r["fault -> death noticed (attempt_ended)"], r["death -> next attempt_started (classify, backoff)"],
+            r["start -> ready (spawn, import TF, load model, restore)"],
+            r["ready -> first step (data pipeline, trace, step)"], r["total"], r["steps_retrained"],
+            r.get("fault -> back at the fault's step", float("nan")),
+        ])
+    C.table(rows, ["", "notice death", "classify+backoff", "start->ready", "ready->1st step", "total",
+                   "steps redone", "back at fault step"])
+    print()
+    results = [
+        C.summary("steady-state throughput ratio (resilient / model.fit)", thr_ratio, ">=", 0.97,
+                  f"{r_med:.0f} vs {p_med:.0f} samples/s"),
+        C.summary("whole-run wall-time ratio (resilient / model.fit)", wall_ratio, "<=", 1.10,
+                  f"{res['wall_s']:.1f} s vs {plain['wall_s']:.1f} s, {epochs} epochs"),
+        C.summary("recovery / cold start (first rehearsed segfault)", rec_ratio, "<=", 1.3,
+                  f"{first_rec['total']:.2f} s vs {cold_total:.2f} s" if first_rec else "no recovery measured"),
+    ]
+    for r in rec["recoveries"][1:]:
+        print(f"info  recovery / cold start after crash at step {r['fault_step']}: {r['total'] / cold_total:.3f} "
+              f"({r['total']:.2f} s; classify+backoff {r['death -> next attempt_started (classify, backoff)']:.2f} s)")
+    busy = max(plain["load"]["foreign_cores"], res["load"]["foreign_cores"])
+    if busy == busy and busy > 0.2:
+        print(f"note: other processes used up to {busy:.2f} cores on average during a phase; ratios are noisier.")
+    C.write_json("bench_overhead", {
+        "args": vars(args), "environment": C.environment(), "samples": n, "batch": args.batch,
+        "steps_per_epoch": steps_per_epoch, "plain": plain, "resilient": res, "recovery": rec,
+        "throughput_samples_per_s": {"plain_median": p_med, "resilient_median": r_med},
+        "targets": results,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
