@@ -138,6 +138,9 @@ def fit(
         _check_stored_arrays(run, x_arr, y_arr)
         seed = old.seed
 
+    from ._gpu import warn_if_caller_holds_gpu
+
+    warn_if_caller_holds_gpu()
     lock = _lock(run)
     try:
         # ---- write the run directory (first the data, then the spec that points at it)
