@@ -31,7 +31,7 @@ def parse_size(value: str | int | float, *, name: str = "size") -> int:
     if not match or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
         raise ValueError(
             f"Invalid value for `{name}`. Received: {name}={value!r}. "
-            "Expected a positive size such as '12.7GB', '512MiB' or a number of bytes."
+            "Expected a positive size of at least 1 byte, such as '12.7GB', '512MiB' or a number of bytes."
         )
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
