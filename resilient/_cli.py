@@ -69,7 +69,13 @@ def _add_policies(subparsers: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 #: Each adds one top-level subcommand; its parser sets ``handler(args, out, err) -> int``.
-COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [_add_policies]
+def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from ._status import add_command
+
+    add_command(subparsers)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [_add_policies, _add_status]
 
 
 def build_parser() -> argparse.ArgumentParser:

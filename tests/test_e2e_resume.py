@@ -33,6 +33,11 @@ def test_a_second_fit_call_resumes_the_run_and_matches_the_uninterrupted_one(tmp
     np.testing.assert_allclose(history.history["loss"], ref.history["loss"], rtol=1e-6)
     ready = [e for e in RunDir(run_dir).read_events() if e["event"] == "worker_ready"]
     assert ready[-1]["resumed_from_step"] == 9
+    from resilient._status import summarize
+
+    text = summarize(run_dir)
+    assert "killed" in text and "SIGKILL" in text and "status: completed" in text
+    assert "last checkpoint: step 16" in text
 
 
 def test_resuming_with_another_architecture_is_refused_without_touching_the_run(tmp_path):

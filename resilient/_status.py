@@ -1,0 +1,65 @@
+"""``python -m resilient status RUN_DIR``: what happened to a run, read from its directory alone."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._checkpoint import CheckpointStore
+from ._plan import Plan
+from ._rundir import RunDir
+from ._units import format_bytes
+
+
+def summarize(path: str | Path) -> str:
+    """A plain-text account of the run in ``path``: plan, attempts, incidents, checkpoint, outcome."""
+    run = RunDir(path)
+    if not run.exists():
+        raise FileNotFoundError(f"{run.path} holds no resilient run (no run.json). Expected a run_dir passed to fit.")
+    spec = run.read_spec()
+    plan = run.read_plan() if run.plan_json.exists() else spec.initial_plan
+    events = run.read_events()
+    lines = [f"run {run.path}", f"  model {spec.model_name}, {spec.epochs} epochs, seed {spec.seed}",
+             f"  plan in force: {plan.describe()}"]
+    if plan != spec.initial_plan:
+        lines.append(f"  (asked for: {spec.initial_plan.describe()})")
+    ended = {e["attempt"]: e for e in events if e["event"] == "attempt_ended"}
+    incidents = {e["attempt"]: e for e in events if e["event"] == "incident"}
+    epochs = [e for e in events if e["event"] == "epoch_end"]
+    lines.append("  attempts:")
+    for e in (e for e in events if e["event"] == "attempt_started"):
+        a = e["attempt"]
+        end = ended.get(a, {})
+        status = end.get("signal") or (f"exit {end['returncode']}" if "returncode" in end else "running or lost")
+        inc = incidents.get(a)
+        what = f"{inc['kind']}: {inc.get('detail', '')}" if inc else ("completed" if end.get("returncode") == 0 else "")
+        lines.append(f"    {a:>3}  {Plan.model_validate(e['plan']).describe():<30} {status:<14} "
+                     f"peak {format_bytes(end.get('memory_peak_bytes')):<10} {what}")
+        if inc and inc.get("action"):
+            lines.append(f"         -> {inc['action']}")
+    if epochs:
+        last = epochs[-1]
+        logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.get("logs", {}).items()))
+        lines.append(f"  last epoch finished: {last['epoch']} (step {last['step']}) {logs}")
+    meta = CheckpointStore(run.checkpoints).latest_meta()
+    lines.append(f"  last checkpoint: step {meta['step']}, epoch {meta.get('epoch')}, sample {meta.get('offset')}"
+                 if meta else "  last checkpoint: none")
+    finished = [e for e in events if e["event"] == "run_finished"]
+    lines.append(f"  status: {finished[-1]['status'] if finished else 'not finished (running, or its session died)'}")
+    return "\n".join(lines)
+
+
+def add_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("status", help="summarize a run directory", description=summarize.__doc__)
+    parser.add_argument("run_dir", help="the run_dir passed to resilient.fit")
+    parser.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        print(summarize(args.run_dir), file=out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=err)
+        return 2
+    return 0
