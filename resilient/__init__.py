@@ -10,7 +10,7 @@ import os as _os
 # TensorFlow grow GPU memory on demand in this process and in every worker.
 _os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
-from . import steps
+from . import data, steps
 from ._errors import (
     InvalidArgumentError,
     InvalidPolicyError,
@@ -39,6 +39,7 @@ __all__ = [
     "StepContext",
     "TrainingFailedError",
     "UserCodeError",
+    "data",
     "fit",
     "load_policy",
     "register_step",

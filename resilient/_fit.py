@@ -17,8 +17,9 @@ import numpy as np
 from ._errors import InvalidArgumentError, InvalidPolicyError, RunDirError
 from ._faults import parse_faults
 from ._history import History
+from ._inputs import ModelFacts, prepare_inputs
 from ._plan import Plan
-from ._rundir import ArraysData, Journal, RunDir, RunSpec
+from ._rundir import Journal, RunDir, RunSpec
 from ._units import parse_duration, parse_size
 
 DEFAULT_RUNS_DIR = "resilient_runs"
@@ -33,7 +34,7 @@ def fit(
     epochs: int = 1,
     verbose: Literal["auto", 0, 1, 2] | int | str = "auto",
     callbacks: Sequence[Any] | None = None,
-    validation_data: tuple[Any, Any] | None = None,
+    validation_data: Any = None,
     shuffle: bool = True,
     seed: int | None = None,
     run_dir: str | os.PathLike[str] | None = None,
@@ -49,8 +50,16 @@ def fit(
 
     Args:
         model: a compiled ``keras.Model``, or a zero-argument callable returning one.
-        x, y: NumPy arrays, as for ``model.fit``.
-        batch_size, epochs, verbose, callbacks, validation_data, shuffle: as for ``model.fit``.
+        x, y: NumPy arrays, as for ``model.fit`` (stored once in the run directory; a ``np.memmap`` is
+            copied in chunks, never loaded whole). Or, with ``y=None``: an image folder
+            (``resilient.data.image_folder(path, image_size=...)``), a function ``make_dataset(plan)``
+            returning a batched ``tf.data.Dataset`` (see ``resilient.data.DatasetFactory``), or a
+            ``keras.utils.PyDataset`` instance. A ``tf.data.Dataset`` object itself is refused: wrap
+            its construction in a factory. See ``resilient.data`` for how exactly each resumes.
+        validation_data: ``(x_val, y_val)`` arrays, an image folder (used whole), a factory or a
+            PyDataset. An image folder passed as ``x`` holds out its own (``validation_split``).
+        batch_size, epochs, verbose, callbacks, shuffle: as for ``model.fit``. ``shuffle`` orders the
+            samples (the batches, for a PyDataset) by ``(seed, epoch)``; a factory orders its own.
         seed: makes shuffling and initialisation reproducible; chosen and recorded when None, so a
             resumed run continues the same sample order either way.
         run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it.
@@ -112,19 +121,17 @@ def fit(
         fault_specs = parse_faults(faults)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
-    x_arr, y_arr = _arrays(x, y)
-    val = _validation(validation_data, x_arr, y_arr)
-    if not is_builder:
-        _check_shapes(model, x_arr)
+    initial_plan = Plan(batch_size=batch_size)
+    facts = ModelFacts(None if is_builder else model)
+    inputs = prepare_inputs(x, y, validation_data, model=None if is_builder else model, plan=initial_plan)
     objects, has_callbacks = _carry_objects(model if is_builder else None, callbacks)
+    objects.update(inputs.objects)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     _check_int("seed", seed, minimum=0)
 
     fingerprint, model_name = _fingerprint(model, is_builder)
     run = RunDir(run_dir if run_dir is not None else _default_run_dir(model_name))
-    initial_plan = Plan(batch_size=batch_size)
-    image_axes = (0, 1) if x_arr.ndim == 4 else None
     versions = _versions()
 
     resuming = run.exists()
@@ -135,7 +142,7 @@ def fit(
                 f"The run directory {run.path} belongs to another model (fingerprint {old.model_fingerprint[:12]}, "
                 f"this model {fingerprint[:12]}). Pass a new run_dir, or the same model architecture to resume."
             )
-        _check_stored_arrays(run, x_arr, y_arr)
+        inputs.check_resume(run, old)
         seed = old.seed
 
     from ._gpu import warn_if_caller_holds_gpu
@@ -144,18 +151,7 @@ def fit(
     lock = _lock(run)
     try:
         # ---- write the run directory (first the data, then the spec that points at it)
-        data_dir = run.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        _store_array(data_dir / "x.npy", x_arr)
-        _store_array(data_dir / "y.npy", y_arr)
-        if val is not None:
-            _store_array(data_dir / "val_x.npy", val[0])
-            _store_array(data_dir / "val_y.npy", val[1])
-        data = ArraysData(
-            x="data/x.npy", y="data/y.npy", samples=int(x_arr.shape[0]),
-            val_x="data/val_x.npy" if val is not None else None, val_y="data/val_y.npy" if val is not None else None,
-            image_axes=image_axes,
-        )
+        data = inputs.write(run, seed)
         spec = RunSpec(
             epochs=epochs, seed=seed, shuffle=bool(shuffle), verbose=verbose_level, data=data,
             model_fingerprint=fingerprint, model_name=model_name, model_builder=is_builder,
@@ -181,8 +177,8 @@ def fit(
         from ._policy import StepContext
 
         context = StepContext(
-            requested_plan=initial_plan, resizable_input=_resizable(model, x_arr, is_builder),
-            source_image_size=(int(x_arr.shape[1]), int(x_arr.shape[2])) if image_axes else None,
+            requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts),
+            source_image_size=inputs.source_image_size,
             **_device_context(),
         )
         supervisor = Supervisor(SupervisorConfig(
@@ -282,87 +278,6 @@ def _size(name: str, value: Any) -> int | None:
         raise InvalidArgumentError(str(e)) from None
 
 
-def _arrays(x: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    if x is None:
-        raise InvalidArgumentError("Missing argument `x`. Expected NumPy arrays x and y, as for model.fit.")
-    if _is_tf_dataset(x):
-        raise InvalidArgumentError(
-            "Received a tf.data.Dataset for `x`. A dataset object cannot be carried to the worker process "
-            "faithfully. Wrap its construction in a function of the plan instead:\n"
-            "    def make_dataset(plan):\n"
-            "        return build_my_dataset().batch(plan.batch_size)\n"
-            "    resilient.fit(model, make_dataset, ...)"
-        )
-    if callable(x):
-        raise InvalidArgumentError(
-            "Dataset factories (a callable x) are not supported by this version; pass NumPy arrays x and y."
-        )
-    try:
-        x_arr = np.asarray(x)
-    except Exception as e:
-        raise InvalidArgumentError(f"Invalid value for argument `x`: cannot convert {type(x).__name__} to an array ({e}).") from None
-    if y is None:
-        raise InvalidArgumentError("Missing argument `y`. Expected labels for x, as for model.fit.")
-    y_arr = np.asarray(y)
-    if x_arr.ndim == 0 or x_arr.dtype == object:
-        raise InvalidArgumentError(f"Invalid value for argument `x`. Received an array of shape {x_arr.shape} and dtype {x_arr.dtype}. Expected a numeric array with samples on the first axis.")
-    if y_arr.dtype == object:
-        raise InvalidArgumentError(f"Invalid value for argument `y`. Received dtype {y_arr.dtype}. Expected a numeric array.")
-    if len(x_arr) != len(y_arr):
-        raise InvalidArgumentError(
-            f"x and y have different numbers of samples. Received: x.shape={x_arr.shape}, y.shape={y_arr.shape}. "
-            "Expected the same length on the first axis."
-        )
-    if len(x_arr) == 0:
-        raise InvalidArgumentError("Received empty arrays for x and y. Expected at least one sample.")
-    return x_arr, y_arr
-
-
-def _is_tf_dataset(obj: Any) -> bool:
-    if "tensorflow" not in sys.modules:
-        return False
-    import tensorflow as tf
-
-    return isinstance(obj, tf.data.Dataset)
-
-
-def _validation(validation_data: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    if validation_data is None:
-        return None
-    if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-        raise InvalidArgumentError(
-            f"Invalid value for argument `validation_data`. Received: {type(validation_data).__name__}. "
-            "Expected a tuple (x_val, y_val) of NumPy arrays."
-        )
-    vx, vy = np.asarray(validation_data[0]), np.asarray(validation_data[1])
-    if len(vx) != len(vy) or len(vx) == 0:
-        raise InvalidArgumentError(
-            f"validation_data has mismatched or empty arrays: x_val.shape={vx.shape}, y_val.shape={vy.shape}."
-        )
-    if vx.shape[1:] != x.shape[1:] or vy.shape[1:] != y.shape[1:]:
-        raise InvalidArgumentError(
-            f"validation_data does not match the training data. Received: x_val.shape={vx.shape}, "
-            f"y_val.shape={vy.shape}; training x.shape={x.shape}, y.shape={y.shape}. Expected the same sample shapes."
-        )
-    return vx, vy
-
-
-def _check_shapes(model: Any, x: np.ndarray) -> None:
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return  # a subclassed model not yet built: its first step will tell
-    if not inputs or len(inputs) != 1:
-        return
-    expected = tuple(inputs[0].shape[1:])
-    got = tuple(x.shape[1:])
-    if len(expected) != len(got) or any(e is not None and e != g for e, g in zip(expected, got)):
-        raise InvalidArgumentError(
-            f"x does not fit the model's input. Received: x.shape={x.shape}. Expected samples of shape "
-            f"{expected} (model.inputs[0].shape={tuple(inputs[0].shape)})."
-        )
-
-
 def _carry_objects(builder: Any, callbacks: Sequence[Any] | None) -> tuple[dict[str, Any], bool]:
     import cloudpickle
 
@@ -441,32 +356,6 @@ def _read_spec_or_refuse(run: RunDir) -> RunSpec:
         ) from None
 
 
-def _check_stored_arrays(run: RunDir, x: np.ndarray, y: np.ndarray) -> None:
-    for name, arr in (("x", x), ("y", y)):
-        path = run.data_dir / f"{name}.npy"
-        if not path.exists():
-            continue
-        stored = np.load(path, mmap_mode="r")
-        if stored.shape != arr.shape or stored.dtype != arr.dtype:
-            raise RunDirError(
-                f"The run directory {run.path} was trained on {name} of shape {stored.shape} and dtype {stored.dtype}; "
-                f"this call passes shape {arr.shape} and dtype {arr.dtype}. Pass the same data to resume, or a new run_dir."
-            )
-
-
-def _store_array(path: Path, arr: np.ndarray) -> None:
-    if path.exists():
-        stored = np.load(path, mmap_mode="r")
-        if stored.shape == arr.shape and stored.dtype == arr.dtype:
-            return  # stored once; a resume reuses it
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _lock(run: RunDir) -> int:
     run.path.mkdir(parents=True, exist_ok=True)
     fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
@@ -485,16 +374,6 @@ def _unlock(fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def _resizable(model: Any, x: np.ndarray, is_builder: bool) -> bool:
-    if x.ndim != 4 or is_builder:
-        return False
-    try:
-        shape = tuple(model.inputs[0].shape)
-    except (AttributeError, ValueError, IndexError):
-        return False
-    return shape[1] is None and shape[2] is None
 
 
 def _device_context() -> dict[str, Any]:

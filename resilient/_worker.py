@@ -430,11 +430,16 @@ class Attempt:
         self.user_callbacks = list(objects.get("callbacks", []))
         resumed_from = self.restore_checkpoint(model)
         self._apply_lr_scale(model)
+        try:
+            log_to_tensorboard(self.run, self.user_callbacks, self.plan, self.global_step)
+        except Exception as exc:  # logging must never stop the training
+            self.channel.send(Notice(event="tensorboard_log_failed", fields={"error": repr(exc)}))
         self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from))
 
         from ._data import make_source
 
         source = make_source(self.spec, self.run, objects)
+        self.samples_per_step = source.samples_per_step(self.plan)  # a PyDataset counts batches
         val = source.validation(self.plan)
         self._configure_checkpointing()
         verbose = self.spec.verbose
@@ -450,7 +455,9 @@ class Attempt:
             if self.metric_values is not None and len(model.metrics_variables) != len(self.metric_values):
                 # Compiled metrics are built lazily at the first traced step; build them now so the
                 # resumed epoch's running metrics can be restored before that step.
-                model._symbolic_build(data_batch=next(iter(ds)))
+                # Peek through a fresh dataset: iterating the epoch's own would advance a factory's
+                # reshuffle_each_iteration state, and the epoch would no longer be the same.
+                model._symbolic_build(data_batch=next(iter(source.epoch(self.plan, self.epoch, self.offset)[0])))
             callbacks.set_params({"verbose": verbose, "epochs": self.spec.epochs, "steps": steps})
             if not started:
                 callbacks.begin_training()
@@ -548,7 +555,7 @@ class _Tail:
                         # Raised before this step is counted or saved: the last checkpoint stays good.
                         raise NanLoss(f"loss became {value} at global step {attempt.global_step} (epoch {attempt.epoch})")
                 attempt.global_step += 1
-                attempt.offset += attempt.plan.batch_size
+                attempt.offset += getattr(attempt, "samples_per_step", attempt.plan.batch_size)
                 if _State.sigterm.is_set():
                     attempt.save_checkpoint(model, "preempted")
                     raise Preempted()
@@ -598,6 +605,50 @@ class _ContinuingCallbackList:
 
         cbl.__class__ = Continuing
         return cbl
+
+
+# --------------------------------------------------------------------------- TensorBoard
+
+
+def log_to_tensorboard(run: RunDir, callbacks: list[Any], plan: Plan, step: int) -> None:
+    """Add the run's incidents and plan changes to each TensorBoard callback's log directory.
+
+    Written under ``<log_dir>/resilient`` as text (one entry per incident) and scalars (batch size,
+    effective batch, incident count), each at the global step where it happened; every incident
+    is written once, whichever attempt gets to it first.
+    """
+    import keras
+
+    boards = [cb for cb in callbacks if isinstance(cb, keras.callbacks.TensorBoard)]
+    if not boards:
+        return
+    import tensorflow as tf
+
+    marker = run.path / "tensorboard_logged.json"
+    try:
+        logged = set(json.loads(marker.read_text()))
+    except (OSError, ValueError):
+        logged = set()
+    incidents = [e for e in run.read_events() if e.get("event") == "incident"]
+    new = [e for e in incidents if f"{e.get('attempt')}:{e.get('kind')}" not in logged]
+    for board in boards:
+        with tf.summary.create_file_writer(os.path.join(board.log_dir, "resilient")).as_default():
+            for i, e in enumerate(incidents):
+                if e not in new:
+                    continue
+                at = int(e.get("step") or 0)
+                after = e.get("plan_after") or {}
+                text = (f"**{e['kind']}** (attempt {e['attempt']}, epoch {e.get('epoch')}, step {at}): "
+                        f"{e.get('detail', '')}  \naction: {e.get('action', '')}")
+                tf.summary.text("resilient/incidents", text, step=at)
+                tf.summary.scalar("resilient/incident_count", i + 1, step=at)
+                if after:
+                    tf.summary.scalar("resilient/batch_size", after.get("batch_size", 0), step=at)
+            tf.summary.scalar("resilient/batch_size", plan.batch_size, step=step)
+            tf.summary.scalar("resilient/effective_batch", plan.effective_batch, step=step)
+            tf.summary.text("resilient/plan", plan.describe(), step=step)
+    logged |= {f"{e.get('attempt')}:{e.get('kind')}" for e in new}
+    atomic_write_text(marker, json.dumps(sorted(logged)))
 
 
 # --------------------------------------------------------------------------- faults

@@ -226,12 +226,16 @@ def image_folder(
 
 def _describe_validation_error(error: ValidationError, function: str) -> str:
     first = error.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or "arguments"
+    loc = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int))
     cause = first.get("ctx", {}).get("error")
     if cause is not None:
         text = str(cause)
     else:
-        text = f"Received: {loc}={first.get('input')!r}. Expected {first.get('msg', 'a valid value').lower()}."
+        msg = str(first.get("msg", "a valid value"))
+        msg = msg[len("Input should be "):] if msg.startswith("Input should be ") else msg[:1].lower() + msg[1:]
+        text = f"Received: {loc}={first.get('input')!r}. Expected {msg}."
+    if not loc:
+        return f"Invalid arguments for {function}(). {text}"
     return f"Invalid value for argument `{loc}` of {function}(). {text}"
 
 
