@@ -125,12 +125,27 @@ def fit(
     facts = ModelFacts(None if is_builder else model)
     inputs = prepare_inputs(x, y, validation_data, model=None if is_builder else model, plan=initial_plan)
     objects, has_callbacks = _carry_objects(model if is_builder else None, callbacks)
+    if not is_builder:
+        objects["custom_objects"] = custom_objects_of(model)
+        try:
+            import cloudpickle
+
+            cloudpickle.dumps(objects["custom_objects"])
+        except Exception as e:
+            raise InvalidArgumentError(
+                f"The model uses custom objects that cannot be carried to the worker process: {e}. Expected "
+                "classes and functions that can be pickled (defined at module level or in the notebook), or a "
+                "zero-argument function that builds and compiles the model."
+            ) from None
     objects.update(inputs.objects)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     _check_int("seed", seed, minimum=0)
 
     fingerprint, model_name = _fingerprint(model, is_builder)
+    # A fixed-size image model that rebuilds with a flexible input lets lower_resolution apply.
+    flexible = bool(inputs.source_image_size is not None and not is_builder
+                    and not inputs.resizable_input(facts) and _can_flex(model))
     run = RunDir(run_dir if run_dir is not None else _default_run_dir(model_name))
     versions = _versions()
 
@@ -157,7 +172,7 @@ def fit(
             model_fingerprint=fingerprint, model_name=model_name, model_builder=is_builder,
             checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, faults=fault_specs,
             gpu_memory_limit_bytes=gpu_limit, host_memory_limit_bytes=host_limit, initial_plan=initial_plan,
-            has_callbacks=has_callbacks, versions=versions,
+            has_callbacks=has_callbacks, versions=versions, flexible_input=flexible,
         )
         if not is_builder and not (resuming and run.model_file.exists()):
             tmp = run.path / ".model.tmp.keras"
@@ -177,7 +192,7 @@ def fit(
         from ._policy import StepContext
 
         context = StepContext(
-            requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts),
+            requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts) or flexible,
             source_image_size=inputs.source_image_size,
             **_device_context(),
         )
@@ -319,6 +334,61 @@ def _write_objects(run: RunDir, objects: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, run.objects_file)
+
+
+def custom_objects_of(model: Any) -> dict[str, Any]:
+    """Classes and functions the saved model refers to that Keras itself does not define.
+
+    They travel to the worker by value when defined in ``__main__`` (a notebook) and by reference
+    otherwise; registered ones are also found under their registered name.
+    """
+    import keras
+
+    found: dict[str, Any] = {}
+
+    def add(obj: Any) -> None:
+        cls = obj if isinstance(obj, type) or callable(obj) and not hasattr(obj, "get_config") else type(obj)
+        module = getattr(cls, "__module__", "") or ""
+        if module.startswith(("keras", "tensorflow", "builtins")):
+            return
+        found[getattr(cls, "__name__", repr(cls))] = cls
+        try:
+            found[keras.saving.get_registered_name(cls)] = cls
+        except Exception:
+            pass
+
+    for layer in model._flatten_layers(include_self=True):
+        add(layer)
+    for item in _flatten(getattr(model, "loss", None)):
+        if item is not None and not isinstance(item, str):
+            add(item)
+    compiled = getattr(model, "compiled_metrics", None) or getattr(model, "_compile_metrics", None)
+    for item in _flatten(getattr(compiled, "_user_metrics", None)) + _flatten(getattr(compiled, "_user_weighted_metrics", None)):
+        if item is not None and not isinstance(item, str):
+            add(item)
+    opt = getattr(model, "optimizer", None)
+    if opt is not None:
+        add(opt)
+        schedule = getattr(opt, "_learning_rate", None)
+        if schedule is not None and not hasattr(schedule, "assign"):
+            add(schedule)
+    return found
+
+
+def _flatten(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [v for item in value.values() for v in _flatten(item)]
+    if isinstance(value, (list, tuple)):
+        return [v for item in value for v in _flatten(item)]
+    return [value]
+
+
+def _can_flex(model: Any) -> bool:
+    from ._reshape import can_flex
+
+    return can_flex(model, custom_objects_of(model))
 
 
 def _fingerprint(model: Any, is_builder: bool) -> tuple[str, str]:

@@ -112,6 +112,9 @@ class RunSpec(BaseModel):
     host_memory_limit_bytes: int | None = None
     initial_plan: Plan
     has_callbacks: bool = False
+    flexible_input: bool = Field(
+        False, description="The model's fixed image input may be rebuilt to take another size (lower_resolution)."
+    )
     versions: dict[str, str] = Field(default_factory=dict)
 
 

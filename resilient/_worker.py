@@ -117,8 +117,9 @@ def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any])
     else:
         with keras.saving.custom_object_scope(custom):
             model = keras.saving.load_model(run.model_file, compile=True, safe_mode=False)
-        if plan.precision != "float32" or plan.grad_accum_steps > 1:
-            model = _rebuild(model, plan, custom)
+        flex = spec.flexible_input and plan.image_size is not None and _fixed_spatial_input(model)
+        if plan.precision != "float32" or plan.grad_accum_steps > 1 or flex:
+            model = _rebuild(model, plan, custom, flexible_input=flex)
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", False):
         raise TypeError(
             "The model is not compiled. Expected a compiled keras.Model (call model.compile(...) before "
@@ -129,18 +130,34 @@ def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any])
     return model
 
 
-def _rebuild(model: Any, plan: Plan, custom: dict[str, Any]) -> Any:
-    """Rebuild ``model`` under ``plan``'s dtype policy and gradient accumulation; weights carried over."""
+def _fixed_spatial_input(model: Any) -> bool:
+    try:
+        shape = tuple(model.inputs[0].shape)
+    except (AttributeError, ValueError, IndexError):
+        return False
+    return len(shape) == 4 and (shape[1] is not None or shape[2] is not None)
+
+
+def _rebuild(model: Any, plan: Plan, custom: dict[str, Any], flexible_input: bool = False) -> Any:
+    """Rebuild ``model`` under ``plan``'s dtype policy and gradient accumulation; weights carried over.
+
+    With ``flexible_input``, its image input takes any (height, width) (see _reshape.py).
+    """
     import keras
 
+    from ._reshape import with_flexible_input
+
     config = model.get_config()
+    if flexible_input:
+        config = with_flexible_input(config)
     _set_dtype_policies(config, plan.precision)
     compile_config = model.get_compile_config()
     optimizer_config = keras.optimizers.serialize(_inner_optimizer(model.optimizer))
     optimizer_config["config"]["gradient_accumulation_steps"] = plan.grad_accum_steps if plan.grad_accum_steps > 1 else None
     with keras.saving.custom_object_scope(custom):
         new = model.__class__.from_config(config)
-        new.build_from_config(model.get_build_config()) if model.get_build_config() else None
+        if not new.built and model.get_build_config():
+            new.build_from_config(model.get_build_config())
         new.set_weights(model.get_weights())
         optimizer = keras.optimizers.deserialize(optimizer_config)
         compile_config = dict(compile_config or {})
