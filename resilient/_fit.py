@@ -347,7 +347,7 @@ def custom_objects_of(model: Any) -> dict[str, Any]:
     found: dict[str, Any] = {}
 
     def add(obj: Any) -> None:
-        cls = obj if isinstance(obj, type) or callable(obj) and not hasattr(obj, "get_config") else type(obj)
+        cls = obj if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "get_config")) else type(obj)
         module = getattr(cls, "__module__", "") or ""
         if module.startswith(("keras", "tensorflow", "builtins")):
             return
