@@ -193,7 +193,7 @@ def fit(
 
         context = StepContext(
             requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts) or flexible,
-            source_image_size=inputs.source_image_size,
+            source_image_size=inputs.source_image_size, batch_size_fixed=inputs.kind == "pydataset",
             **_device_context(),
         )
         supervisor = Supervisor(SupervisorConfig(

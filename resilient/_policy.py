@@ -69,6 +69,8 @@ class StepContext:
     #: Earlier incidents of this run, oldest first.
     incidents: tuple[Incident, ...] = ()
     has_batchnorm: bool = False
+    #: True when the input decides its own batch size (a keras.utils.PyDataset): batch steps cannot apply.
+    batch_size_fixed: bool = False
 
 
 # ----------------------------------------------------------------------------------------------- steps

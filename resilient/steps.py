@@ -60,6 +60,8 @@ class halve_batch(Step):
     keep_effective_batch: bool = False
 
     def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
+        if context.batch_size_fixed:
+            return None  # the input batches itself (PyDataset): a smaller plan batch would change nothing
         batch = plan.batch_size
         target = max(self.min_batch, batch // 2)
         if target >= batch:

@@ -403,3 +403,15 @@ def test_degraded_plans_survive_a_json_round_trip(plan, steps):
     for step in steps:
         plan = step.apply(plan, incident(plan), context) or plan
         assert Plan.model_validate_json(plan.model_dump_json()) == plan
+
+
+def test_halve_batch_does_not_apply_when_the_input_fixes_its_batch_size():
+    from resilient._incident import Incident
+    from resilient._plan import Plan
+    from resilient._policy import StepContext
+    from resilient.steps import halve_batch
+
+    plan = Plan(batch_size=32)
+    incident = Incident(kind="gpu_oom", attempt=0, plan_before=plan)
+    assert halve_batch().apply(plan, incident, StepContext(plan, batch_size_fixed=True)) is None
+    assert halve_batch().apply(plan, incident, StepContext(plan)).batch_size == 16
