@@ -319,6 +319,7 @@ class Attempt:
         # The supervisor hands each attempt its plan (a probe may differ from the settled plan.json).
         self.plan = Plan.model_validate_json(Path(plan_file).read_text()) if plan_file else run.read_plan()
         self.fired = FiredFaults(run.faults_fired)
+        self._fault_steps = {f.step for f in self.spec.faults}
         self.epoch = 0
         self.offset = 0  # samples into the current epoch
         self.global_step = 0
@@ -428,6 +429,8 @@ class Attempt:
     # -- faults
 
     def fire_due_faults(self, model: Any) -> None:
+        if self.global_step not in self._fault_steps:
+            return  # the common case: one set lookup per step
         fired = self.fired.load()
         for fault in self.spec.faults:
             if fault.step == self.global_step and fault.key not in fired:
