@@ -173,6 +173,75 @@ class CpuMonitor:
         }
 
 
+class TreeCpu:
+    """CPU seconds used by this process plus its live children, sampled every ``interval`` seconds.
+
+    ``at(t)`` interpolates the cumulative CPU time at wall time ``t``, so the CPU spent in any
+    window (an epoch between two journal events) can be read afterwards. Children are summed
+    while alive; a child's CPU after its last sample is lost, so read windows while it runs.
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._dead: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-tree-cpu", daemon=True)
+
+    def __enter__(self) -> TreeCpu:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _sample(self) -> None:
+        psutil = self._psutil
+        me = psutil.Process()
+        t = me.cpu_times()
+        total = t.user + t.system
+        alive: dict[int, float] = {}
+        try:
+            kids = me.children(recursive=True)
+        except psutil.Error:
+            kids = []
+        for k in kids:
+            try:
+                kt = k.cpu_times()
+                alive[k.pid] = kt.user + kt.system
+            except psutil.Error:
+                continue
+        for pid, cpu in self._last.items():  # children gone since the last sample keep their last reading
+            if pid not in alive:
+                self._dead[pid] = cpu
+        self._last = alive
+        self.samples.append((time.time(), total + sum(alive.values()) + sum(self._dead.values())))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def at(self, t: float) -> float:
+        s = self.samples
+        if not s:
+            return float("nan")
+        if t <= s[0][0]:
+            return s[0][1]
+        for (t0, c0), (t1, c1) in zip(s, s[1:]):
+            if t0 <= t <= t1:
+                return c0 + (c1 - c0) * (t - t0) / max(1e-9, t1 - t0)
+        return s[-1][1]
+
+    def between(self, t0: float, t1: float) -> float:
+        return self.at(t1) - self.at(t0)
+
+
 # ----------------------------------------------------------------------------- output
 
 

@@ -36,6 +36,10 @@ import _common as C  # noqa: E402
 import keras  # noqa: E402
 
 
+#: An epoch counts as "quiet" when other processes used fewer cores than this during it.
+QUIET = 0.25
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Plain model.fit's clock: train begin and every epoch end; stops once ``budget`` seconds are used."""
 
@@ -97,7 +101,7 @@ class StepMarks(keras.callbacks.Callback):
 # ----------------------------------------------------------------------------- phases
 
 
-def plain_fit(x, y, batch, budget, max_epochs, mon):
+def plain_fit(x, y, batch, budget, max_epochs, mon, cpu):
     t0 = time.time()
     model = C.small_cnn(x.shape[1:])
     timer = EpochTimer(budget=budget)
@@ -106,10 +110,12 @@ def plain_fit(x, y, batch, budget, max_epochs, mon):
     starts = [timer.begin] + timer.ends[:-1]
     durations = [e - s for s, e in zip(starts, timer.ends)]
     return {"wall_s": wall, "epochs": len(timer.ends), "epoch_s": durations,
-            "load": mon.between(t0, t0 + wall)}
+            "epoch_cpu_s": [cpu.between(s, e) for s, e in zip(starts, timer.ends)],
+            "epoch_foreign_cores": [mon.between(s, e)["foreign_cores"] for s, e in zip(starts, timer.ends)],
+            "cpu_s": cpu.between(t0, t0 + wall), "load": mon.between(t0, t0 + wall)}
 
 
-def resilient_fit(x, y, batch, epochs, run_dir, mon):
+def resilient_fit(x, y, batch, epochs, run_dir, mon, cpu):
     t0 = time.time()
     model = C.small_cnn(x.shape[1:])
     resilient.fit(model, x, y, batch_size=batch, epochs=epochs, verbose=0, run_dir=run_dir, seed=0)
@@ -123,6 +129,9 @@ def resilient_fit(x, y, batch, epochs, run_dir, mon):
     finished = C.events(j, "run_finished")[-1]["_t"]
     return {
         "wall_s": wall, "epochs": len(ends), "epoch_s": [e - s for s, e in zip(starts, ends)],
+        "epoch_cpu_s": [cpu.between(s, e) for s, e in zip(starts, ends)],
+        "epoch_foreign_cores": [mon.between(s, e)["foreign_cores"] for s, e in zip(starts, ends)],
+        "cpu_s": cpu.between(t0, t0 + wall),
         "checkpoints": len(saves), "checkpoint_reasons": sorted({s.get("reason", "?") for s in saves}),
         "checkpoint_seconds_total": sum(s["seconds"] for s in saves),
         "checkpoint_bytes": saves[-1]["bytes"] if saves else None,
@@ -206,12 +215,12 @@ def main() -> int:
     print(f"bench_overhead: {args.samples} samples of 32x32x3, batch {args.batch} ({steps_per_epoch} steps/epoch), "
           f"~{budget:.0f} s trainings; run dirs in {tmp}", flush=True)
     try:
-        with C.CpuMonitor() as mon:
+        with C.CpuMonitor() as mon, C.TreeCpu() as cpu:
             print("  plain model.fit ...", flush=True)
-            plain = plain_fit(x, y, args.batch, budget, 1000, mon)
+            plain = plain_fit(x, y, args.batch, budget, 1000, mon, cpu)
             epochs = plain["epochs"]
             print(f"  resilient.fit, {epochs} epochs ...", flush=True)
-            res = resilient_fit(x, y, args.batch, epochs, tmp / "steady", mon)
+            res = resilient_fit(x, y, args.batch, epochs, tmp / "steady", mon, cpu)
             if args.quick:
                 fault_steps, rec_epochs = [steps_per_epoch + steps_per_epoch // 2], 2
             else:
@@ -223,23 +232,41 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     n = args.samples
-    plain_sps = [n / d for d in plain["epoch_s"][1:]]
-    res_sps = [n / d for d in res["epoch_s"][1:]]
+
+    def rates(run):
+        wall = [n / d for d in run["epoch_s"][1:]]
+        cpu = [n / c for c in run["epoch_cpu_s"][1:] if c > 0]
+        quiet = [n / d for d, f in zip(run["epoch_s"][1:], run["epoch_foreign_cores"][1:]) if f == f and f < QUIET]
+        return wall, cpu, quiet
+
+    plain_sps, plain_cpu, plain_quiet = rates(plain)
+    res_sps, res_cpu, res_quiet = rates(res)
     p_med, r_med = C.median(plain_sps), C.median(res_sps)
     thr_ratio = r_med / p_med
+    cpu_ratio = C.median(res_cpu) / C.median(plain_cpu)
+    quiet_ratio = (C.median(res_quiet) / C.median(plain_quiet)
+                   if len(plain_quiet) >= 2 and len(res_quiet) >= 2 else float("nan"))
     wall_ratio = res["wall_s"] / plain["wall_s"]
+    cpu_wall_ratio = res["cpu_s"] / plain["cpu_s"]
     cold_total = rec["cold"]["total"]
     first_rec = rec["recoveries"][0] if rec["recoveries"] else None
     rec_ratio = first_rec["total"] / cold_total if first_rec else float("nan")
 
     print()
-    print("throughput and wall time (same model, data, batch and epochs)")
+    print("throughput and wall time (same model, data, batch and epochs; sps = samples/s, epochs after the first)")
     C.table([
-        ["plain model.fit", plain["epochs"], plain["epoch_s"][0], p_med, min(plain_sps), max(plain_sps), plain["wall_s"],
+        ["plain model.fit", plain["epochs"], plain["epoch_s"][0], p_med, min(plain_sps), max(plain_sps),
+         C.median(plain_cpu), C.median(plain_quiet), len(plain_quiet), plain["wall_s"], plain["cpu_s"],
          plain["load"]["foreign_cores"]],
-        ["resilient.fit", res["epochs"], res["epoch_s"][0], r_med, min(res_sps), max(res_sps), res["wall_s"],
+        ["resilient.fit", res["epochs"], res["epoch_s"][0], r_med, min(res_sps), max(res_sps),
+         C.median(res_cpu), C.median(res_quiet), len(res_quiet), res["wall_s"], res["cpu_s"],
          res["load"]["foreign_cores"]],
-    ], ["", "epochs", "epoch0 s", "median sps", "min sps", "max sps", "wall s", "other procs (cores)"])
+    ], ["", "epochs", "epoch0 s", "median sps", "min sps", "max sps", "per CPU-s", "quiet sps", "quiet n",
+        "wall s", "CPU s", "other procs (cores)"])
+    print("  per-epoch seconds, plain:    ", " ".join(f"{d:.2f}" for d in plain["epoch_s"]))
+    print("  per-epoch seconds, resilient:", " ".join(f"{d:.2f}" for d in res["epoch_s"]))
+    print("  other processes' CPU (cores) per epoch, plain:    ", " ".join(f"{f:.2f}" for f in plain["epoch_foreign_cores"]))
+    print("  other processes' CPU (cores) per epoch, resilient:", " ".join(f"{f:.2f}" for f in res["epoch_foreign_cores"]))
     ck_pct = 100 * res["checkpoint_seconds_total"] / max(1e-9, res["breakdown_s"]["training (ready -> last epoch_end)"])
     print(f"resilient checkpoints: {res['checkpoints']} ({', '.join(res['checkpoint_reasons'])}), "
           f"{res['checkpoint_seconds_total']:.2f} s in all = {ck_pct:.2f}% of training time, "
@@ -261,9 +288,13 @@ def main() -> int:
     C.table(rows, ["", "notice death", "classify+backoff", "start->ready", "ready->1st step", "total",
                    "steps redone", "back at fault step"])
     print()
+    print(f"info  steady-state ratio in samples per CPU-second (caller + worker): {cpu_ratio:.3f}; "
+          f"over quiet epochs only (other processes < {QUIET} cores): {quiet_ratio:.3f}")
+    print(f"info  whole-run CPU-seconds ratio (resilient / model.fit): {cpu_wall_ratio:.3f} "
+          f"({res['cpu_s']:.1f} vs {plain['cpu_s']:.1f} CPU-s)")
     results = [
         C.summary("steady-state throughput ratio (resilient / model.fit)", thr_ratio, ">=", 0.97,
-                  f"{r_med:.0f} vs {p_med:.0f} samples/s"),
+                  f"{r_med:.0f} vs {p_med:.0f} samples/s, median of epochs 2..{epochs}"),
         C.summary("whole-run wall-time ratio (resilient / model.fit)", wall_ratio, "<=", 1.10,
                   f"{res['wall_s']:.1f} s vs {plain['wall_s']:.1f} s, {epochs} epochs"),
         C.summary("recovery / cold start (first rehearsed segfault)", rec_ratio, "<=", 1.3,
@@ -279,6 +310,7 @@ def main() -> int:
         "args": vars(args), "environment": C.environment(), "samples": n, "batch": args.batch,
         "steps_per_epoch": steps_per_epoch, "plain": plain, "resilient": res, "recovery": rec,
         "throughput_samples_per_s": {"plain_median": p_med, "resilient_median": r_med},
+        "ratios_info": {"per_cpu_second": cpu_ratio, "quiet_epochs": quiet_ratio, "whole_run_cpu_seconds": cpu_wall_ratio},
         "targets": results,
     })
     return 0

@@ -36,7 +36,7 @@ import tenacity
 
 from ._channel import ChannelReader, CheckpointSaved, EpochEnd, FaultFired, Heartbeat, Hello, Notice
 from ._checkpoint import CheckpointStore
-from ._classify import AttemptOutcome, classify
+from ._classify import EXIT_PREEMPTED, EXIT_REPORTED, AttemptOutcome, classify
 from ._errors import TrainingFailedError, UserCodeError
 from ._incident import Incident
 from ._memory import GpuMemory, MemoryCgroup, tree_rss
@@ -617,6 +617,10 @@ def root_cause_report(incidents: list[Incident], run: RunDir, reason: str) -> st
     ]
     for inc in incidents:
         ended = inc.signal or (f"exit {inc.returncode}" if inc.returncode is not None else "?")
+        if inc.returncode == EXIT_REPORTED:
+            ended += " (error)"
+        elif inc.returncode == EXIT_PREEMPTED:
+            ended += " (SIGTERM)"
         where = f"{inc.epoch if inc.epoch is not None else '-'}/{inc.step if inc.step is not None else '-'}"
         lines.append(
             f"{inc.attempt:>7}  {inc.plan_before.describe():<34} {ended:<14} {inc.kind:<10} {where:<11} "
@@ -626,7 +630,11 @@ def root_cause_report(incidents: list[Incident], run: RunDir, reason: str) -> st
             lines.append(f"{'':>9}-> {inc.action}")
     if incidents:
         last = incidents[-1]
-        lines += ["", f"Root cause: the last attempt ended with {last.kind}: {last.detail}."]
+        counts: dict[str, int] = {}
+        for inc in incidents:
+            counts[inc.kind] = counts.get(inc.kind, 0) + 1
+        lines += ["", "Incidents: " + ", ".join(f"{k} x{n}" for k, n in counts.items()) + "."]
+        lines.append(f"Root cause: the last attempt ended with {last.kind}: {last.detail}.")
         lines.append("What to do: " + _advice(last.kind))
     lines.append(f"The journal is {run.events}; call fit again with the same run_dir to resume from the checkpoint.")
     return "\n".join(lines)
