@@ -160,10 +160,32 @@ def _rebuild(model: Any, plan: Plan, custom: dict[str, Any], flexible_input: boo
             new.build_from_config(model.get_build_config())
         new.set_weights(model.get_weights())
         optimizer = keras.optimizers.deserialize(optimizer_config)
+        if plan.grad_accum_steps > 1:
+            schedule = getattr(optimizer, "_learning_rate", None)
+            if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+                optimizer._learning_rate = per_update_schedule(schedule, plan.grad_accum_steps)
         compile_config = dict(compile_config or {})
         compile_config["optimizer"] = optimizer
         new.compile(**{k: _deserialize_compile_arg(k, v) for k, v in compile_config.items()})
     return new
+
+
+def per_update_schedule(schedule: Any, accum: int) -> Any:
+    """``schedule`` evaluated per optimizer update rather than per micro-batch.
+
+    Keras evaluates a schedule at the micro-step counter when gradients are accumulated, so without
+    this a ``halve_batch(keep_effective_batch=True)`` would run the schedule ``accum`` times faster.
+    """
+    import keras
+
+    class PerUpdate(keras.optimizers.schedules.LearningRateSchedule):
+        def __call__(self, step: Any) -> Any:
+            return schedule(keras.ops.floor_divide(step, accum))
+
+        def get_config(self) -> dict[str, Any]:
+            return {"schedule": keras.saving.serialize_keras_object(schedule), "accum": accum}
+
+    return PerUpdate()
 
 
 def _deserialize_compile_arg(key: str, value: Any) -> Any:
@@ -207,13 +229,26 @@ def _inner_optimizer(opt: Any) -> Any:
 # --------------------------------------------------------------------------- state by meaning
 
 
-def _slot_key(variable: Any) -> str:
-    """``adam/sequential_dense_kernel_momentum`` -> ``slot:sequential_dense_kernel_momentum``.
+def _slot_keys(model: Any, optimizer: Any) -> dict[int, str]:
+    """Optimizer variables keyed by meaning: ``slot:<index of the model variable>:<slot name>``.
 
-    Slot names embed the model variable's path, so they identify the state of one model variable
-    whatever the optimizer's name, wrapping (LossScaleOptimizer) or variable count.
+    Keras names a slot after its model variable's path (``dense_kernel_momentum``); reading that
+    back as (variable index, slot kind) identifies the state of one model variable whatever the
+    layer names in this process, the optimizer's wrapping (LossScaleOptimizer) or its variable count.
+    Variables that belong to no model variable (``learning_rate``) keep their own name.
     """
-    return "slot:" + variable.path.rsplit("/", 1)[-1]
+    prefixes = sorted(((v.path.replace("/", "_") + "_", i) for i, v in enumerate(model.trainable_variables)),
+                      key=lambda p: -len(p[0]))
+    keys = {}
+    for ov in optimizer.variables:
+        last = ov.path.rsplit("/", 1)[-1]
+        for prefix, index in prefixes:
+            if last.startswith(prefix):
+                keys[id(ov)] = f"slot:{index}:{last[len(prefix):]}"
+                break
+        else:
+            keys[id(ov)] = f"slot:{last}"
+    return keys
 
 
 def optimizer_state(model: Any) -> dict[str, Any]:
@@ -223,10 +258,11 @@ def optimizer_state(model: Any) -> dict[str, Any]:
     opt = model.optimizer
     inner = _inner_optimizer(opt)
     out: dict[str, Any] = {}
+    keys = _slot_keys(model, inner)
     for v in inner.variables:
         if v is inner._iterations:
             continue
-        out[_slot_key(v)] = np.asarray(v.numpy())
+        out[keys[id(v)]] = np.asarray(v.numpy())
     accum = inner.gradient_accumulation_steps or 1
     micro = int(inner._iterations.numpy())
     out["meta:iterations"] = np.asarray(micro // accum, dtype=np.int64)  # optimizer updates
@@ -252,10 +288,11 @@ def restore_optimizer_state(model: Any, state: dict[str, Any]) -> list[str]:
     accum = inner.gradient_accumulation_steps or 1
     same_accum = int(state.get("meta:accum", 1)) == accum
     known = set()
+    keys = _slot_keys(model, inner)
     for v in inner.variables:
         if v is inner._iterations:
             continue
-        key = _slot_key(v)
+        key = keys[id(v)]
         known.add(key)
         if key.endswith("_gradient_accumulator") and not same_accum:
             continue  # a window of another size: start a fresh one
