@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import signal
 import sys
@@ -369,15 +370,31 @@ class Attempt:
         self.last_save_seconds = 0.0
         self.last_beat = 0.0
         self.step_seconds: float | None = None
+        self.samples_per_step = self.plan.batch_size
+        self.nan_seen: tuple[int, float] | None = None  # (step, loss) noticed by the NaN watch
         self.user_callbacks: list[Any] = []
 
     # -- checkpoint
+
+    def check_nan(self, model: Any = None) -> None:
+        """Raise NanLoss for a non-finite loss seen by the watch or, with ``model``, in the running loss."""
+        if self.nan_seen is None and model is not None:
+            tracker = getattr(model, "_loss_tracker", None)
+            if tracker is not None:
+                value = float(tracker.result())
+                if not math.isfinite(value):
+                    self.nan_seen = (max(0, self.global_step - 1), value)  # the last step counted
+        if self.nan_seen is not None:
+            step, value = self.nan_seen
+            raise NanLoss(f"loss became {value} at global step {step} (epoch {self.epoch})")
 
     def save_checkpoint(self, model: Any, reason: str) -> None:
         import cloudpickle
         import numpy as np
 
         from ._checkpoint import CheckpointStore
+
+        self.check_nan(model)  # a diverged state is never saved: the last checkpoint stays good
 
         self.beat("save", force=True)
         t0 = time.monotonic()
@@ -500,9 +517,10 @@ class Attempt:
         val = source.validation(self.plan)
         self._configure_checkpointing()
         verbose = self.spec.verbose
-        head, tail = _Head(self, model), _Tail(self, model)
+        head = _Head(self, model)
+        tail = _Tail(self, model, head)
         callbacks = keras.callbacks.CallbackList(
-            [head, *self.user_callbacks, tail], add_history=True, add_progbar=verbose != 0, model=model,
+            [head, _NanWatch(self), *self.user_callbacks, tail], add_history=True, add_progbar=verbose != 0, model=model,
             verbose=verbose, epochs=self.spec.epochs, steps=None,
         )
         callbacks = _ContinuingCallbackList.wrap(callbacks, self)
@@ -521,10 +539,8 @@ class Attempt:
                 started = True
             model.fit(ds, epochs=self.epoch + 1, initial_epoch=self.epoch, callbacks=callbacks,
                       validation_data=val, verbose=verbose, shuffle=False)
-            if model.stop_training and tail.epoch_finished is False:
-                break
             if model.stop_training:
-                break
+                break  # EarlyStopping or the like: the training ends as model.fit's would
         callbacks.end_training()
         del tf
         self.save_checkpoint(model, "final")
@@ -558,7 +574,14 @@ class Attempt:
 
 
 class _Head:
-    """First callback: faults, heartbeats, step timing."""
+    """First callback: step accounting, checkpoints, preemption, faults and heartbeats.
+
+    Everything per step happens in ``on_train_batch_begin``: when step N+1 begins, step N is done,
+    so that is where it is counted and, when due, checkpointed. No hook here reads the step's logs,
+    so Keras keeps dispatching batch-end work asynchronously and the training loop never waits on
+    us (a batch-end hook would force a device sync every step). Steps per call follow Keras's
+    batch indices, so ``steps_per_execution > 1`` is counted right.
+    """
 
     def __new__(cls, attempt: Attempt, model: Any) -> Any:
         import keras
@@ -567,6 +590,8 @@ class _Head:
             def __init__(self) -> None:
                 super().__init__()
                 self.t0: float | None = None
+                self.begun: int | None = None  # batch index of the step in flight this epoch
+                self.epoch_steps = 0
 
             def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
                 if attempt.metric_values is not None:
@@ -574,28 +599,66 @@ class _Head:
                     for var, value in zip(model.metrics_variables, attempt.metric_values):
                         var.assign(value)
                     attempt.metric_values = None
+                self.begun, self.t0 = None, None
+                self.epoch_steps = int((self.params or {}).get("steps") or 0)
                 attempt.beat("train", force=True)
 
-            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
-                attempt.fire_due_faults(model)
-                self.t0 = time.monotonic()
-
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                if self.t0 is not None:
-                    dt = time.monotonic() - self.t0
+            def finish_steps(self, upto: int) -> None:
+                """Account for the steps from the one in flight up to batch index ``upto`` (exclusive)."""
+                if self.begun is None:
+                    return
+                done = max(0, upto - self.begun)
+                self.begun = None
+                now = time.monotonic()
+                if self.t0 is not None and done:
+                    dt = (now - self.t0) / done
                     attempt.step_seconds = dt if attempt.step_seconds is None else max(dt, 0.9 * attempt.step_seconds)
-                attempt.beat("train")
+                attempt.check_nan()
+                attempt.global_step += done
+                attempt.offset += done * attempt.samples_per_step
 
-            def on_test_batch_end(self, batch: int, logs: Any = None) -> None:
+            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+                if self.begun is not None:
+                    self.finish_steps(batch)
+                    if _State.sigterm.is_set():
+                        attempt.save_checkpoint(model, "preempted")
+                        raise Preempted()
+                    if attempt.checkpoint_due():
+                        attempt.save_checkpoint(model, "interval")
+                attempt.fire_due_faults(model)
+                attempt.beat("train")
+                self.begun, self.t0 = batch, time.monotonic()
+
+            def on_test_batch_begin(self, batch: int, logs: Any = None) -> None:
                 attempt.beat("validate")
 
         return Head()
 
 
-class _Tail:
-    """Last callback: progress accounting, NaN check, checkpoints, preemption."""
+class _NanWatch:
+    """Checks each step's loss off the training thread (Keras dispatches it asynchronously)."""
 
-    def __new__(cls, attempt: Attempt, model: Any) -> Any:
+    def __new__(cls, attempt: Attempt) -> Any:
+        import keras
+
+        class NanWatch(keras.callbacks.Callback):
+            async_safe = True
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                loss = (logs or {}).get("loss")
+                if loss is None or attempt.nan_seen is not None:
+                    return
+                value = float(loss)
+                if not math.isfinite(value):
+                    attempt.nan_seen = (attempt.global_step, value)
+
+        return NanWatch()
+
+
+class _Tail:
+    """Last callback: the epoch's last step, history, the epoch-end checkpoint."""
+
+    def __new__(cls, attempt: Attempt, model: Any, head: Any) -> Any:
         import keras
 
         class Tail(keras.callbacks.Callback):
@@ -604,22 +667,8 @@ class _Tail:
             def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
                 self.epoch_finished = False
 
-            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                loss = (logs or {}).get("loss")
-                if loss is not None:
-                    value = float(loss)
-                    if value != value or value in (float("inf"), float("-inf")):
-                        # Raised before this step is counted or saved: the last checkpoint stays good.
-                        raise NanLoss(f"loss became {value} at global step {attempt.global_step} (epoch {attempt.epoch})")
-                attempt.global_step += 1
-                attempt.offset += getattr(attempt, "samples_per_step", attempt.plan.batch_size)
-                if _State.sigterm.is_set():
-                    attempt.save_checkpoint(model, "preempted")
-                    raise Preempted()
-                if attempt.checkpoint_due():
-                    attempt.save_checkpoint(model, "interval")
-
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                head.finish_steps(head.epoch_steps)
                 logs = {k: float(v) for k, v in (logs or {}).items()}
                 for key, value in logs.items():
                     attempt.history.setdefault(key, []).append(value)
