@@ -179,14 +179,25 @@ def cgroup_support() -> tuple[bool, str]:
     return True, f"cgroup v{group.version}"
 
 
+def _private(info: object) -> int:
+    rss = int(getattr(info, "rss", 0))
+    shared = int(getattr(info, "shared", 0) or 0)  # file-backed resident pages (Linux)
+    return max(0, rss - shared)
+
+
 def tree_rss(pid: int) -> int | None:
-    """Resident memory of ``pid`` and its children, in bytes (None when it is gone)."""
+    """Private resident memory of ``pid`` and its children, in bytes (None when it is gone).
+
+    File-backed pages (memory-mapped training data, shared libraries) are left out: the kernel
+    reclaims them before it kills anyone, so counting them would blame a memory-mapped dataset
+    for memory the worker does not really hold.
+    """
     try:
         proc = psutil.Process(pid)
-        total = proc.memory_info().rss
+        total = _private(proc.memory_info())
         for child in proc.children(recursive=True):
             try:
-                total += child.memory_info().rss
+                total += _private(child.memory_info())
             except psutil.Error:
                 pass
         return total

@@ -115,6 +115,7 @@ class _Monitor:
         self.pending_host_oom = False
         self.resumed_from: int | None = None
         self.start_step: int | None = None
+        self.cgroup_peak: int | None = None
 
 
 class Supervisor:
@@ -203,6 +204,8 @@ class Supervisor:
         ended = {"returncode": outcome.returncode}
         if outcome.signal:
             ended["signal"] = outcome.signal
+        if getattr(mon, "cgroup_peak", None):
+            ended["cgroup_peak_bytes"] = mon.cgroup_peak
         self.journal.write("attempt_ended", attempt=attempt, memory_peak_bytes=peak, **ended)
 
         if kind is None:
@@ -424,8 +427,7 @@ class Supervisor:
                     rss = tree_rss(proc.pid)
                     if rss is not None:
                         last_rss = rss
-                        if group is None:
-                            peak = max(peak or 0, rss)
+                        peak = max(peak or 0, rss)
                     gpu = self.gpu.used_by({proc.pid}) if self.gpu.available else None
                     if gpu:
                         mon.__dict__["gpu_peak"] = max(mon.__dict__.get("gpu_peak", 0), gpu)
@@ -473,10 +475,13 @@ class Supervisor:
             log.close()
             self._proc = None
         oom_kills = (group.oom_kills() - oom_before) if group else 0
+        cgroup_peak = None
         if group is not None:
-            # The group's own peak is what the kernel enforced (RSS also counts shared library pages).
-            peak = group.peak() or peak
+            cgroup_peak = group.peak()  # includes page cache the kernel could have reclaimed
+            if oom_kills and cgroup_peak:
+                peak = max(peak or 0, cgroup_peak)  # the spike that the kernel killed for
             group.remove()
+        mon.cgroup_peak = cgroup_peak
         report = None
         try:
             report = json.loads((adir / "error.json").read_text())
