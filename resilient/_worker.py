@@ -371,6 +371,8 @@ class Attempt:
         self.last_beat = 0.0
         self.step_seconds: float | None = None
         self.samples_per_step = self.plan.batch_size
+        self.started = time.monotonic()
+        self.first_step_reported = False
         self.nan_seen: tuple[int, float] | None = None  # (step, loss) noticed by the NaN watch
         self.user_callbacks: list[Any] = []
 
@@ -616,6 +618,11 @@ class _Head:
                 attempt.check_nan()
                 attempt.global_step += done
                 attempt.offset += done * attempt.samples_per_step
+                if not attempt.first_step_reported and done:
+                    attempt.first_step_reported = True
+                    attempt.channel.send(Notice(event="first_step", fields={
+                        "epoch": attempt.epoch, "step": attempt.global_step,
+                        "seconds_since_start": round(time.monotonic() - attempt.started, 3)}))
 
             def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
                 if self.begun is not None:
