@@ -78,7 +78,8 @@ def main() -> int:
     print(f"It survived {len(history.incidents)} failure(s); each attempt resumed from its last checkpoint:")
     for inc in history.incidents:
         where = f"epoch {inc.epoch}, step {inc.step}"
-        ended = inc.signal or f"exit code {inc.returncode}"
+        ended = inc.signal or {3: "an exception in training", 4: "SIGTERM, checkpoint saved"}.get(
+            inc.returncode, f"exit code {inc.returncode}")
         print(f"  - attempt {inc.attempt}: {inc.kind} at {where} ({ended}); "
               f"resumed from the checkpoint at step {inc.checkpoint_step}; {inc.action}")
     print(f"Plan at the end: {history.plan.describe()}")
