@@ -7,6 +7,7 @@ train, journal parsing, a CPU-contention monitor, and the table / summary / JSON
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -102,7 +103,7 @@ def median(values: list[float]) -> float:
 
 
 class CpuMonitor:
-    """Samples machine-wide CPU use and the share taken by processes outside our own tree.
+    """Samples machine-wide CPU use, the share taken by processes outside our own tree, and steal.
 
     The benchmarks share a 2-core machine with whoever else works on it; a phase that ran while
     something else was busy is flagged so its ratio can be read with that in mind.
@@ -113,7 +114,7 @@ class CpuMonitor:
 
         self._psutil = psutil
         self.interval = interval
-        self.samples: list[tuple[float, float, float]] = []  # (time, total busy %, foreign busy cores)
+        self.samples: list[tuple[float, float, float, float]] = []  # (time, busy %, foreign cores, steal cores)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-cpu-monitor", daemon=True)
 
@@ -141,6 +142,7 @@ class CpuMonitor:
         prev: dict[int, float] = {}
         last = time.monotonic()
         psutil.cpu_percent(None)
+        steal0 = getattr(psutil.cpu_times(), "steal", 0.0)
         while not self._stop.wait(self.interval):
             now = time.monotonic()
             dt = now - last
@@ -160,16 +162,19 @@ class CpuMonitor:
                     continue
                 foreign += max(0.0, cpu - prev[pid]) / dt
             prev = cur
-            self.samples.append((time.time(), total, min(foreign, float(ncpu))))
+            steal1 = getattr(psutil.cpu_times(), "steal", 0.0)
+            steal, steal0 = max(0.0, steal1 - steal0) / dt, steal1
+            self.samples.append((time.time(), total, min(foreign, float(ncpu)), steal))
 
     def between(self, t0: float, t1: float) -> dict[str, float]:
-        """Average machine load and foreign (other processes') CPU use in cores between two times."""
+        """Average machine load, other processes' CPU use and hypervisor steal (cores) between two times."""
         sel = [s for s in self.samples if t0 <= s[0] <= t1]
         if not sel:
-            return {"cpu_busy_pct": float("nan"), "foreign_cores": float("nan")}
+            return {"cpu_busy_pct": float("nan"), "foreign_cores": float("nan"), "steal_cores": float("nan")}
         return {
             "cpu_busy_pct": round(sum(s[1] for s in sel) / len(sel), 1),
             "foreign_cores": round(sum(s[2] for s in sel) / len(sel), 2),
+            "steal_cores": round(sum(s[3] for s in sel) / len(sel), 2),
         }
 
 
@@ -233,7 +238,7 @@ class TreeCpu:
             return float("nan")
         if t <= s[0][0]:
             return s[0][1]
-        for (t0, c0), (t1, c1) in zip(s, s[1:]):
+        for (t0, c0), (t1, c1) in itertools.pairwise(s):
             if t0 <= t <= t1:
                 return c0 + (c1 - c0) * (t - t0) / max(1e-9, t1 - t0)
         return s[-1][1]
@@ -260,7 +265,22 @@ def environment() -> dict[str, Any]:
         mod = sys.modules.get(name)
         if mod is not None:
             info[name] = getattr(mod, "__version__", "?")
+    info["git"] = git_state()
     return info
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the package was measured at, and whether resilient/ had uncommitted changes."""
+    import subprocess
+
+    root = BENCH_DIR.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "resilient", "policies"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"head": head, "resilient_dirty": bool(dirty)}
 
 
 def verdict(value: float, op: str, target: float) -> str:

@@ -1,0 +1,303 @@
+"""How much throughput degradation keeps: the plan resilient settles on under a host-memory cap,
+against the best batch size an exhaustive sweep finds under the same cap, and blind halving.
+
+The model is built so that its memory grows with the batch on CPU: a 3x3 conv to 8 channels on
+128x128x3 images followed by eight tanh layers at full resolution (each keeps its 0.5 MB/sample
+activation for the backward pass), then pooling and a dense head: ~5 MB per sample in the
+batch, at 100-300 samples/s on 2 cores. Everything runs in resilient workers, so all plans see the same
+process, data pipeline and memory accounting:
+
+1. calibrate: two uncapped runs (batch 128 and 256) give the worker's memory-cgroup peak
+   (memory.max_usage_in_bytes, journaled as attempt_ended.cgroup_peak_bytes) per batch size;
+   below ~batch 96 the worker's start-up peak dominates, so the slope comes from 128 and 256.
+   The cap is footprint(128) - 16 samples' worth, ~footprint(112): batch 96 should fit, 128 not
+   (override with --cap).
+2. resilient.fit(batch_size=256, host_memory_limit=cap, policy="default"): the kernel OOM-kills
+   the worker in its memory cgroup; the host_oom ladder degrades the plan until it fits.
+   The settled plan is the plan of the last attempt; its throughput is timed in that attempt.
+3. sweep: resilient.fit(batch_size=b, same cap, no ladder, max_restarts=0) for b ascending in
+   {32, 48, 64, 80, 96, 128, 192, 256} (quick: 32, 64, 96, 128, 256) until the first OOM;
+   throughput of each plan that fits.
+   Blind halving = the first of 256, 128, 64, ... that fits, without gradient accumulation.
+
+Throughput: a callback carried into the worker stamps every training step; samples/s is
+batch / median step interval, over the attempt's steps after the first two (no epoch boundaries).
+
+Target: settled-plan throughput / best sweep throughput >= 0.9.
+
+Probing back up (the supervisor bisects between the failed and the working plan after the
+policy's [probe] stable_steps, 200 by default) needs more steps than this run trains; the script
+prints what resilient._policy.next_probe would try from the run's last degradation instead, and
+any probe_* events the journal holds.
+
+    python bench/bench_degradation.py            # ~2.5 min on 2 cores
+    python bench/bench_degradation.py --quick    # ~1.5 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import itertools
+
+import _common as C
+import keras
+
+import resilient
+
+REQUESTED = 256
+HW = 128
+TARGET = 0.9
+
+
+class StepClock(keras.callbacks.Callback):
+    """Carried into the worker: appends (pid, epoch, batch, time) for every training step."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "epoch": self.epoch, "batch": batch, "t": time.time()}) + "\n")
+
+
+def build_model():
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    inp = keras.Input((HW, HW, 3))
+    h = L.Conv2D(8, 3, padding="same")(inp)
+    for _ in range(8):
+        h = L.Activation("tanh")(h)
+    h = L.AveragePooling2D(8)(h)
+    h = L.Flatten()(h)
+    out = L.Dense(10)(h)
+    model = keras.Model(inp, out, name="bench_memhungry")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+MON = None  # the CpuMonitor of this run (other processes' CPU use per measurement)
+
+
+def run(x, y, batch, cap, run_dir: Path, policy, max_restarts, epochs=1):
+    """One resilient.fit; returns status, the final plan, incidents and step timing of the last attempt."""
+    clock = str(run_dir) + ".steps.jsonl"
+    t0 = time.time()
+    status, error = "completed", None
+    try:
+        resilient.fit(build_model(), x, y, batch_size=batch, epochs=epochs, verbose=0, run_dir=run_dir, seed=0,
+                      host_memory_limit=cap, policy=policy, max_restarts=max_restarts, callbacks=[StepClock(clock)])
+    except resilient.TrainingFailedError as e:
+        status, error = "failed", str(e).splitlines()[0]
+    wall = time.time() - t0
+    j = C.read_journal(run_dir)
+    incidents = [{"kind": e["kind"], "attempt": e["attempt"], "step": e["step"], "action": e["action"],
+                  "memory_peak_bytes": e.get("memory_peak_bytes"), "detail": e["detail"]} for e in C.events(j, "incident")]
+    ended = C.events(j, "attempt_ended")
+    ready = C.events(j, "worker_ready")
+    started = C.events(j, "attempt_started")
+    plan = json.loads((run_dir / "plan.json").read_text())
+    probe_events = [e["event"] for e in j if e["event"].startswith("probe_")]
+    steps = [json.loads(line) for line in open(clock)] if os.path.exists(clock) else []
+    out = {
+        "run_dir": str(run_dir), "requested_batch": batch, "cap": cap, "status": status, "error": error, "wall_s": wall,
+        "attempts": len(started), "incidents": incidents, "final_plan": plan,
+        "memory_peak_bytes": [e.get("memory_peak_bytes") for e in ended],
+        # The memory cgroup's own peak (what the kernel enforces; page cache included). Journaled as
+        # attempt_ended.cgroup_peak_bytes by newer versions; older ones journaled it as memory_peak_bytes.
+        "cgroup_peak_bytes": [e.get("cgroup_peak_bytes", e.get("memory_peak_bytes")) for e in ended],
+        "enforcement": sorted({e.get("mechanism", "?") for e in C.events(j, "memory_enforcement")}),
+        "probe_events": probe_events,
+    }
+    if status == "completed" and ready:
+        last_pid = ready[-1]["pid"]
+        mine = [s for s in steps if s["pid"] == last_pid]
+        dts = [b["t"] - a["t"] for a, b in itertools.pairwise(mine) if a["epoch"] == b["epoch"]][1:]  # drop the first two steps
+        micro = plan["batch_size"]
+        med = C.median(dts)
+        t_first = mine[2]["t"] if len(mine) > 2 else t0
+        out.update(
+            other_cores=MON.between(t_first, mine[-1]["t"])["foreign_cores"] if MON and mine else float("nan"),
+            step_s_median=med, steps_timed=len(dts), samples_per_s=micro / med if dts else float("nan"),
+            settle_s=(mine[0]["t"] - started[0]["_t"]) if mine else float("nan"),
+            last_attempt_start_to_first_step_s=(mine[0]["t"] - started[-1]["_t"]) if mine else float("nan"),
+        )
+    return out
+
+
+def probe_analysis(settled: dict) -> dict:
+    """What probing back up would try from this run's last OOM degradation (resilient._policy.next_probe)."""
+    from resilient._policy import next_probe
+
+    policy = resilient.load_policy("default")
+    oom = [i for i in settled["incidents"] if i["kind"] in ("host_oom", "gpu_oom")]
+    out = {"enabled": policy.probe.enabled, "stable_steps": policy.probe.stable_steps,
+           "max_probes": policy.probe.max_probes, "events": settled["probe_events"],
+           "working": None, "failed": None, "next_probe": None}
+    run_dir = Path(settled["run_dir"])
+    plans = [e["plan"] for e in C.events(C.read_journal(run_dir), "attempt_started")]
+    shrinks = [(a, b) for a, b in itertools.pairwise(plans) if b["batch_size"] < a["batch_size"]]
+    if oom and shrinks:
+        failed, working = shrinks[-1]
+        nxt = next_probe(resilient.Plan(**working), resilient.Plan(**failed))
+        out.update(working=describe(working), failed=describe(failed),
+                   next_probe=describe(nxt.model_dump()) if nxt is not None else "None (no candidate)")
+    return out
+
+
+def describe(plan: dict) -> str:
+    return f"{plan['batch_size']}x{plan['grad_accum_steps']}" if plan.get("grad_accum_steps", 1) > 1 else str(plan["batch_size"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer samples and sweep points")
+    ap.add_argument("--cap", type=float, default=None, help="host memory cap in GB (default: calibrated)")
+    ap.add_argument("--samples", type=int, default=None, help="training samples (default 1024, quick 512)")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    from resilient._memory import cgroup_support
+
+    ok, why = cgroup_support()
+    print(f"bench_degradation: memory cgroup support: {ok} ({why})", flush=True)
+    if not ok:
+        print("MISS  no writable memory cgroup here; the psutil watchdog would enforce the cap instead. "
+              "Run as root on a machine with cgroup v1 or a delegated v2 memory controller.")
+        C.write_json("bench_degradation", {"environment": C.environment(), "cgroup": why, "targets": []})
+        return 1
+
+    n = args.samples or (512 if args.quick else 1024)
+    x, y = C.image_data(n, hw=HW)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_degradation_"))
+    no_ladder = resilient.Policy(ladders={})
+    print(f"  {n} samples of {HW}x{HW}x3 ({x.nbytes / 1e6:.0f} MB), requested batch {REQUESTED}; run dirs in {tmp}",
+          flush=True)
+    calib = {}
+    global MON
+    MON = C.CpuMonitor().__enter__()
+    try:
+        # 1. calibration: footprints at 128 and 256 (smaller batches sit under the worker's start-up peak)
+        if args.cap is None:
+            for b in (128, 256):
+                r = run(x, y, b, "32GB", tmp / f"calib-{b}", no_ladder, 0)
+                calib[b] = r
+                print(f"  calibration: batch {b}: worker memory-cgroup peak {C.gb(r['cgroup_peak_bytes'][-1]):.2f} GB "
+                      f"(journal memory_peak_bytes {C.gb(r['memory_peak_bytes'][-1]):.2f} GB)", flush=True)
+            p128, p256 = calib[128]["cgroup_peak_bytes"][-1], calib[256]["cgroup_peak_bytes"][-1]
+            per_sample = max(1.0, (p256 - p128) / 128)
+            cap_bytes = int(p128 - 16 * per_sample)  # ~ footprint(112): batch 96 fits, batch 128 does not
+            print(f"  {per_sample / 1e6:.1f} MB per sample in the batch -> cap {cap_bytes / 1e9:.3f} GB "
+                  f"(extrapolated footprint: 64 -> {(p128 - 64 * per_sample) / 1e9:.2f} GB, "
+                  f"96 -> {(p128 - 32 * per_sample) / 1e9:.2f} GB, 128 -> {p128 / 1e9:.2f} GB)", flush=True)
+        else:
+            cap_bytes = int(args.cap * 1e9)
+            per_sample = None
+        cap = cap_bytes
+
+        # 2. resilient under the cap, default policy
+        print(f"  resilient.fit(batch_size={REQUESTED}, host_memory_limit={cap / 1e9:.2f} GB, policy='default') ...",
+              flush=True)
+        settled = run(x, y, REQUESTED, cap, tmp / "resilient", "default", None)
+        settled["probe"] = probe_analysis(settled)
+        print(f"    -> {settled['status']} after {settled['attempts']} attempt(s); final plan "
+              f"{describe(settled['final_plan'])}", flush=True)
+
+        # 3. exhaustive sweep, ascending until the first OOM
+        sweep_sizes = [32, 48, 64, 80, 96, 128, 192, 256] if not args.quick else [32, 64, 96, 128, 256]
+        sweep = []
+        for b in sweep_sizes:
+            r = run(x, y, b, cap, tmp / f"sweep-{b}", no_ladder, 0)
+            kinds = [i["kind"] for i in r["incidents"]]
+            fits = r["status"] == "completed"
+            sweep.append({"batch": b, "fits": fits, "incident": kinds[0] if kinds else None, **r})
+            print(f"  sweep: batch {b}: {'fits' if fits else 'does not fit (' + ','.join(kinds) + ')'}"
+                  + (f", {r['samples_per_s']:.0f} samples/s" if fits else ""), flush=True)
+            if not fits:
+                break
+    finally:
+        MON.__exit__(None, None, None)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    fitting = [s for s in sweep if s["fits"]]
+    best = max(fitting, key=lambda s: s["samples_per_s"]) if fitting else None
+    # Blind halving: 256, 128, 64, ... without accumulation; the first that fits. Sizes above the
+    # sweep's first OOM are taken not to fit (memory grows with the batch).
+    first_oom = min((s["batch"] for s in sweep if not s["fits"]), default=None)
+    halving, b = None, REQUESTED
+    while b >= 1 and halving is None:
+        hit = next((s for s in sweep if s["batch"] == b), None)
+        if hit is not None and hit["fits"]:
+            halving = hit
+        elif hit is None and (first_oom is None or b < first_oom):
+            break  # not measured
+        b //= 2
+    print()
+    print(f"cap {cap / 1e9:.2f} GB (memory cgroup), requested batch {REQUESTED}, {n} samples")
+    rows = [[f"batch {s['batch']}", "yes" if s["fits"] else f"no ({s['incident']})",
+             C.gb(s["cgroup_peak_bytes"][-1]), s.get("samples_per_s", float("nan")), s.get("step_s_median", float("nan")),
+             s.get("steps_timed", 0), s.get("other_cores", float("nan"))]
+            for s in sweep]
+    C.table(rows, ["sweep plan", "fits", "cgroup peak GB", "samples/s", "median step s", "steps timed", "other procs (cores)"])
+    print()
+    print("resilient's attempts:")
+    C.table([[i["attempt"], i["kind"], C.gb(settled["cgroup_peak_bytes"][k]), i["action"]]
+             for k, i in enumerate(settled["incidents"])]
+            + [[settled["attempts"] - 1, settled["status"], C.gb(settled["cgroup_peak_bytes"][-1]),
+                f"settled on {describe(settled['final_plan'])}"]],
+            ["attempt", "ended", "cgroup peak GB", "action"])
+    print(f"time from the run's first attempt to the settled plan's first step: {settled.get('settle_s', float('nan')):.1f} s "
+          f"({settled['attempts'] - 1} failed attempt(s))")
+    probe = settled["probe"]
+    print(f"probing back up (policy [probe]: enabled={probe['enabled']}, stable_steps={probe['stable_steps']}, "
+          f"max_probes={probe['max_probes']}): journal probe events {probe['events'] or 'none'}; "
+          f"next_probe(working={probe['working']}, failed={probe['failed']}) -> {probe['next_probe']}")
+    print()
+    s_sps = settled.get("samples_per_s", float("nan"))
+    best_sps = best["samples_per_s"] if best else float("nan")
+    ratio = s_sps / best_sps
+    rows = [
+        ["resilient settled plan", describe(settled["final_plan"]), s_sps, ratio, settled.get("other_cores", float("nan"))],
+        ["best of the sweep", best["batch"] if best else "-", best_sps, 1.0,
+         best.get("other_cores", float("nan")) if best else float("nan")],
+        ["blind halving (256, 128, ...)", halving["batch"] if halving else "-",
+         halving["samples_per_s"] if halving else float("nan"),
+         (halving["samples_per_s"] / best_sps) if halving else float("nan"),
+         halving.get("other_cores", float("nan")) if halving else float("nan")],
+    ]
+    C.table(rows, ["", "plan", "samples/s", "/ best", "other procs (cores)"])
+    print()
+    results = [
+        C.summary("settled-plan throughput / best sweep throughput", ratio, ">=", TARGET,
+                  f"{describe(settled['final_plan'])} vs batch {best['batch'] if best else '-'}"),
+    ]
+    if halving:
+        print(f"info  settled plan / blind halving: {s_sps / halving['samples_per_s']:.3f}; "
+              f"blind halving / best: {halving['samples_per_s'] / best_sps:.3f}")
+    C.write_json("bench_degradation", {
+        "args": vars(args), "environment": C.environment(), "samples": n, "requested_batch": REQUESTED,
+        "cap_bytes": cap, "per_sample_bytes": per_sample, "calibration": calib, "resilient": settled,
+        "sweep": sweep, "best_batch": best["batch"] if best else None,
+        "blind_halving_batch": halving["batch"] if halving else None, "targets": results,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
