@@ -69,8 +69,15 @@ class _ArrayPipeline:
 
     def __init__(self, x: np.ndarray, y: np.ndarray | None, image_axes: tuple[int, int] | None) -> None:
         self.x, self.y, self.image_axes = x, y, image_axes
+        self._gather: Any = None
 
     def _gather_fn(self) -> Any:
+        """Built once per process: small arrays are copied into TensorFlow once, not every epoch."""
+        if self._gather is None:
+            self._gather = self._make_gather_fn()
+        return self._gather
+
+    def _make_gather_fn(self) -> Any:
         import tensorflow as tf
 
         x, y = self.x, self.y

@@ -194,6 +194,7 @@ def fit(
         context = StepContext(
             requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts) or flexible,
             source_image_size=inputs.source_image_size, batch_size_fixed=inputs.kind == "pydataset",
+            cacheable=inputs.kind != "arrays", buffered=inputs.kind != "arrays",
             **_device_context(),
         )
         supervisor = Supervisor(SupervisorConfig(

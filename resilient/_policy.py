@@ -71,6 +71,9 @@ class StepContext:
     has_batchnorm: bool = False
     #: True when the input decides its own batch size (a keras.utils.PyDataset): batch steps cannot apply.
     batch_size_fixed: bool = False
+    #: Whether the input pipeline honours ``plan.cache`` / the buffer knobs (NumPy arrays have neither).
+    cacheable: bool = True
+    buffered: bool = True
 
 
 # ----------------------------------------------------------------------------------------------- steps

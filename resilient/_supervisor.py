@@ -176,10 +176,16 @@ class Supervisor:
             return 0.0  # a probe restart
         if exc.incident.plan_changed or exc.incident.kind == "preempted":
             return 0.0  # a new plan, or a polite stop: no reason to wait
+        # Back off only while failures repeat without progress: a checkpoint that moved on since the
+        # previous incident resets the count.
         repeats = 0
+        previous_ckpt: int | None = None
         for inc in reversed(self.incidents):
             if inc.plan_changed or inc.kind == "preempted":
                 break
+            if previous_ckpt is not None and (inc.checkpoint_step or -1) < previous_ckpt:
+                break
+            previous_ckpt = inc.checkpoint_step or -1
             repeats += 1
         return tenacity.wait_exponential(multiplier=self.cfg.backoff_base, max=self.cfg.backoff_max)(
             _FakeState(repeats)

@@ -133,6 +133,8 @@ class drop_cache(Step):
     """Stop caching decoded data in the input pipeline."""
 
     def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
+        if not context.cacheable:
+            return None  # the input has no cache to drop (NumPy arrays): a restart would change nothing
         return plan.replace(cache=False) if plan.cache else None
 
 
@@ -149,6 +151,8 @@ class shrink_buffers(Step):
     factor: float = Field(0.5, gt=0, lt=1)
 
     def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
+        if not context.buffered:
+            return None  # the input has no buffers to shrink (NumPy arrays)
         new_plan = plan.replace(
             shuffle_buffer=_shrink(
                 plan.shuffle_buffer,

@@ -415,3 +415,17 @@ def test_halve_batch_does_not_apply_when_the_input_fixes_its_batch_size():
     incident = Incident(kind="gpu_oom", attempt=0, plan_before=plan)
     assert halve_batch().apply(plan, incident, StepContext(plan, batch_size_fixed=True)) is None
     assert halve_batch().apply(plan, incident, StepContext(plan)).batch_size == 16
+
+
+def test_cache_and_buffer_steps_do_not_apply_to_inputs_without_them():
+    from resilient._incident import Incident
+    from resilient._plan import Plan
+    from resilient._policy import StepContext
+    from resilient.steps import drop_cache, shrink_buffers
+
+    plan = Plan(batch_size=32)
+    incident = Incident(kind="host_oom", attempt=0, plan_before=plan)
+    arrays = StepContext(plan, cacheable=False, buffered=False)
+    assert drop_cache().apply(plan, incident, arrays) is None
+    assert shrink_buffers().apply(plan, incident, arrays) is None
+    assert drop_cache().apply(plan, incident, StepContext(plan)).cache is False

@@ -529,7 +529,7 @@ def test_restarts_exhausted_raise_a_root_cause_report(supervise):
     finished, = h.events("run_finished")
     assert finished["status"] == "failed"
     assert "restarts exhausted" in finished["reason"]
-    assert h.waits == [1.0, 2.0]  # backoff grows with repeats; none after the last attempt
+    assert h.waits == [1.0, 1.0]  # each crash came after new checkpoints: the backoff does not grow
     h.assert_workers_gone()
 
 
@@ -715,3 +715,25 @@ def test_a_hang_kill_takes_the_workers_children_too(supervise):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_backoff_grows_while_crashes_repeat_without_progress():
+    from resilient._incident import Incident
+    from resilient._plan import Plan
+    from resilient._supervisor import Supervisor, _AttemptFailed
+
+    plan = Plan(batch_size=32)
+    sup = Supervisor.__new__(Supervisor)
+    sup.cfg = type("Cfg", (), {"backoff_base": 1.0, "backoff_max": 60.0})()
+
+    def wait_after(checkpoints):
+        sup.incidents = [Incident(kind="crash", attempt=i, plan_before=plan, plan_after=plan, checkpoint_step=c)
+                         for i, c in enumerate(checkpoints)]
+        exc = _AttemptFailed(sup.incidents[-1], no_progress=False)
+        state = type("State", (), {"outcome": type("O", (), {"exception": lambda self: exc})()})()
+        return sup._wait(state)
+
+    assert wait_after([4]) == 1.0
+    assert wait_after([4, 4]) == 2.0
+    assert wait_after([4, 4, 4]) == 4.0
+    assert wait_after([4, 4, 8]) == 1.0  # progress since the last crash resets the backoff
