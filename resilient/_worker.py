@@ -539,10 +539,6 @@ class Attempt:
             if not started:
                 callbacks.begin_training()
                 started = True
-            # Keras builds the next epoch's iterator eagerly when it knows the length, and discarding it
-            # when this per-epoch fit returns can block for seconds; an unknown length avoids that
-            # (the callbacks still get the step count through set_params above).
-            ds = ds.filter(lambda *_: True)
             model.fit(ds, epochs=self.epoch + 1, initial_epoch=self.epoch, callbacks=callbacks,
                       validation_data=val, verbose=verbose, shuffle=False)
             if model.stop_training:
