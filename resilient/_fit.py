@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._errors import InvalidArgumentError, InvalidPolicyError, RunDirError
+from ._errors import InvalidArgumentError, RunDirError
 from ._faults import parse_faults
 from ._history import History
 from ._inputs import ModelFacts, prepare_inputs
@@ -106,10 +106,7 @@ def fit(
     _check_int("batch_size", batch_size, minimum=1)
     _check_int("epochs", epochs, minimum=0)
     verbose_level = _verbose(verbose)
-    try:
-        loaded_policy = load_policy(policy)
-    except InvalidPolicyError:
-        raise
+    loaded_policy = load_policy(policy)  # InvalidPolicyError before anything is written
     if max_restarts is not None:
         _check_int("max_restarts", max_restarts, minimum=0)
     restarts = loaded_policy.max_restarts if max_restarts is None else max_restarts

@@ -110,7 +110,6 @@ class _Monitor:
         self.trained_steps = 0
         self.max_step_seconds = 0.0
         self.max_save_seconds = 0.0
-        self.last_checkpoint: dict[str, Any] | None = None
         self.pending_preempt = False
         self.pending_host_oom = False
         self.resumed_from: int | None = None
@@ -392,7 +391,6 @@ class Supervisor:
                                        resumed_from_step=msg.resumed_from)
                 elif isinstance(msg, CheckpointSaved):
                     mon.max_save_seconds = max(mon.max_save_seconds, msg.seconds)
-                    mon.last_checkpoint = msg.model_dump()
                     mon.epoch, mon.step = msg.epoch, msg.step
                     mon.phase = "train"
                     self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
@@ -494,7 +492,7 @@ class Supervisor:
         except (OSError, json.JSONDecodeError):
             pass
         outcome = AttemptOutcome(
-            returncode=proc.returncode, report=report, decision=decision if decision != "preempt" else "preempt",
+            returncode=proc.returncode, report=report, decision=decision,
             oom_kills=oom_kills, last_rss=last_rss, memory_limit=effective_limit[0], heartbeat_age=heartbeat_age,
             completed=self.rundir.result_json.exists(),
         )

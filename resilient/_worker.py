@@ -669,11 +669,6 @@ class _Tail:
         import keras
 
         class Tail(keras.callbacks.Callback):
-            epoch_finished = True
-
-            def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
-                self.epoch_finished = False
-
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
                 head.finish_steps(head.epoch_steps)
                 logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -682,7 +677,6 @@ class _Tail:
                 attempt.epochs_done.append(epoch)
                 attempt.epoch = epoch + 1
                 attempt.offset = 0
-                self.epoch_finished = True
                 attempt.channel.send(EpochEnd(epoch=epoch, step=attempt.global_step, logs=logs))
                 attempt.save_checkpoint(model, "epoch_end")
                 if _State.sigterm.is_set():

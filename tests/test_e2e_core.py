@@ -199,6 +199,8 @@ def test_killing_the_supervisor_leaves_no_worker(tmp_path):
             time.sleep(0.2)
         assert worker_pid is not None, "the worker never reached the hang"
         assert psutil.pid_exists(worker_pid)
+        # The worker offers itself to the kernel's OOM killer before the notebook.
+        assert Path(f"/proc/{worker_pid}/oom_score_adj").read_text().strip() == "1000"
         os.kill(sup.pid, signal.SIGKILL)
         sup.wait(timeout=10)
         gone = time.monotonic() + 10
