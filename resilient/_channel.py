@@ -36,6 +36,10 @@ class Heartbeat(_Msg):
     step: int
     step_seconds: float | None = None
     rss_bytes: int | None = None
+    # This attempt's training steps timed so far and their wall time (batch begin to the next batch
+    # begin: checkpoints, validation and epoch boundaries excluded); the supervisor's throughput.
+    timed_steps: int | None = Field(None, ge=0)
+    timed_seconds: float | None = Field(None, ge=0)
 
 
 class CheckpointSaved(_Msg):

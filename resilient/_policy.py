@@ -404,13 +404,34 @@ IncidentKindKey = Annotated[str, BeforeValidator(_check_kind)]
 
 
 class ProbeSettings(BaseModel):
-    """When to try a larger batch again after degrading (TOML: ``[probe]``)."""
+    """How the supervisor looks for a better batch size after an OOM degradation (TOML: ``[probe]``).
+
+    After ``stable_steps`` steps on a plan, the supervisor measures its throughput (samples per
+    second over the steps after a short warm-up) and tries a neighbouring batch size in a new
+    worker: first between the working batch and the one that failed (bisection), then, with
+    ``objective = "throughput"``, a smaller micro-batch with the same effective batch (more
+    gradient accumulation), because the largest batch that fits is not always the fastest (on CPUs
+    and on GPUs near their memory limit a smaller batch can train more samples per second).
+
+    - ``objective = "largest"``: a probe that holds for ``stable_steps`` is kept; never probes down.
+    - ``objective = "throughput"``: a probe is kept when it is faster; a larger batch is kept unless it
+      is more than ``min_gain`` slower (it is closer to what was asked), a smaller one only when it
+      is at least ``min_gain`` faster. A rejected probe becomes a bound, and the run goes back to the
+      working plan.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     enabled: bool = True
-    stable_steps: int = Field(200, ge=1, description="Steps trained without incident before probing up.")
-    max_probes: int = Field(3, ge=0, description="Probes per run; each failed probe costs a restart.")
+    stable_steps: int = Field(200, ge=1, description="Steps trained without incident before measuring and probing.")
+    max_probes: int = Field(3, ge=0, description="Probes per run; each one costs a worker restart.")
+    objective: Literal["throughput", "largest"] = "throughput"
+    min_gain: float = Field(0.05, ge=0.0, le=1.0, description="Relative throughput difference that counts.")
+    min_batch: int = Field(8, ge=1, description="The smallest micro-batch a probe down tries.")
+
+    def warmup_steps(self) -> int:
+        """Steps at the start of an attempt left out of its throughput (tracing, caches warming up)."""
+        return max(1, min(20, self.stable_steps // 4))
 
 
 class Policy(BaseModel):
@@ -500,8 +521,10 @@ class Policy(BaseModel):
             lines.append(self.description)
         lines.append(f"max_restarts: {self.max_restarts}")
         if self.probe.enabled:
+            goal = ("the fastest batch" if self.probe.objective == "throughput" else "the largest batch that fits")
             lines.append(
-                f"probe: after {self.probe.stable_steps} stable steps, at most {self.probe.max_probes} probes"
+                f"probe: after {self.probe.stable_steps} stable steps, at most {self.probe.max_probes} probes "
+                f"for {goal}"
             )
         else:
             lines.append("probe: disabled")
@@ -713,4 +736,29 @@ def next_probe(working: Plan, failed: Plan) -> Plan | None:
     if not candidates:
         return None
     batch = min(candidates, key=lambda b: (abs(b - middle), -b))
+    return working.replace(batch_size=batch, grad_accum_steps=effective // batch)
+
+
+def probe_below(working: Plan, below: Plan | None, min_batch: int) -> Plan | None:
+    """A smaller micro-batch with the same effective batch (more accumulation), or None.
+
+    The effective batch (batch * accumulation) is kept exactly, so the training's math does not
+    change, and only divisors of it are candidates. Without a lower bound the candidate is the
+    largest divisor at or below half the working batch; with one (``below``: measured slower), the
+    divisor nearest the middle, strictly between. Never below ``min_batch``; None when the gap is
+    small (``working - below <= max(1, below // 8)``) or no divisor qualifies.
+    """
+    effective = working.effective_batch
+    floor = max(min_batch, below.batch_size + 1 if below is not None else 1)
+    if below is None:
+        candidates = [b for b in range(floor, working.batch_size // 2 + 1) if effective % b == 0]
+        target = working.batch_size // 2
+    else:
+        if working.batch_size - below.batch_size <= max(1, below.batch_size // 8):
+            return None
+        candidates = [b for b in range(floor, working.batch_size) if effective % b == 0]
+        target = (below.batch_size + working.batch_size) // 2
+    if not candidates:
+        return None
+    batch = min(candidates, key=lambda b: (abs(b - target), -b))
     return working.replace(batch_size=batch, grad_accum_steps=effective // batch)

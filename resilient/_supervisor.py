@@ -41,6 +41,7 @@ from ._errors import TrainingFailedError, UserCodeError
 from ._incident import Incident
 from ._memory import GpuMemory, MemoryCgroup, tree_rss
 from ._plan import Plan
+from ._probe import PlanSearch
 from ._rundir import Journal, RunDir, atomic_write_text
 from ._units import format_bytes
 
@@ -115,6 +116,16 @@ class _Monitor:
         self.resumed_from: int | None = None
         self.start_step: int | None = None
         self.cgroup_peak: int | None = None
+        # Throughput: the worker's cumulative (timed steps, timed seconds), after the warm-up and now.
+        self.timing_base: tuple[int, float] | None = None
+        self.timing: tuple[int, float] | None = None
+
+    def samples_per_second(self, batch_size: int) -> float | None:
+        """Throughput of this attempt since the end of its warm-up (None: not measured)."""
+        if self.timing_base is None or self.timing is None:
+            return None
+        steps, seconds = self.timing[0] - self.timing_base[0], self.timing[1] - self.timing_base[1]
+        return batch_size * steps / seconds if steps > 0 and seconds > 0 else None
 
 
 class Supervisor:
@@ -127,14 +138,12 @@ class Supervisor:
         self.incidents: list[Incident] = []
         self.plan = config.run.read_plan()
         self.gpu = GpuMemory()
+        self._attempts_started = 0
         self._attempt_base = sum(1 for e in self.rundir.read_events() if e.get("event") == "attempt_started")
         self._proc: subprocess.Popen[bytes] | None = None
-        # Probing back up after an OOM degradation: bisect between the plan that works and the one that failed.
-        self._working: Plan | None = None
-        self._failed: Plan | None = None
-        self._probing: Plan | None = None
-        self._probes_done = 0
-        self._next_probe_plan: Plan | None = None
+        # After an OOM degradation: the search for the best batch size that fits (see _probe.py).
+        self._search = PlanSearch(config.policy.probe)
+        self._switch_to: Plan | None = None
 
     # ------------------------------------------------------------------ run loop
 
@@ -193,7 +202,8 @@ class Supervisor:
     # ------------------------------------------------------------------ one attempt
 
     def _attempt(self) -> RunResult:
-        attempt = self._attempt_base + len(self.incidents)
+        attempt = self._attempt_base + self._attempts_started  # probe restarts are attempts too
+        self._attempts_started += 1
         adir = self.rundir.attempt_dir(attempt)
         adir.mkdir(parents=True, exist_ok=True)
         for stale in ("error.json",):
@@ -201,7 +211,7 @@ class Supervisor:
         self.rundir.result_json.unlink(missing_ok=True)
         atomic_write_text(adir / "plan.json", self.plan.model_dump_json(indent=2))
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
-                           probe=self._probing is not None)
+                           probe=self._search.probing == self.plan)
         self._say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
 
         outcome, mon, peak = self._spawn_and_monitor(attempt, adir)
@@ -214,6 +224,7 @@ class Supervisor:
         self.journal.write("attempt_ended", attempt=attempt, memory_peak_bytes=peak, **ended)
 
         if kind is None:
+            self._search.finished(self.plan)
             if self.plan != self.rundir.read_plan():
                 self.rundir.write_plan(self.plan)  # a probe that ran to the end is the settled plan
             result = json.loads(self.rundir.result_json.read_text())
@@ -244,27 +255,36 @@ class Supervisor:
                 traceback=report.get("traceback", ""), run_dir=str(self.rundir.path),
             )
 
-        if outcome.decision == "probe" and kind == "preempted":
-            # Not an incident: we stopped a healthy worker to try a larger plan.
-            nxt = self._next_probe_plan
-            self._next_probe_plan = None
-            self._probing, self._probes_done = nxt, self._probes_done + 1
-            self.journal.write("probe_started", attempt=attempt, **{"from": self.plan.model_dump(mode="json"),
-                                                                     "to": nxt.model_dump(mode="json")})
-            self._say(f"probing a larger plan: {nxt.describe()} (settled: {self.plan.describe()})")
-            self.plan = nxt
+        switch_to = self._switch_to
+        self._switch_to = None
+        if outcome.decision == "probe" and kind == "preempted" and switch_to is not None:
+            # Not an incident: we stopped a healthy worker to try another plan, or to leave a rejected probe.
+            search = self._search
+            if switch_to == search.probing:
+                self.journal.write("probe_started", attempt=attempt, **{
+                    "from": self.plan.model_dump(mode="json"), "to": switch_to.model_dump(mode="json"),
+                    "direction": "up" if switch_to.batch_size > self.plan.batch_size else "down",
+                    "working": search.working.model_dump(mode="json") if search.working else None,
+                    "working_samples_per_s": round(search.working_rate, 2) if search.working_rate else None})
+                self._say(f"probing {switch_to.describe()} (working: "
+                          f"{search.working.describe() if search.working else '-'})")
+            else:
+                self._say(f"back to {switch_to.describe()}")
+            self.plan = switch_to
             raise _Restart()
+        if outcome.decision == "probe":
+            self._search.cancel()  # the worker ended otherwise before the switch
 
-        if self._probing is not None and kind in OOM_KINDS and self._working is not None:
+        if self._search.probing == self.plan and kind in OOM_KINDS and self._search.working is not None:
             # The probe did not fit: it becomes the new upper bound; go back to the plan that works.
-            self._failed, failed_probe, self._probing = self.plan, self.plan, None
-            incident = Incident(**base, action=f"probe failed: back to {self._working.describe()}",
-                                plan_after=self._working)
+            failed_probe = self.plan
+            working = self._search.probe_oom(failed_probe)
+            incident = Incident(**base, action=f"probe failed: back to {working.describe()}", plan_after=working)
             self._record(incident)
             self.journal.write("probe_failed", attempt=attempt, plan=failed_probe.model_dump(mode="json"),
-                               back_to=self._working.model_dump(mode="json"))
-            self._say(f"probe {failed_probe.describe()} ran out of memory; back to {self._working.describe()}")
-            self.plan = self._working
+                               back_to=working.model_dump(mode="json"))
+            self._say(f"probe {failed_probe.describe()} ran out of memory; back to {working.describe()}")
+            self.plan = working
             raise _AttemptFailed(incident, no_progress=False)
 
         probe = Incident(**base, action="")
@@ -283,7 +303,7 @@ class Supervisor:
         incident = Incident(**base, action=action, plan_after=new_plan)
         self._record(incident)
         if kind in OOM_KINDS and new_plan.batch_size < self.plan.batch_size:
-            self._failed, self._working = self.plan, new_plan  # bounds for probing back up
+            self._search.degraded(self.plan, new_plan)  # bounds for finding the best batch that fits
         if new_plan != self.plan:
             self.journal.write("plan_changed", **{"from": self.plan.model_dump(mode="json"),
                                                   "to": new_plan.model_dump(mode="json"), "reason": action,
@@ -372,6 +392,7 @@ class Supervisor:
         if group_note:
             self._say(group_note)
         oom_before = group.oom_kills() if group else 0
+        warmup = self._search.settings.warmup_steps()
         effective_limit = [limit]
 
         def on_message(msg: Any) -> None:
@@ -381,6 +402,10 @@ class Supervisor:
                 if isinstance(msg, Heartbeat):
                     mon.phase = msg.phase
                     mon.epoch, mon.step = msg.epoch, msg.step
+                    if msg.timed_steps is not None and msg.timed_seconds is not None:
+                        mon.timing = (msg.timed_steps, msg.timed_seconds)
+                        if mon.timing_base is None and msg.timed_steps >= warmup:
+                            mon.timing_base = mon.timing
                     if msg.phase == "train" and msg.step_seconds:
                         mon.trained_steps += 1
                         mon.max_step_seconds = max(mon.max_step_seconds, msg.step_seconds)
@@ -416,9 +441,8 @@ class Supervisor:
         pump.start()
 
         decision: str | None = None
-        probe_cfg = getattr(cfg.policy, "probe", None)
-        stable_steps = probe_cfg.stable_steps if probe_cfg is not None and probe_cfg.enabled else None
-        probe_checked = stable_steps is None or (self._working is None and self._probing is None)
+        stable_steps = self._search.settings.stable_steps
+        probe_checked = not self._search.active
         last_rss: int | None = None
         peak: int | None = None
         heartbeat_age: float | None = None
@@ -457,9 +481,9 @@ class Supervisor:
                         trained = (mon.step or 0) - mon.start_step if mon.start_step is not None else 0
                     if trained >= stable_steps:
                         probe_checked = True
-                        if self._probe_due(attempt):
+                        if self._probe_due(attempt, mon):
                             decision = "probe"
-                            _signal(proc, signal.SIGTERM)  # checkpoint, exit; restarted with the probe plan
+                            _signal(proc, signal.SIGTERM)  # checkpoint, exit; restarted with the next plan
                 if age > timeout and decision is None:
                     decision, heartbeat_age = "hang", age
                     self._say(f"no heartbeat for {age:.1f}s (timeout {timeout:.1f}s): stopping the worker")
@@ -498,22 +522,25 @@ class Supervisor:
         )
         return outcome, mon, peak
 
-    def _probe_due(self, attempt: int) -> bool:
-        """Called once an attempt trained ``stable_steps``: settle a probe that held, pick the next one."""
-        from ._policy import next_probe
-
-        if self._probing is not None:
-            self._working, self._probing = self._probing, None
-            self.rundir.write_plan(self._working)  # a new VM resumes from the settled plan
-            self.journal.write("probe_succeeded", attempt=attempt, plan=self._working.model_dump(mode="json"))
-        if self._working is None or self._failed is None:
-            return False
-        max_probes = self.cfg.policy.probe.max_probes
-        nxt = next_probe(self._working, self._failed) if self._probes_done < max_probes else None
-        if nxt is None:
-            return False
-        self._next_probe_plan = nxt
-        return True
+    def _probe_due(self, attempt: int, mon: _Monitor) -> bool:
+        """Called once an attempt trained ``stable_steps``: judge its throughput, pick what runs next."""
+        with mon.lock:
+            rate = mon.samples_per_second(self.plan.batch_size)
+        self.journal.write("throughput_measured", attempt=attempt, plan=self.plan.model_dump(mode="json"),
+                           samples_per_s=round(rate, 2) if rate is not None else None)
+        verdict = self._search.stable(self.plan, rate)
+        for event, fields in verdict.events:
+            self.journal.write(event, attempt=attempt, **fields)
+        if verdict.settle is not None:
+            previous = self.rundir.read_plan()
+            self.rundir.write_plan(verdict.settle)  # a new VM resumes from the settled plan
+            self.journal.write("plan_changed", **{"from": previous.model_dump(mode="json"),
+                                                  "to": verdict.settle.model_dump(mode="json"),
+                                                  "reason": verdict.message or "probe kept", "incident": None})
+        if verdict.message:
+            self._say(verdict.message)
+        self._switch_to = verdict.switch_to
+        return verdict.switch_to is not None
 
     def _arm_rehearsal_limit(self, group: MemoryCgroup | None, rss: int | None) -> int:
         base = (group.usage() if group is not None else None) or rss or 0

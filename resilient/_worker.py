@@ -370,6 +370,8 @@ class Attempt:
         self.last_save_seconds = 0.0
         self.last_beat = 0.0
         self.step_seconds: float | None = None
+        self.timed_steps = 0
+        self.timed_seconds = 0.0
         self.samples_per_step = self.plan.batch_size
         self.started = time.monotonic()
         self.first_step_reported = False
@@ -480,7 +482,8 @@ class Attempt:
         if force or now - self.last_beat >= 0.25:
             self.last_beat = now
             self.channel.send(Heartbeat(phase=phase, epoch=self.epoch, step=self.global_step,  # type: ignore[arg-type]
-                                        step_seconds=self.step_seconds))
+                                        step_seconds=self.step_seconds, timed_steps=self.timed_steps,
+                                        timed_seconds=self.timed_seconds))
 
     # -- faults
 
@@ -605,8 +608,12 @@ class _Head:
                 self.epoch_steps = int((self.params or {}).get("steps") or 0)
                 attempt.beat("train", force=True)
 
-            def finish_steps(self, upto: int) -> None:
-                """Account for the steps from the one in flight up to batch index ``upto`` (exclusive)."""
+            def finish_steps(self, upto: int, timed: bool = True) -> None:
+                """Account for the steps from the one in flight up to batch index ``upto`` (exclusive).
+
+                ``timed``: the time since the step began was all training (not so at an epoch's end,
+                which follows validation), so it counts toward the throughput the supervisor reads.
+                """
                 if self.begun is None:
                     return
                 done = max(0, upto - self.begun)
@@ -615,6 +622,9 @@ class _Head:
                 if self.t0 is not None and done:
                     dt = (now - self.t0) / done
                     attempt.step_seconds = dt if attempt.step_seconds is None else max(dt, 0.9 * attempt.step_seconds)
+                    if timed:
+                        attempt.timed_steps += done
+                        attempt.timed_seconds += now - self.t0
                 attempt.check_nan()
                 attempt.global_step += done
                 attempt.offset += done * attempt.samples_per_step
@@ -670,7 +680,7 @@ class _Tail:
 
         class Tail(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-                head.finish_steps(head.epoch_steps)
+                head.finish_steps(head.epoch_steps, timed=False)
                 logs = {k: float(v) for k, v in (logs or {}).items()}
                 for key, value in logs.items():
                     attempt.history.setdefault(key, []).append(value)

@@ -8,7 +8,9 @@ SCRIPT.json holds ``{"attempts": {"0": [action, ...], ...}, "default": [action, 
 its own list, or ``default``. An action is ``{"do": name, ...}``:
 
     hello                          Hello (pid, resumed step)
-    beat n=1 interval=0.01         n train heartbeats, one step each, step_seconds=interval
+    beat n=1 interval=0.01 pace={}  n train heartbeats, one step each, step_seconds=interval; with pace
+                                   ({batch size: seconds per step}) they also report that timing for the
+                                   attempt's plan (timed_steps/timed_seconds), without taking that long
     checkpoint                     a real checkpoint (CheckpointStore) at the current step + CheckpointSaved
     epoch_end                      EpochEnd
     fault kind=...                 FaultFired at the current step
@@ -108,6 +110,8 @@ def main() -> int:
     meta = store.latest_meta()
     resumed = meta["step"] if meta else None
     step = resumed or 0
+    batch = json.loads((adir / "plan.json").read_text())["batch_size"] if (adir / "plan.json").exists() else None
+    timed_steps, timed_seconds = 0, 0.0
     sigterm = threading.Event()
     held: list[bytes] = []
 
@@ -117,10 +121,15 @@ def main() -> int:
             channel.send(Hello(pid=os.getpid(), epoch=0, step=step, resumed_from=resumed))
         elif do == "beat":
             interval = float(action.get("interval", 0.01))
+            pace = action.get("pace", {}).get(str(batch))
             for _ in range(int(action.get("n", 1))):
                 time.sleep(interval)
                 step += 1
-                channel.send(Heartbeat(epoch=0, step=step, step_seconds=interval, rss_bytes=None))
+                timing = {}
+                if pace is not None:
+                    timed_steps, timed_seconds = timed_steps + 1, timed_seconds + float(pace)
+                    timing = {"timed_steps": timed_steps, "timed_seconds": timed_seconds}
+                channel.send(Heartbeat(epoch=0, step=step, step_seconds=interval, rss_bytes=None, **timing))
         elif do == "checkpoint":
             started = time.monotonic()
             saved = store.save(step, {"epoch": 0, "offset": step * 32},

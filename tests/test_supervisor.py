@@ -432,6 +432,85 @@ def test_an_exhausted_ladder_restarts_with_the_same_plan(supervise):
     assert h.waits == [1.0]
 
 
+# ------------------------------------------------------------------------------------ finding the best plan
+
+#: Seconds per step by batch size: per sample, 16 is fastest (64: 160/s, 32: 320/s, 16: 400/s, 8: 267/s).
+PACE = {"64": 0.4, "32": 0.1, "16": 0.04, "8": 0.03}
+
+
+def paced(n: int = 10) -> dict[str, Any]:
+    return {"do": "beat", "n": n, "interval": 0.01, "pace": PACE}
+
+
+def _search_policy(**probe: Any) -> Policy:
+    return Policy(ladders={"gpu_oom": [halve_batch(min_batch=2, keep_effective_batch=True)]},
+                  probe={"enabled": True, "stable_steps": 6, "max_probes": 3, **probe})
+
+
+def test_the_search_probes_down_to_the_fastest_micro_batch_and_settles_there(supervise):
+    # 64 runs out of memory -> 32x2. Nothing lies between 32 and 64 with the same effective batch, so
+    # the search measures smaller micro-batches: 16x4 is faster (kept, settled), 8x8 slower (rejected,
+    # back to 16x4).
+    stop = {"do": "await_sigterm", "then": "report"}
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")],
+                                "1": [HELLO, paced(), stop], "2": [HELLO, paced(), stop], "3": [HELLO, paced(), stop],
+                                "4": [HELLO, paced(), {"do": "checkpoint"}, {"do": "epoch_end"}, RESULT]}},
+                  policy=_search_policy(), plan=Plan(batch_size=64))
+    result = h.supervisor.run()
+
+    assert [i.kind for i in result.incidents] == ["gpu_oom"], "probes are not incidents"
+    plans = [(e["plan"]["batch_size"], e["plan"]["grad_accum_steps"]) for e in h.events("attempt_started")]
+    assert plans == [(64, 1), (32, 2), (16, 4), (8, 8), (16, 4)]
+    assert result.plan == Plan(batch_size=16, grad_accum_steps=4)
+    assert h.run.read_plan() == result.plan, "a new VM resumes from the settled plan"
+    measured = {e["plan"]["batch_size"]: e["samples_per_s"] for e in h.events("throughput_measured")}
+    assert measured[32] == pytest.approx(320, rel=1e-6)
+    assert measured[16] == pytest.approx(400, rel=1e-6)
+    assert measured[8] == pytest.approx(8 / 0.03, abs=0.01)  # journaled to 2 decimals
+    started = h.events("probe_started")
+    assert [(e["to"]["batch_size"], e["direction"]) for e in started] == [(16, "down"), (8, "down")]
+    kept, = h.events("probe_succeeded")
+    assert (kept["plan"]["batch_size"], kept["working"]["batch_size"]) == (16, 32)
+    rejected, = h.events("probe_rejected")
+    assert rejected["plan"]["batch_size"] == 8 and rejected["back_to"]["batch_size"] == 16
+    settled = [e for e in h.events("plan_changed") if e["incident"] is None]
+    assert [(e["from"]["batch_size"], e["to"]["batch_size"]) for e in settled] == [(32, 16)]
+    assert h.waits == [0.0] * 4
+    h.assert_workers_gone()
+
+
+def test_largest_objective_never_probes_down(supervise):
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")]},
+                   "default": [HELLO, paced(), {"do": "checkpoint"}, {"do": "epoch_end"}, RESULT]},
+                  policy=_search_policy(objective="largest"), plan=Plan(batch_size=64))
+    result = h.supervisor.run()
+    assert result.plan == Plan(batch_size=32, grad_accum_steps=2)
+    assert not h.events("probe_started")
+    assert h.events("throughput_measured"), "the stable point was reached and judged"
+
+
+def test_a_slower_larger_probe_is_rejected_and_the_run_goes_back(supervise):
+    # 32 runs out of memory -> 16; the probe up (24) holds but is much slower per sample, so it becomes
+    # the upper bound and the run returns to 16 (the next bisection, 20, is then tried and also rejected).
+    pace = {"16": 0.04, "24": 0.2, "20": 0.2}
+    stop = {"do": "await_sigterm", "then": "report"}
+    paced_here = {"do": "beat", "n": 10, "interval": 0.01, "pace": pace}
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")],
+                                "1": [HELLO, paced_here, stop], "2": [HELLO, paced_here, stop],
+                                "3": [HELLO, paced_here, stop]},
+                   "default": [HELLO, paced_here, {"do": "checkpoint"}, {"do": "epoch_end"}, RESULT]},
+                  policy=Policy(ladders={"gpu_oom": [halve_batch(min_batch=16)]},
+                                probe={"enabled": True, "stable_steps": 6, "max_probes": 2}),
+                  plan=Plan(batch_size=32))
+    result = h.supervisor.run()
+    plans = [e["plan"]["batch_size"] for e in h.events("attempt_started")]
+    assert plans == [32, 16, 24, 20, 16]
+    assert result.plan == Plan(batch_size=16)
+    assert [e["plan"]["batch_size"] for e in h.events("probe_rejected")] == [24, 20]
+    assert not h.events("probe_succeeded")
+    assert h.run.read_plan() == Plan(batch_size=16)
+
+
 # ------------------------------------------------------------------------------------------- preemption
 
 

@@ -1,0 +1,146 @@
+"""The search for the best batch size after an OOM degradation (pure; the supervisor drives it).
+
+Halving after an OOM leaves the batch anywhere between half of what fits and what fits, and the
+largest batch that fits is not always the fastest: on CPUs, and on GPUs close to their memory limit,
+a smaller micro-batch with more gradient accumulation can train more samples per second. So once a
+plan has trained ``stable_steps`` steps the supervisor reports its measured throughput here, and
+the search answers with the next plan to try, or with nothing (keep training as is).
+
+The search keeps a working plan (fits, measured) and two bounds on the batch size: ``above`` (failed
+with an OOM, or measured slower) and ``below`` (measured slower). Candidates, in order:
+
+1. up: bisect between ``working`` and ``above`` (``next_probe``), toward the batch that was asked;
+2. down (objective "throughput" only, once ``working`` has been measured): a smaller micro-batch
+   with the same effective batch (``probe_below``).
+
+A probe that holds for ``stable_steps`` is judged on its throughput (``ProbeSettings``): kept, it
+becomes the working plan and the plan it replaced becomes a bound; rejected, it becomes a bound
+itself and the run goes back to the working plan. A probe that runs out of memory becomes ``above``.
+Every probe counts toward ``max_probes``, so a run restarts at most ``2 * max_probes`` times for probing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._plan import Plan
+from ._policy import ProbeSettings, next_probe, probe_below
+
+
+@dataclass
+class Verdict:
+    """What the search decided at a stable point: journal ``events``, then restart with ``switch_to``."""
+
+    switch_to: Plan | None = None  # None: keep training with the plan in force
+    settle: Plan | None = None  # a new settled plan (plan.json) when a probe was kept
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    message: str | None = None
+
+
+def _rate(value: float | None) -> float | None:
+    return round(value, 2) if value is not None else None
+
+
+class PlanSearch:
+    """Bounds and measurements of the search; one per run (probes are counted across searches)."""
+
+    def __init__(self, settings: ProbeSettings) -> None:
+        self.settings = settings
+        self.working: Plan | None = None
+        self.working_rate: float | None = None
+        self.above: Plan | None = None
+        self.below: Plan | None = None
+        self.probing: Plan | None = None  # the probe chosen or running
+        self.probes = 0
+
+    @property
+    def active(self) -> bool:
+        return self.settings.enabled and self.working is not None and self.above is not None
+
+    def degraded(self, failed: Plan, working: Plan) -> None:
+        """An OOM lowered the batch from ``failed`` to ``working``: start from these bounds."""
+        self.working, self.working_rate = working, None
+        self.above, self.below, self.probing = failed, None, None
+
+    def stable(self, plan: Plan, samples_per_s: float | None) -> Verdict:
+        """``plan`` trained ``stable_steps`` steps at ``samples_per_s`` (None: not measured)."""
+        if not self.active:
+            return Verdict()
+        if self.probing is None or plan != self.probing:
+            if plan == self.working:
+                self.working_rate = samples_per_s if samples_per_s is not None else self.working_rate
+            return self._next(Verdict())
+        return self._judge(plan, samples_per_s)
+
+    def probe_oom(self, plan: Plan) -> Plan:
+        """The probe ran out of memory: it bounds the search from above; back to the working plan."""
+        assert self.working is not None
+        self.above, self.probing = plan, None
+        return self.working
+
+    def cancel(self) -> None:
+        """The probe chosen was never started (the worker ended otherwise)."""
+        if self.probing is not None:
+            self.probing = None
+            self.probes -= 1
+
+    def finished(self, plan: Plan) -> None:
+        """The run ended on ``plan``: a probe that trained to the end is the settled plan."""
+        if self.probing is not None and plan == self.probing:
+            self.working, self.probing = plan, None
+
+    # ------------------------------------------------------------------ internals
+
+    def _judge(self, probe: Plan, rate: float | None) -> Verdict:
+        assert self.working is not None
+        working, working_rate = self.working, self.working_rate
+        up = probe.batch_size > working.batch_size
+        gain = self.settings.min_gain
+        if self.settings.objective == "largest" or rate is None or working_rate is None:
+            keep, why = up, "it held" if up else "not measured"
+        elif up:
+            keep = rate >= working_rate * (1.0 - gain)
+            why = f"{rate:.1f} vs {working_rate:.1f} samples/s" + ("" if keep else f" (over {gain:.0%} slower)")
+        else:
+            keep = rate >= working_rate * (1.0 + gain)
+            why = f"{rate:.1f} vs {working_rate:.1f} samples/s" + ("" if keep else f" (not {gain:.0%} faster)")
+        self.probing = None
+        fields = {"plan": probe.model_dump(mode="json"), "samples_per_s": _rate(rate),
+                  "working": working.model_dump(mode="json"), "working_samples_per_s": _rate(working_rate),
+                  "reason": why}
+        if keep:
+            if up:
+                self.below = working
+            else:
+                self.above = working
+            self.working, self.working_rate = probe, rate
+            verdict = Verdict(settle=probe, events=[("probe_succeeded", fields)],
+                              message=f"probe {probe.describe()} kept: {why}")
+            return self._next(verdict)
+        if up:
+            self.above = probe
+        else:
+            self.below = probe
+        verdict = self._next(Verdict(events=[("probe_rejected", fields)],
+                                     message=f"probe {probe.describe()} rejected: {why}"))
+        if verdict.switch_to is None:
+            verdict.switch_to = working  # nothing else to try: back to the plan that works
+            verdict.events[0][1]["back_to"] = working.model_dump(mode="json")
+            verdict.message = f"{verdict.message}; back to {working.describe()}"
+        return verdict
+
+    def _next(self, verdict: Verdict) -> Verdict:
+        assert self.working is not None and self.above is not None
+        if self.probes >= self.settings.max_probes:
+            return verdict
+        candidate = next_probe(self.working, self.above)
+        if (
+            candidate is None and self.settings.objective == "throughput" and self.working_rate is not None
+        ):
+            candidate = probe_below(self.working, self.below, self.settings.min_batch)
+        if candidate is not None:
+            self.probing = candidate
+            self.probes += 1
+            verdict.switch_to = candidate
+        return verdict
