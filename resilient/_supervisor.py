@@ -479,7 +479,7 @@ class Supervisor:
                 if not probe_checked and decision is None:
                     with mon.lock:
                         trained = (mon.step or 0) - mon.start_step if mon.start_step is not None else 0
-                    if trained >= stable_steps:
+                    if trained >= stable_steps and self._measured(mon, trained, stable_steps):
                         probe_checked = True
                         if self._probe_due(attempt, mon):
                             decision = "probe"
@@ -521,6 +521,14 @@ class Supervisor:
             completed=self.rundir.result_json.exists(),
         )
         return outcome, mon, peak
+
+    def _measured(self, mon: _Monitor, trained: int, stable_steps: int) -> bool:
+        """Whether the attempt's throughput can be judged now: heartbeats are throttled, so a stretch
+        of fast steps may need a few more steps before two timed heartbeats bracket the window."""
+        with mon.lock:
+            timed = mon.timing is not None
+            rate = mon.samples_per_second(self.plan.batch_size)
+        return rate is not None or not timed or trained >= 4 * stable_steps
 
     def _probe_due(self, attempt: int, mon: _Monitor) -> bool:
         """Called once an attempt trained ``stable_steps``: judge its throughput, pick what runs next."""

@@ -276,18 +276,44 @@ def optimizer_state(model: Any) -> dict[str, Any]:
     return out
 
 
-def restore_optimizer_state(model: Any, state: dict[str, Any]) -> list[str]:
+def carry_window(saved_accum: int, saved_micro: int, saved_batch: int | None, accum: int,
+                 batch: int | None) -> tuple[int, float] | None:
+    """Where a partly accumulated window continues under another micro-batch: (micro steps, scale).
+
+    Keras accumulates the sum of per-micro-batch mean gradients and divides by the accumulation
+    steps at the update, so ``m`` micro-steps of ``b`` samples hold ``m * b`` samples' worth. Under
+    micro-batch ``b'`` with the same effective batch, that is ``m * b / b'`` micro-steps with the
+    accumulators scaled by ``b / b'``: the update that ends the window is the one the old plan would
+    have made. None when it does not map exactly (the window is then dropped).
+    """
+    if saved_micro == 0:
+        return 0, 1.0
+    if saved_accum == accum and (saved_batch is None or batch is None or saved_batch == batch):
+        return saved_micro, 1.0
+    if saved_batch is None or batch is None or saved_accum * saved_batch != accum * batch:
+        return None
+    samples = saved_micro * saved_batch
+    if samples % batch or not 0 < samples // batch < accum:
+        return None
+    return samples // batch, saved_batch / batch
+
+
+def restore_optimizer_state(model: Any, state: dict[str, Any], saved_batch: int | None = None,
+                            batch: int | None = None) -> list[str]:
     """Assign saved state to the (possibly rebuilt) optimizer by meaning; returns keys not restored.
 
-    ``iterations`` keeps counting optimizer updates across a change of gradient accumulation; a
-    partly accumulated window is kept when the accumulation is unchanged and dropped otherwise.
+    ``iterations`` keeps counting optimizer updates across a change of gradient accumulation. A
+    partly accumulated window (an epoch-end checkpoint can fall inside one) continues under a new
+    micro-batch when it maps exactly (``carry_window``) and is dropped otherwise.
     """
     opt = model.optimizer
     inner = _inner_optimizer(opt)
     if not inner.built:
         opt.build(model.trainable_variables)
     accum = inner.gradient_accumulation_steps or 1
-    same_accum = int(state.get("meta:accum", 1)) == accum
+    window = carry_window(int(state.get("meta:accum", 1)), int(state.get("meta:micro_steps", 0)), saved_batch,
+                          accum, batch)
+    micro, scale = window if window is not None else (0, 0.0)
     known = set()
     keys = _slot_keys(model, inner)
     for v in inner.variables:
@@ -295,13 +321,14 @@ def restore_optimizer_state(model: Any, state: dict[str, Any]) -> list[str]:
             continue
         key = keys[id(v)]
         known.add(key)
-        if key.endswith("_gradient_accumulator") and not same_accum:
-            continue  # a window of another size: start a fresh one
+        if key.endswith("gradient_accumulator"):
+            if key in state and tuple(state[key].shape) == tuple(v.shape) and micro:
+                v.assign(state[key] * scale)
+            continue  # otherwise a fresh window (zeros)
         if key in state and tuple(state[key].shape) == tuple(v.shape):
             v.assign(state[key])
     skipped = [k for k in state if k.startswith("slot:") and k not in known]
     if "meta:iterations" in state:
-        micro = int(state.get("meta:micro_steps", 0)) if same_accum else 0
         inner._iterations.assign(int(state["meta:iterations"]) * accum + micro)
     if opt is not inner:
         for v in opt.variables:
@@ -371,6 +398,7 @@ class Attempt:
         self.last_beat = 0.0
         self.step_seconds: float | None = None
         self.timed_steps = 0
+        self.window_pos = 0  # micro-steps into the current gradient-accumulation window
         self.timed_seconds = 0.0
         self.samples_per_step = self.plan.batch_size
         self.started = time.monotonic()
@@ -456,7 +484,10 @@ class Attempt:
             var.assign(value)
         with np.load(ckpt.file("optimizer.npz")) as z:
             opt_state = {k: z[k] for k in z.files}
-        skipped = restore_optimizer_state(model, opt_state)
+        saved_batch = (meta.get("plan") or {}).get("batch_size")
+        skipped = restore_optimizer_state(model, opt_state, saved_batch=saved_batch, batch=self.plan.batch_size)
+        accum = self.plan.grad_accum_steps
+        self.window_pos = int(_inner_optimizer(model.optimizer)._iterations.numpy()) % accum if accum > 1 else 0
         if skipped:
             self.channel.send(Notice(event="optimizer_state_skipped", fields={"keys": skipped[:20]}))
         with np.load(ckpt.file("metrics.npz")) as z:
@@ -566,7 +597,7 @@ class Attempt:
         self.every_seconds = self.spec.checkpoint_every_seconds
 
     def checkpoint_due(self) -> bool:
-        if self.global_step % self.plan.grad_accum_steps:
+        if self.window_pos:
             return False  # mid accumulation window: wait for the optimizer update
         if self.every_steps is not None:
             return self.global_step % self.every_steps == 0
@@ -627,6 +658,7 @@ class _Head:
                         attempt.timed_seconds += now - self.t0
                 attempt.check_nan()
                 attempt.global_step += done
+                attempt.window_pos = (attempt.window_pos + done) % attempt.plan.grad_accum_steps
                 attempt.offset += done * attempt.samples_per_step
                 if not attempt.first_step_reported and done:
                     attempt.first_step_reported = True
@@ -637,7 +669,9 @@ class _Head:
             def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
                 if self.begun is not None:
                     self.finish_steps(batch)
-                    if _State.sigterm.is_set():
+                    if _State.sigterm.is_set() and not attempt.window_pos:
+                        # At an optimizer update: a window cut short could not continue under
+                        # another plan. (Finishing one takes fewer than grad_accum_steps steps.)
                         attempt.save_checkpoint(model, "preempted")
                         raise Preempted()
                     if attempt.checkpoint_due():

@@ -116,6 +116,55 @@ def test_probing_back_up_settles_above_blind_halving(tmp_path):
     assert settled == history.plan, "a new VM resumes from the settled plan"
 
 
+class PacedByBatch:
+    """Sleeps ``k * batch**2`` per step, so smaller micro-batches train more samples per second.
+
+    The batch is the plan of the attempt, read from the worker's ``--plan`` file (not kept on the
+    callback: its state is checkpointed and would carry the previous attempt's batch).
+    """
+
+    def __new__(cls, k: float):
+        import json
+        from pathlib import Path
+
+        import keras
+
+        class _Paced(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                plan = json.loads(Path(sys.argv[sys.argv.index("--plan") + 1]).read_text())
+                time.sleep(k * plan["batch_size"] ** 2)
+
+        return _Paced()
+
+
+def test_the_search_settles_on_the_fastest_micro_batch_and_keeps_the_math(tmp_path):
+    x, y = make_data(n=512)
+    ref = make_model(metrics=False)
+    resilient.fit(ref, x, y, epochs=2, batch_size=64, seed=4, run_dir=tmp_path / "ref", verbose=0)
+    model = make_model(metrics=False)
+    policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=2, keep_effective_batch=True)]},
+                              probe={"stable_steps": 8, "max_probes": 2, "min_batch": 8})
+    run_dir = tmp_path / "run"
+    history = resilient.fit(model, x, y, epochs=2, batch_size=64, seed=4, run_dir=run_dir, verbose=0, policy=policy,
+                            faults="gpu_oom@3", checkpoint_every=2, callbacks=[PacedByBatch(0.0002)])
+    evs = resilient._rundir.RunDir(run_dir).read_events()
+    plans = [(e["plan"]["batch_size"], e["plan"]["grad_accum_steps"]) for e in evs if e["event"] == "attempt_started"]
+    # 64 OOM -> 32x2; nothing divides 64 between 32 and 64, so the search measures smaller micro-batches.
+    assert plans == [(64, 1), (32, 2), (16, 4), (8, 8)]
+    assert [e["plan"]["batch_size"] for e in evs if e["event"] == "probe_succeeded"] == [16, 8]
+    rates = {e["plan"]["batch_size"]: e["samples_per_s"] for e in evs if e["event"] == "throughput_measured"}
+    assert rates[8] > rates[16] > rates[32]
+    assert [i.kind for i in history.incidents] == ["gpu_oom"]
+    assert history.plan == resilient.Plan(batch_size=8, grad_accum_steps=8)
+    assert resilient.Plan.model_validate_json((run_dir / "plan.json").read_text()) == history.plan
+    assert [int(e["attempt"]) for e in evs if e["event"] == "attempt_started"] == [0, 1, 2, 3]
+    # Four processes and three micro-batch sizes, and still the run of batch 64: 16 updates, same weights.
+    assert history.epoch == [0, 1]
+    assert int(model.optimizer.iterations.numpy()) == int(ref.optimizer.iterations.numpy()) == 16
+    for a, b in zip(ref.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_mixed_precision_rebuild_carries_the_optimizer_state(tmp_path):
     # This CPU may lack bf16 support, so the built-in step would decline; a custom step forces the switch
     # to exercise the real path: rebuild under the new dtype policy, load float32 weights, carry the optimizer.
