@@ -12,12 +12,20 @@ process, data pipeline and memory accounting:
    below ~batch 96 the worker's start-up peak dominates, so the slope comes from 128 and 256.
    The cap is footprint(128) - 16 samples' worth, ~footprint(112): batch 96 should fit, 128 not
    (override with --cap).
-2. resilient.fit(batch_size=256, host_memory_limit=cap, policy="default"): the kernel OOM-kills
-   the worker in its memory cgroup; the host_oom ladder degrades the plan until it fits.
-   The settled plan is the plan of the last attempt; its throughput is timed in that attempt.
+2. resilient.fit(batch_size=256, host_memory_limit=cap, policy=default with [probe] stable_steps=40):
+   the kernel OOM-kills the worker in its memory cgroup; the host_oom ladder halves the batch,
+   keeping the effective batch (256 = 64x4 ...), until it fits. Then the plan search measures the
+   working plan's throughput and probes neighbouring micro-batches (up between the working and the
+   failed one, down with more accumulation), keeping the fastest. The default policy waits 200 steps
+   before measuring; 40 here so that the search fits in a few minutes of training (each plan is
+   then measured over its steps 11-40). The run trains enough epochs (~8000 samples) for the search
+   to finish and the settled plan to train on; the settled plan is the plan of the last attempt and
+   its throughput is timed in that attempt.
 3. sweep: resilient.fit(batch_size=b, same cap, no ladder, max_restarts=0) for b ascending in
-   {32, 48, 64, 80, 96, 128, 192, 256} (quick: 32, 64, 96, 128, 256) until the first OOM;
-   throughput of each plan that fits.
+   {8, 16, 32, 48, 64, 80, 96, 128, 192, 256} (quick: 16, 32, 64, 96, 128, 256) until the first
+   OOM; throughput of each plan that fits. These plans have no gradient accumulation, so they are
+   the strict reference: the settled plan keeps the effective batch of 256 (accumulation costs a
+   little) while a swept batch of 32 trains with another effective batch.
    Blind halving = the first of 256, 128, 64, ... that fits, without gradient accumulation.
 
 Throughput: a callback carried into the worker stamps every training step; samples/s is
@@ -25,13 +33,11 @@ batch / median step interval, over the attempt's steps after the first two (no e
 
 Target: settled-plan throughput / best sweep throughput >= 0.9.
 
-Probing back up (the supervisor bisects between the failed and the working plan after the
-policy's [probe] stable_steps, 200 by default) needs more steps than this run trains; the script
-prints what resilient._policy.next_probe would try from the run's last degradation instead, and
-any probe_* events the journal holds.
+The search's own measurements (journal: throughput_measured, probe_started, probe_succeeded,
+probe_rejected, probe_failed) are printed as a trace.
 
-    python bench/bench_degradation.py            # ~2.5 min on 2 cores
-    python bench/bench_degradation.py --quick    # ~1.5 min
+    python bench/bench_degradation.py            # ~6 min on 2 cores
+    python bench/bench_degradation.py --quick    # ~4 min
 """
 
 from __future__ import annotations
@@ -114,6 +120,10 @@ def run(x, y, batch, cap, run_dir: Path, policy, max_restarts, epochs=1):
     started = C.events(j, "attempt_started")
     plan = json.loads((run_dir / "plan.json").read_text())
     probe_events = [e["event"] for e in j if e["event"].startswith("probe_")]
+    trace = [{"event": e["event"], "attempt": e.get("attempt"),
+              "plan": describe(e.get("plan") or e.get("to") or {}), "samples_per_s": e.get("samples_per_s"),
+              "reason": e.get("reason")}
+             for e in j if e["event"] == "throughput_measured" or e["event"].startswith("probe_")]
     steps = [json.loads(line) for line in open(clock)] if os.path.exists(clock) else []
     out = {
         "run_dir": str(run_dir), "requested_batch": batch, "cap": cap, "status": status, "error": error, "wall_s": wall,
@@ -123,7 +133,7 @@ def run(x, y, batch, cap, run_dir: Path, policy, max_restarts, epochs=1):
         # attempt_ended.cgroup_peak_bytes by newer versions; older ones journaled it as memory_peak_bytes.
         "cgroup_peak_bytes": [e.get("cgroup_peak_bytes", e.get("memory_peak_bytes")) for e in ended],
         "enforcement": sorted({e.get("mechanism", "?") for e in C.events(j, "memory_enforcement")}),
-        "probe_events": probe_events,
+        "probe_events": probe_events, "search_trace": trace,
     }
     if status == "completed" and ready:
         last_pid = ready[-1]["pid"]
@@ -141,27 +151,15 @@ def run(x, y, batch, cap, run_dir: Path, policy, max_restarts, epochs=1):
     return out
 
 
-def probe_analysis(settled: dict) -> dict:
-    """What probing back up would try from this run's last OOM degradation (resilient._policy.next_probe)."""
-    from resilient._policy import next_probe
-
-    policy = resilient.load_policy("default")
-    oom = [i for i in settled["incidents"] if i["kind"] in ("host_oom", "gpu_oom")]
-    out = {"enabled": policy.probe.enabled, "stable_steps": policy.probe.stable_steps,
-           "max_probes": policy.probe.max_probes, "events": settled["probe_events"],
-           "working": None, "failed": None, "next_probe": None}
-    run_dir = Path(settled["run_dir"])
-    plans = [e["plan"] for e in C.events(C.read_journal(run_dir), "attempt_started")]
-    shrinks = [(a, b) for a, b in itertools.pairwise(plans) if b["batch_size"] < a["batch_size"]]
-    if oom and shrinks:
-        failed, working = shrinks[-1]
-        nxt = next_probe(resilient.Plan(**working), resilient.Plan(**failed))
-        out.update(working=describe(working), failed=describe(failed),
-                   next_probe=describe(nxt.model_dump()) if nxt is not None else "None (no candidate)")
-    return out
+def bench_policy(stable_steps: int) -> resilient.Policy:
+    """The default preset with a shorter stable stretch before the plan search measures and probes."""
+    default = resilient.load_policy("default")
+    return default.model_copy(update={"probe": default.probe.model_copy(update={"stable_steps": stable_steps})})
 
 
 def describe(plan: dict) -> str:
+    if not plan:
+        return "-"
     return f"{plan['batch_size']}x{plan['grad_accum_steps']}" if plan.get("grad_accum_steps", 1) > 1 else str(plan["batch_size"])
 
 
@@ -170,6 +168,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer samples and sweep points")
     ap.add_argument("--cap", type=float, default=None, help="host memory cap in GB (default: calibrated)")
     ap.add_argument("--samples", type=int, default=None, help="training samples (default 1024, quick 512)")
+    ap.add_argument("--stable-steps", type=int, default=40, help="[probe] stable_steps for the resilient run")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     from resilient._memory import cgroup_support
@@ -211,15 +210,17 @@ def main() -> int:
         cap = cap_bytes
 
         # 2. resilient under the cap, default policy
-        print(f"  resilient.fit(batch_size={REQUESTED}, host_memory_limit={cap / 1e9:.2f} GB, policy='default') ...",
-              flush=True)
-        settled = run(x, y, REQUESTED, cap, tmp / "resilient", "default", None)
-        settled["probe"] = probe_analysis(settled)
+        policy = bench_policy(args.stable_steps)
+        epochs = max(2, -(-8000 // n))
+        print(f"  resilient.fit(batch_size={REQUESTED}, epochs={epochs}, host_memory_limit={cap / 1e9:.2f} GB, "
+              f"policy=default with [probe] stable_steps={args.stable_steps}) ...", flush=True)
+        settled = run(x, y, REQUESTED, cap, tmp / "resilient", policy, None, epochs=epochs)
+        settled["probe"] = {**policy.probe.model_dump(), "events": settled["probe_events"]}
         print(f"    -> {settled['status']} after {settled['attempts']} attempt(s); final plan "
               f"{describe(settled['final_plan'])}", flush=True)
 
         # 3. exhaustive sweep, ascending until the first OOM
-        sweep_sizes = [32, 48, 64, 80, 96, 128, 192, 256] if not args.quick else [32, 64, 96, 128, 256]
+        sweep_sizes = [8, 16, 32, 48, 64, 80, 96, 128, 192, 256] if not args.quick else [16, 32, 64, 96, 128, 256]
         sweep = []
         for b in sweep_sizes:
             r = run(x, y, b, cap, tmp / f"sweep-{b}", no_ladder, 0)
@@ -265,9 +266,11 @@ def main() -> int:
     print(f"time from the run's first attempt to the settled plan's first step: {settled.get('settle_s', float('nan')):.1f} s "
           f"({settled['attempts'] - 1} failed attempt(s))")
     probe = settled["probe"]
-    print(f"probing back up (policy [probe]: enabled={probe['enabled']}, stable_steps={probe['stable_steps']}, "
-          f"max_probes={probe['max_probes']}): journal probe events {probe['events'] or 'none'}; "
-          f"next_probe(working={probe['working']}, failed={probe['failed']}) -> {probe['next_probe']}")
+    print(f"plan search ([probe] objective={probe['objective']}, stable_steps={probe['stable_steps']}, "
+          f"max_probes={probe['max_probes']}, min_gain={probe['min_gain']}, min_batch={probe['min_batch']}):")
+    C.table([[t["attempt"], t["event"], t["plan"], t["samples_per_s"] if t["samples_per_s"] is not None else "-",
+              t["reason"] or ""] for t in settled["search_trace"]],
+            ["attempt", "event", "plan", "samples/s (search)", "reason"])
     print()
     s_sps = settled.get("samples_per_s", float("nan"))
     best_sps = best["samples_per_s"] if best else float("nan")

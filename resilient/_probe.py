@@ -67,11 +67,15 @@ class PlanSearch:
         """``plan`` trained ``stable_steps`` steps at ``samples_per_s`` (None: not measured)."""
         if not self.active:
             return Verdict()
-        if self.probing is None or plan != self.probing:
-            if plan == self.working:
-                self.working_rate = samples_per_s if samples_per_s is not None else self.working_rate
-            return self._next(Verdict())
-        return self._judge(plan, samples_per_s)
+        if self.probing is not None and plan == self.probing:
+            return self._judge(plan, samples_per_s)
+        self.probing = None
+        if plan != self.working:
+            self._adopt(plan)
+            if not self.active:
+                return Verdict()
+        self.working_rate = samples_per_s if samples_per_s is not None else self.working_rate
+        return self._next(Verdict())
 
     def probe_oom(self, plan: Plan) -> Plan:
         """The probe ran out of memory: it bounds the search from above; back to the working plan."""
@@ -91,6 +95,20 @@ class PlanSearch:
             self.working, self.probing = plan, None
 
     # ------------------------------------------------------------------ internals
+
+    def _adopt(self, plan: Plan) -> None:
+        """Another rung changed the plan (say a lower learning rate after a NaN): the bounds keep their
+        batch sizes and take the plan's other knobs; a bound the new batch has crossed is dropped."""
+
+        def like(bound: Plan | None) -> Plan | None:
+            if bound is None:
+                return None
+            return plan.replace(batch_size=bound.batch_size, grad_accum_steps=bound.grad_accum_steps)
+
+        above, below = like(self.above), like(self.below)
+        self.above = above if above is not None and above.batch_size > plan.batch_size else None
+        self.below = below if below is not None and below.batch_size < plan.batch_size else None
+        self.working, self.working_rate = plan, None
 
     def _judge(self, probe: Plan, rate: float | None) -> Verdict:
         assert self.working is not None

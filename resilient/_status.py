@@ -27,6 +27,8 @@ def summarize(path: str | Path) -> str:
     ended = {e["attempt"]: e for e in events if e["event"] == "attempt_ended"}
     incidents = {e["attempt"]: e for e in events if e["event"] == "incident"}
     epochs = [e for e in events if e["event"] == "epoch_end"]
+    rates = {e["attempt"]: e.get("samples_per_s") for e in events if e["event"] == "throughput_measured"}
+    verdicts = {e["attempt"]: e for e in events if e["event"] in ("probe_succeeded", "probe_rejected")}
     lines.append("  attempts:")
     for e in (e for e in events if e["event"] == "attempt_started"):
         a = e["attempt"]
@@ -34,10 +36,18 @@ def summarize(path: str | Path) -> str:
         status = end.get("signal") or (f"exit {end['returncode']}" if "returncode" in end else "running or lost")
         inc = incidents.get(a)
         what = f"{inc['kind']}: {inc.get('detail', '')}" if inc else ("completed" if end.get("returncode") == 0 else "")
+        if e.get("probe"):
+            what = f"probe; {what}" if what else "probe"
+        if rates.get(a) is not None:
+            what = f"{what}; {rates[a]:.1f} samples/s" if what else f"{rates[a]:.1f} samples/s"
         lines.append(f"    {a:>3}  {Plan.model_validate(e['plan']).describe():<30} {status:<14} "
                      f"peak {format_bytes(end.get('memory_peak_bytes')):<10} {what}")
         if inc and inc.get("action"):
             lines.append(f"         -> {inc['action']}")
+        verdict = verdicts.get(a)
+        if verdict:
+            kept = "kept" if verdict["event"] == "probe_succeeded" else "rejected"
+            lines.append(f"         -> probe {kept}: {verdict.get('reason', '')}")
     if epochs:
         last = epochs[-1]
         logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.get("logs", {}).items()))

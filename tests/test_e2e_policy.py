@@ -158,6 +158,10 @@ def test_the_search_settles_on_the_fastest_micro_batch_and_keeps_the_math(tmp_pa
     assert history.plan == resilient.Plan(batch_size=8, grad_accum_steps=8)
     assert resilient.Plan.model_validate_json((run_dir / "plan.json").read_text()) == history.plan
     assert [int(e["attempt"]) for e in evs if e["event"] == "attempt_started"] == [0, 1, 2, 3]
+    from resilient._status import summarize
+
+    status = summarize(run_dir)
+    assert status.count("-> probe kept") == 2 and "samples/s" in status
     # Four processes and three micro-batch sizes, and still the run of batch 64: 16 updates, same weights.
     assert history.epoch == [0, 1]
     assert int(model.optimizer.iterations.numpy()) == int(ref.optimizer.iterations.numpy()) == 16

@@ -252,3 +252,16 @@ def test_the_search_ends_on_a_plan_that_fits_and_is_no_slower(requested_log2, li
     assert rate(end.batch_size) >= rate(working.batch_size) * (1 - s.settings.min_gain) - 1e-9
     assert restarts <= 2 * max_probes
     assert s.probes <= max_probes
+
+
+def test_a_plan_changed_by_another_rung_becomes_the_working_plan_with_its_knobs():
+    s = search(P(32), P(16))
+    verdict = s.stable(P(16, learning_rate_scale=0.5), 100.0)  # a nan_loss rung lowered the LR
+    assert s.working == P(16, learning_rate_scale=0.5)
+    assert verdict.switch_to == P(24, learning_rate_scale=0.5), "the probe keeps the new learning rate"
+
+
+def test_a_plan_that_crossed_the_upper_bound_ends_the_search():
+    s = search(P(32), P(16))
+    assert s.stable(P(64), 100.0).switch_to is None
+    assert not s.active
