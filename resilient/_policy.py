@@ -407,7 +407,8 @@ class ProbeSettings(BaseModel):
     """How the supervisor looks for a better batch size after an OOM degradation (TOML: ``[probe]``).
 
     After ``stable_steps`` steps on a plan, the supervisor measures its throughput (samples per
-    second over the steps after a short warm-up) and tries a neighbouring batch size in a new
+    second over the steps after a short warm-up, and over at least ``measure_seconds`` of training,
+    so that a noisy machine does not decide) and tries a neighbouring batch size in a new
     worker: first between the working batch and the one that failed (bisection), then, with
     ``objective = "throughput"``, a smaller micro-batch with the same effective batch (more
     gradient accumulation), because the largest batch that fits is not always the fastest (on CPUs
@@ -428,6 +429,9 @@ class ProbeSettings(BaseModel):
     objective: Literal["throughput", "largest"] = "throughput"
     min_gain: float = Field(0.05, ge=0.0, le=1.0, description="Relative throughput difference that counts.")
     min_batch: int = Field(8, ge=1, description="The smallest micro-batch a probe down tries.")
+    measure_seconds: float = Field(
+        10.0, ge=0.0, description="Training time a throughput measurement covers at least (steps may run past stable_steps)."
+    )
 
     def warmup_steps(self) -> int:
         """Steps at the start of an attempt left out of its throughput (tracing, caches warming up)."""

@@ -101,7 +101,7 @@ class SlowSteps:
 def test_probing_back_up_settles_above_blind_halving(tmp_path):
     x, y = make_data(n=512)
     policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=4)]},
-                              probe={"enabled": True, "stable_steps": 4, "max_probes": 2})
+                              probe={"enabled": True, "stable_steps": 4, "max_probes": 2, "measure_seconds": 0.3})
     run_dir = tmp_path / "run"
     history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=3, run_dir=run_dir, verbose=0,
                             policy=policy, faults="gpu_oom@3", checkpoint_every=2, callbacks=[SlowSteps(0.05)])
@@ -143,7 +143,7 @@ def test_the_search_settles_on_the_fastest_micro_batch_and_keeps_the_math(tmp_pa
     resilient.fit(ref, x, y, epochs=2, batch_size=64, seed=4, run_dir=tmp_path / "ref", verbose=0)
     model = make_model(metrics=False)
     policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=2, keep_effective_batch=True)]},
-                              probe={"stable_steps": 8, "max_probes": 2, "min_batch": 8})
+                              probe={"stable_steps": 8, "max_probes": 2, "min_batch": 8, "measure_seconds": 0.5})
     run_dir = tmp_path / "run"
     history = resilient.fit(model, x, y, epochs=2, batch_size=64, seed=4, run_dir=run_dir, verbose=0, policy=policy,
                             faults="gpu_oom@3", checkpoint_every=2, callbacks=[PacedByBatch(0.0002)])

@@ -444,7 +444,7 @@ def paced(n: int = 10) -> dict[str, Any]:
 
 def _search_policy(**probe: Any) -> Policy:
     return Policy(ladders={"gpu_oom": [halve_batch(min_batch=2, keep_effective_batch=True)]},
-                  probe={"enabled": True, "stable_steps": 6, "max_probes": 3, **probe})
+                  probe={"enabled": True, "stable_steps": 6, "max_probes": 3, "measure_seconds": 0.0, **probe})
 
 
 def test_the_search_probes_down_to_the_fastest_micro_batch_and_settles_there(supervise):
@@ -489,6 +489,24 @@ def test_largest_objective_never_probes_down(supervise):
     assert h.events("throughput_measured"), "the stable point was reached and judged"
 
 
+def test_the_worker_gets_two_malloc_arenas_unless_the_caller_chose(supervise, monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert supervise({"default": COMPLETE}).supervisor._env()["MALLOC_ARENA_MAX"] == "2"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert supervise({"default": COMPLETE}).supervisor._env()["MALLOC_ARENA_MAX"] == "8"
+
+
+def test_a_measurement_covers_measure_seconds_of_training(supervise):
+    # 10 steps of 0.1 s after one warm-up step: 0.9 s of training, short of 2 s, so the plan is never
+    # judged and the run completes on it.
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")]},
+                   "default": [HELLO, paced(), {"do": "checkpoint"}, {"do": "epoch_end"}, RESULT]},
+                  policy=_search_policy(measure_seconds=2.0), plan=Plan(batch_size=64))
+    result = h.supervisor.run()
+    assert result.plan == Plan(batch_size=32, grad_accum_steps=2)
+    assert not h.events("throughput_measured") and not h.events("probe_started")
+
+
 def test_a_slower_larger_probe_is_rejected_and_the_run_goes_back(supervise):
     # 32 runs out of memory -> 16; the probe up (24) holds but is much slower per sample, so it becomes
     # the upper bound and the run returns to 16 (the next bisection, 20, is then tried and also rejected).
@@ -500,7 +518,7 @@ def test_a_slower_larger_probe_is_rejected_and_the_run_goes_back(supervise):
                                 "3": [HELLO, paced_here, stop]},
                    "default": [HELLO, paced_here, {"do": "checkpoint"}, {"do": "epoch_end"}, RESULT]},
                   policy=Policy(ladders={"gpu_oom": [halve_batch(min_batch=16)]},
-                                probe={"enabled": True, "stable_steps": 6, "max_probes": 2}),
+                                probe={"enabled": True, "stable_steps": 6, "max_probes": 2, "measure_seconds": 0.0}),
                   plan=Plan(batch_size=32))
     result = h.supervisor.run()
     plans = [e["plan"]["batch_size"] for e in h.events("attempt_started")]
