@@ -18,12 +18,12 @@ process, data pipeline and memory accounting:
    working plan's throughput and probes neighbouring micro-batches (up between the working and the
    failed one, down with more accumulation), keeping the fastest. The default policy waits 200 steps
    before measuring; 40 here so that the search fits in a few minutes of training (each plan is
-   then measured over its steps 11-40). The run trains enough epochs (~8000 samples) for the search
-   to finish and the settled plan to train on; the settled plan is the plan of the last attempt and
-   its throughput is timed in that attempt.
+   then measured from its step 11 over at least [probe] measure_seconds = 10 s of training). The run
+   trains enough epochs (~16000 samples) for the search to finish and the settled plan to train on;
+   the settled plan is the plan of the last attempt and its throughput is timed in that attempt.
 3. sweep: resilient.fit(batch_size=b, same cap, no ladder, max_restarts=0) for b ascending in
    {8, 16, 32, 48, 64, 80, 96, 128, 192, 256} (quick: 16, 32, 64, 96, 128, 256) until the first
-   OOM; throughput of each plan that fits. These plans have no gradient accumulation, so they are
+   OOM, each for ~2500 samples (~10 s of training); throughput of each plan that fits. These plans have no gradient accumulation, so they are
    the strict reference: the settled plan keeps the effective batch of 256 (accumulation costs a
    little) while a swept batch of 32 trains with another effective batch.
    Blind halving = the first of 256, 128, 64, ... that fits, without gradient accumulation.
@@ -36,8 +36,8 @@ Target: settled-plan throughput / best sweep throughput >= 0.9.
 The search's own measurements (journal: throughput_measured, probe_started, probe_succeeded,
 probe_rejected, probe_failed) are printed as a trace.
 
-    python bench/bench_degradation.py            # ~6 min on 2 cores
-    python bench/bench_degradation.py --quick    # ~4 min
+    python bench/bench_degradation.py            # ~9 min on 2 cores
+    python bench/bench_degradation.py --quick    # ~6 min
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def main() -> int:
 
         # 2. resilient under the cap, default policy
         policy = bench_policy(args.stable_steps)
-        epochs = max(2, -(-8000 // n))
+        epochs = max(2, -(-16000 // n))
         print(f"  resilient.fit(batch_size={REQUESTED}, epochs={epochs}, host_memory_limit={cap / 1e9:.2f} GB, "
               f"policy=default with [probe] stable_steps={args.stable_steps}) ...", flush=True)
         settled = run(x, y, REQUESTED, cap, tmp / "resilient", policy, None, epochs=epochs)
@@ -222,8 +222,9 @@ def main() -> int:
         # 3. exhaustive sweep, ascending until the first OOM
         sweep_sizes = [8, 16, 32, 48, 64, 80, 96, 128, 192, 256] if not args.quick else [16, 32, 64, 96, 128, 256]
         sweep = []
+        sweep_epochs = max(1, -(-2500 // n))  # ~10 s of training per plan
         for b in sweep_sizes:
-            r = run(x, y, b, cap, tmp / f"sweep-{b}", no_ladder, 0)
+            r = run(x, y, b, cap, tmp / f"sweep-{b}", no_ladder, 0, epochs=sweep_epochs)
             kinds = [i["kind"] for i in r["incidents"]]
             fits = r["status"] == "completed"
             sweep.append({"batch": b, "fits": fits, "incident": kinds[0] if kinds else None, **r})
@@ -263,8 +264,9 @@ def main() -> int:
             + [[settled["attempts"] - 1, settled["status"], C.gb(settled["cgroup_peak_bytes"][-1]),
                 f"settled on {describe(settled['final_plan'])}"]],
             ["attempt", "ended", "cgroup peak GB", "action"])
+    searched = settled["attempts"] - 1 - len(settled["incidents"])
     print(f"time from the run's first attempt to the settled plan's first step: {settled.get('settle_s', float('nan')):.1f} s "
-          f"({settled['attempts'] - 1} failed attempt(s))")
+          f"({len(settled['incidents'])} attempt(s) ended by an incident, {searched} restart(s) of the plan search)")
     probe = settled["probe"]
     print(f"plan search ([probe] objective={probe['objective']}, stable_steps={probe['stable_steps']}, "
           f"max_probes={probe['max_probes']}, min_gain={probe['min_gain']}, min_batch={probe['min_batch']}):")
