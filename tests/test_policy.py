@@ -712,6 +712,16 @@ def test_cli_lists_presets():
         assert "T4" in out
 
 
+def test_cli_output_into_a_closed_pipe_is_not_an_error():
+    # `python -m resilient policies steps | head -1`: the reader is gone before we write.
+    proc = subprocess.Popen([sys.executable, "-m", "resilient", "policies", "steps"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
+
+
 def test_cli_check_valid_prints_the_ladders():
     code, out, err = run_cli("policies", "check", "default")
     assert code == 0, err
