@@ -725,9 +725,8 @@ def next_probe(working: Plan, failed: Plan) -> Plan | None:
     only divisors of that effective batch are candidates. None when the gap is small
     (``failed - working <= max(1, working // 8)``) or no candidate lies strictly between.
 
-    The supervisor probes after ``ProbeSettings.stable_steps`` quiet steps; when the probe fails it
-    goes back to ``working`` with the probe as the new ``failed``, and when it holds, the probe becomes
-    the new ``working``.
+    ``resilient._probe.PlanSearch`` uses it for the probe up (``failed``: the smallest batch known to
+    fail or to be slower) and ``probe_below`` for the probe down.
     """
     low, high = working.batch_size, failed.batch_size
     if high - low <= max(1, low // 8):
