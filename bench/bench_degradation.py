@@ -36,7 +36,7 @@ Target: settled-plan throughput / best sweep throughput >= 0.9.
 The search's own measurements (journal: throughput_measured, probe_started, probe_succeeded,
 probe_rejected, probe_failed) are printed as a trace.
 
-    python bench/bench_degradation.py            # ~9 min on 2 cores
+    python bench/bench_degradation.py            # ~10 min on 2 cores
     python bench/bench_degradation.py --quick    # ~6 min
 """
 

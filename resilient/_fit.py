@@ -19,7 +19,7 @@ from ._faults import parse_faults
 from ._history import History
 from ._inputs import ModelFacts, prepare_inputs
 from ._plan import Plan
-from ._rundir import Journal, RunDir, RunSpec
+from ._rundir import Journal, RunDir, RunSpec, atomic_file, atomic_path
 from ._units import parse_duration, parse_size
 
 DEFAULT_RUNS_DIR = "resilient_runs"
@@ -172,9 +172,8 @@ def fit(
             has_callbacks=has_callbacks, versions=versions, flexible_input=flexible,
         )
         if not is_builder and not (resuming and run.model_file.exists()):
-            tmp = run.path / ".model.tmp.keras"
-            model.save(tmp)
-            os.replace(tmp, run.model_file)
+            with atomic_path(run.model_file) as tmp:
+                model.save(tmp)  # Keras wants a path ending in .keras: atomic_path keeps the suffix
         _write_objects(run, objects)
         run.write_spec(spec)
         if not resuming or not run.plan_json.exists():
@@ -326,12 +325,8 @@ def _carry_objects(builder: Any, callbacks: Sequence[Any] | None) -> tuple[dict[
 def _write_objects(run: RunDir, objects: dict[str, Any]) -> None:
     import cloudpickle
 
-    tmp = run.path / ".objects.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_file(run.objects_file) as f:
         cloudpickle.dump(objects, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run.objects_file)
 
 
 def custom_objects_of(model: Any) -> dict[str, Any]:

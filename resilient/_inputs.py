@@ -32,7 +32,7 @@ from ._data import (
 )
 from ._errors import InvalidArgumentError, RunDirError
 from ._plan import Plan
-from ._rundir import ArraysData, ObjectData, RunDir, RunSpec, atomic_write_text
+from ._rundir import ArraysData, ObjectData, RunDir, RunSpec, atomic_file, atomic_write_text
 from .data import IMAGE_FORMATS, ImageFolder
 
 #: Arrays are copied into the run directory this many bytes at a time (a memmap is never loaded whole).
@@ -340,25 +340,17 @@ def store_array(path: Path, arr: np.ndarray) -> None:
     header = {"descr": np.lib.format.dtype_to_descr(arr.dtype), "fortran_order": False, "shape": arr.shape}
     row_bytes = max(1, arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
     rows = max(1, STORE_CHUNK_BYTES // row_bytes)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            try:
-                np.lib.format.write_array_header_1_0(f, header)
-            except ValueError:  # a header over 64 KiB
-                f.seek(0)
-                f.truncate()
-                np.lib.format.write_array_header_2_0(f, header)
-            if arr.size:
-                for start in range(0, arr.shape[0], rows):
-                    # A view of a contiguous memmap is written as it is; anything else is copied a chunk at a time.
-                    f.write(memoryview(np.ascontiguousarray(arr[start:start + rows])).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        try:
+            np.lib.format.write_array_header_1_0(f, header)
+        except ValueError:  # a header over 64 KiB
+            f.seek(0)
+            f.truncate()
+            np.lib.format.write_array_header_2_0(f, header)
+        if arr.size:
+            for start in range(0, arr.shape[0], rows):
+                # A view of a contiguous memmap is written as it is; anything else is copied a chunk at a time.
+                f.write(memoryview(np.ascontiguousarray(arr[start:start + rows])).cast("B"))
 
 
 def check_stored_arrays(run: RunDir, arrays: dict[str, np.ndarray]) -> None:

@@ -17,12 +17,14 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,20 +36,37 @@ def utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is synced and renamed over
+    ``path``, so readers see the old or the new file, never a mix; on failure it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}{path.suffix}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: Literal["w", "wb"] = "wb") -> Iterator[IO[Any]]:
+    """``open(path, mode)`` that replaces ``path`` atomically when the block ends (``atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
+        yield f
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new content, never a mix."""
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def fsync_dir(path: Path) -> None:

@@ -485,9 +485,10 @@ class Supervisor:
                 if not probe_checked and decision is None:
                     with mon.lock:
                         trained = (mon.step or 0) - mon.start_step if mon.start_step is not None else 0
-                    if trained >= stable_steps and self._measured(mon):
+                    measured, rate = self._measurement(mon) if trained >= stable_steps else (False, None)
+                    if measured:
                         probe_checked = True
-                        if self._probe_due(attempt, mon):
+                        if self._probe_due(attempt, rate):
                             decision = "probe"
                             _signal(proc, signal.SIGTERM)  # checkpoint, exit; restarted with the next plan
                 if age > timeout and decision is None:
@@ -528,21 +529,19 @@ class Supervisor:
         )
         return outcome, mon, peak
 
-    def _measured(self, mon: _Monitor) -> bool:
-        """Whether the attempt's throughput can be judged now: its window (after the warm-up) covers
-        ``measure_seconds`` of training, and two timed heartbeats bracket it (they are throttled).
-        A worker that reports no timing is judged at ``stable_steps``, unmeasured."""
+    def _measurement(self, mon: _Monitor) -> tuple[bool, float | None]:
+        """(whether the attempt can be judged now, its samples/s). Judged once its window (after the
+        warm-up) covers ``measure_seconds`` of training and two timed heartbeats bracket it (they are
+        throttled); a worker that reports no timing is judged at ``stable_steps``, unmeasured."""
         with mon.lock:
             if mon.timing is None:
-                return True
+                return True, None
             rate = mon.samples_per_second(self.plan.batch_size)
             window = mon.timing[1] - mon.timing_base[1] if mon.timing_base is not None else 0.0
-        return rate is not None and window >= self._search.settings.measure_seconds
+        return rate is not None and window >= self._search.settings.measure_seconds, rate
 
-    def _probe_due(self, attempt: int, mon: _Monitor) -> bool:
+    def _probe_due(self, attempt: int, rate: float | None) -> bool:
         """Called once an attempt trained ``stable_steps``: judge its throughput, pick what runs next."""
-        with mon.lock:
-            rate = mon.samples_per_second(self.plan.batch_size)
         self.journal.write("throughput_measured", attempt=attempt, plan=self.plan.model_dump(mode="json"),
                            samples_per_s=round(rate, 2) if rate is not None else None)
         verdict = self._search.stable(self.plan, rate)

@@ -352,3 +352,19 @@ def test_atomic_write_text_failure_leaves_no_temp_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_text(path, None)  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_atomic_file_replaces_only_when_the_block_completes(tmp_path):
+    from resilient._rundir import atomic_file, atomic_path
+
+    path = tmp_path / "x.npy"
+    with atomic_file(path) as f:
+        f.write(b"new")
+    with pytest.raises(RuntimeError), atomic_file(path) as f:
+        f.write(b"half")
+        raise RuntimeError("interrupted mid-write")
+    assert path.read_bytes() == b"new"
+    with atomic_path(tmp_path / "model.keras") as tmp:
+        assert tmp.suffix == ".keras" and tmp.parent == tmp_path  # Keras checks the suffix
+        tmp.write_bytes(b"m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "x.npy"]
