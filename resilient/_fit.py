@@ -134,6 +134,10 @@ def fit(
                 "classes and functions that can be pickled (defined at module level or in the notebook), or a "
                 "zero-argument function that builds and compiles the model."
             ) from None
+    if not is_builder:
+        # Keras does not save a layer's random state (Dropout's seed generator) with the model; the
+        # worker starts from the caller's, so the run draws the same masks as model.fit would.
+        objects["initial_rng"] = _seed_generator_states(model)
     objects.update(inputs.objects)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
@@ -215,7 +219,7 @@ def fit(
 def load_into(model: Any, run: RunDir) -> None:
     """Load the newest verified checkpoint's weights and optimizer state into ``model``."""
     from ._checkpoint import CheckpointStore
-    from ._worker import restore_optimizer_state
+    from ._worker import restore_optimizer_state, restore_seed_generator_states
 
     ckpt = CheckpointStore(run.checkpoints).latest()
     if ckpt is None:
@@ -226,6 +230,16 @@ def load_into(model: Any, run: RunDir) -> None:
         var.assign(value)
     with np.load(ckpt.file("optimizer.npz")) as z:
         restore_optimizer_state(model, {k: z[k] for k in z.files})
+    if ckpt.file("rng.npz").exists():
+        with np.load(ckpt.file("rng.npz")) as z:
+            states = [z[f"arr_{i}"] for i in range(len(z.files))]
+        restore_seed_generator_states(model, states)
+
+
+def _seed_generator_states(model: Any) -> list[Any]:
+    from ._worker import seed_generator_states
+
+    return seed_generator_states(model)
 
 
 def _load_trained(run: RunDir, builder: Callable[[], Any]) -> Any:

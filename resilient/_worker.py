@@ -344,6 +344,16 @@ def seed_generator_states(model: Any) -> list[Any]:
     return [np.asarray(sg.state.numpy()) for sg in _seed_generators(model)]
 
 
+def restore_seed_generator_states(model: Any, states: list[Any]) -> None:
+    """Assign saved seed-generator states (Dropout's random state); a count that differs is left alone."""
+    generators = _seed_generators(model)
+    if len(generators) != len(states):
+        return
+    for sg, value in zip(generators, states):
+        if tuple(sg.state.shape) == tuple(value.shape):
+            sg.state.assign(value)
+
+
 def _seed_generators(model: Any) -> list[Any]:
     out = []
     for layer in model._flatten_layers(include_self=True):
@@ -494,8 +504,7 @@ class Attempt:
             self.metric_values = [z[f"arr_{i}"] for i in range(len(z.files))]
         with np.load(ckpt.file("rng.npz")) as z:
             states = [z[f"arr_{i}"] for i in range(len(z.files))]
-        for sg, value in zip(_seed_generators(model), states):
-            sg.state.assign(value)
+        restore_seed_generator_states(model, states)
         with open(ckpt.file("callbacks.pkl"), "rb") as f:
             self.callback_states = cloudpickle.load(f)
         self.epoch = int(meta["epoch"])
@@ -539,6 +548,8 @@ class Attempt:
         model = build_model(self.run, self.spec, self.plan, objects)
         self.user_callbacks = list(objects.get("callbacks", []))
         resumed_from = self.restore_checkpoint(model)
+        if resumed_from is None and objects.get("initial_rng") is not None:
+            restore_seed_generator_states(model, objects["initial_rng"])
         self._apply_lr_scale(model)
         try:
             log_to_tensorboard(self.run, self.user_callbacks, self.plan, self.global_step)
