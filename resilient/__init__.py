@@ -23,7 +23,7 @@ from ._fit import fit
 from ._history import History
 from ._incident import Incident
 from ._plan import Plan
-from ._policy import Policy, StepContext, load_policy, register_step
+from ._policy import Policy, Step, StepContext, load_policy, register_step
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "Policy",
     "ResilientError",
     "RunDirError",
+    "Step",
     "StepContext",
     "TrainingFailedError",
     "UserCodeError",
@@ -45,3 +46,11 @@ __all__ = [
     "register_step",
     "steps",
 ]
+
+# Public names say where users find them: tracebacks read ``resilient.TrainingFailedError``, not the
+# private module that happens to define it.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) or (callable(_obj) and not isinstance(_obj, type(_os))):
+        _obj.__module__ = __name__
+del _name, _obj

@@ -1,0 +1,55 @@
+"""The public face: a sorted ``__all__`` of names that say they live in ``resilient``, and an import
+boundary that keeps TensorFlow out of the caller's side of the process boundary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import resilient
+
+EXPECTED = [
+    "History", "Incident", "InvalidArgumentError", "InvalidPolicyError", "Plan", "Policy", "ResilientError",
+    "RunDirError", "Step", "StepContext", "TrainingFailedError", "UserCodeError", "data", "fit", "load_policy",
+    "register_step", "steps",
+]
+
+
+def test_all_is_sorted_complete_and_guarded():
+    assert resilient.__all__ == sorted(resilient.__all__)
+    assert resilient.__all__ == EXPECTED, "a change to the public surface must be deliberate: update EXPECTED"
+    public = {n for n in dir(resilient) if not n.startswith("_")}
+    assert public == set(EXPECTED), f"public names outside __all__: {sorted(public - set(EXPECTED))}"
+
+
+def test_exported_names_report_the_package_as_their_module():
+    for name in resilient.__all__:
+        obj = getattr(resilient, name)
+        if isinstance(obj, types.ModuleType):
+            assert obj.__name__ == f"resilient.{name}"
+        else:
+            assert obj.__module__ == "resilient", f"resilient.{name}.__module__ == {obj.__module__!r}"
+
+
+def test_step_is_public_so_users_can_subclass_it():
+    class Noop(resilient.Step):
+        def apply(self, plan, incident, context):
+            return None
+
+    assert issubclass(Noop, resilient.Step)
+    assert "resilient.TrainingFailedError" in repr(resilient.TrainingFailedError)
+
+
+def test_the_caller_side_never_imports_tensorflow_or_keras():
+    """The supervisor, the policies and the public face load without TensorFlow (a fresh interpreter)."""
+    code = (
+        "import sys, resilient, resilient._supervisor, resilient._policy, resilient._probe, resilient._classify, "
+        "resilient.steps, resilient._status, resilient._cli\n"
+        "resilient.load_policy('default')\n"
+        "bad = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
+        "print('IMPORTED', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
