@@ -52,6 +52,31 @@ class CheckpointSaved(_Msg):
     reason: str = "interval"
 
 
+class EpochBegin(_Msg):
+    """An epoch begins in this attempt: how many steps are left in the run under the attempt's plan.
+
+    ``steps``: the steps this epoch will run in this attempt (fewer than ``steps_per_epoch`` when it
+    resumes mid-epoch); ``steps_per_epoch``: a whole epoch's steps under the plan; both None when
+    the input's length is unknown. ``samples_per_step``: what one step consumes (the plan's batch size,
+    or 1 for a PyDataset, which picks its own batches). The supervisor uses them to tell whether a
+    probe could still be judged before the run ends.
+    """
+
+    type: Literal["epoch_begin"] = "epoch_begin"
+    epoch: int
+    step: int
+    epochs: int | None = None
+    steps: int | None = Field(None, ge=0)
+    steps_per_epoch: int | None = Field(None, ge=0)
+    samples_per_step: int | None = Field(None, ge=1)
+
+    def end_step(self) -> int | None:
+        """The global step at which the run ends under this plan (None: unknown)."""
+        if self.epochs is None or self.steps is None or self.steps_per_epoch is None:
+            return None
+        return self.step + self.steps + max(0, self.epochs - self.epoch - 1) * self.steps_per_epoch
+
+
 class EpochEnd(_Msg):
     type: Literal["epoch_end"] = "epoch_end"
     epoch: int
@@ -74,7 +99,9 @@ class Notice(_Msg):
     fields: dict[str, Any] = Field(default_factory=dict)
 
 
-Message = Annotated[Hello | Heartbeat | CheckpointSaved | EpochEnd | FaultFired | Notice, Field(discriminator="type")]
+Message = Annotated[
+    Hello | Heartbeat | CheckpointSaved | EpochBegin | EpochEnd | FaultFired | Notice, Field(discriminator="type")
+]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
 
 

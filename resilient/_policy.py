@@ -419,6 +419,10 @@ class ProbeSettings(BaseModel):
       is more than ``min_gain`` slower (it is closer to what was asked), a smaller one only when it
       is at least ``min_gain`` faster. A rejected probe becomes a bound, and the run goes back to the
       working plan.
+
+    A probe starts only when the steps left in the run cover ``stable_steps`` and the warm-up plus
+    ``measure_seconds`` of training (``resilient._probe.can_judge``); otherwise the run finishes on
+    the working plan.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)

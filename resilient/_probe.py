@@ -17,10 +17,17 @@ A probe that holds for ``stable_steps`` is judged on its throughput (``ProbeSett
 becomes the working plan and the plan it replaced becomes a bound; rejected, it becomes a bound
 itself and the run goes back to the working plan. A probe that runs out of memory becomes ``above``.
 Every probe counts toward ``max_probes``, so a run restarts at most ``2 * max_probes`` times for probing.
+
+A probe starts only if it can be judged before the run ends (``Horizon``, ``can_judge``): the steps
+left in the run, counted in the probe's steps, must cover its warm-up and its measurement
+(``stable_steps``, and ``measure_seconds`` of training at the step time estimated from the plan in
+force). Otherwise the search journals ``probe_skipped`` and the run finishes on the working plan. A
+probe still running when the run completes was never judged: it is not settled (``finished``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +49,56 @@ def _rate(value: float | None) -> float | None:
     return round(value, 2) if value is not None else None
 
 
+#: Heartbeats are throttled (one per 0.25 s), so a measurement window opens up to one interval after
+#: the warm-up and is read up to one interval after it covers ``measure_seconds``.
+HEARTBEAT_SLACK_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """How much of the run is left, seen from the plan in force when the search decides."""
+
+    steps_left: int  # training steps left in the run under the plan in force
+    step_seconds: float | None = None  # that plan's measured seconds per step (None: not measured)
+    per_batch: bool = True  # a step is one batch of plan.batch_size samples (False: a PyDataset's own batches)
+
+    def seen_from(self, plan: Plan, other: Plan) -> Horizon:
+        """The same horizon in ``other``'s steps, assuming the same samples per second."""
+        if not self.per_batch or other.batch_size == plan.batch_size:
+            return self
+        ratio = other.batch_size / plan.batch_size  # samples per step, other over plan
+        seconds = self.step_seconds * ratio if self.step_seconds is not None else None
+        return Horizon(steps_left=int(self.steps_left / ratio), step_seconds=seconds, per_batch=True)
+
+
+def steps_to_judge(settings: ProbeSettings, step_seconds: float | None) -> int:
+    """Steps a plan trains before the supervisor can judge it: ``stable_steps``, and the warm-up plus
+    ``measure_seconds`` of training at ``step_seconds`` (a plan with no measured step time is judged
+    at ``stable_steps``, unmeasured)."""
+    needed = settings.stable_steps
+    if step_seconds is not None and step_seconds > 0:
+        # Rounded first, so that a step time measured a hair off (0.0199999 s) counts as what it is.
+        measure = math.ceil(round((settings.measure_seconds + HEARTBEAT_SLACK_SECONDS) / step_seconds, 6))
+        needed = max(needed, settings.warmup_steps() + measure)
+    return needed
+
+
+def can_judge(settings: ProbeSettings, plan: Plan, probe: Plan, horizon: Horizon | None) -> str | None:
+    """None when ``probe``, started now from ``plan``, can be judged before the run ends; else why not.
+    An unknown horizon (None) never holds a probe back."""
+    if horizon is None:
+        return None
+    seen = horizon.seen_from(plan, probe)
+    needed = steps_to_judge(settings, seen.step_seconds)
+    if seen.steps_left >= needed:
+        return None
+    how = f"stable_steps={settings.stable_steps}"
+    if seen.step_seconds:
+        how += (f", or a warm-up of {settings.warmup_steps()} and {settings.measure_seconds:g}s of measurement "
+                f"at about {seen.step_seconds:.3g}s a step")
+    return f"{seen.steps_left} steps left in the run, fewer than the {needed} it needs to be judged ({how})"
+
+
 class PlanSearch:
     """Bounds and measurements of the search; one per run (probes are counted across searches)."""
 
@@ -53,6 +110,7 @@ class PlanSearch:
         self.below: Plan | None = None
         self.probing: Plan | None = None  # the probe chosen or running
         self.probes = 0
+        self._horizon: tuple[Plan, Horizon | None] | None = None  # (plan in force, horizon) of the last stable point
 
     @property
     def active(self) -> bool:
@@ -63,10 +121,12 @@ class PlanSearch:
         self.working, self.working_rate = working, None
         self.above, self.below, self.probing = failed, None, None
 
-    def stable(self, plan: Plan, samples_per_s: float | None) -> Verdict:
-        """``plan`` trained ``stable_steps`` steps at ``samples_per_s`` (None: not measured)."""
+    def stable(self, plan: Plan, samples_per_s: float | None, horizon: Horizon | None = None) -> Verdict:
+        """``plan`` trained ``stable_steps`` steps at ``samples_per_s`` (None: not measured); ``horizon``:
+        what is left of the run (None: unknown), so that no probe starts that could not be judged."""
         if not self.active:
             return Verdict()
+        self._horizon = (plan, horizon)
         if self.probing is not None and plan == self.probing:
             return self._judge(plan, samples_per_s)
         self.probing = None
@@ -89,10 +149,12 @@ class PlanSearch:
             self.probing = None
             self.probes -= 1
 
-    def finished(self, plan: Plan) -> None:
-        """The run ended on ``plan``: a probe that trained to the end is the settled plan."""
-        if self.probing is not None and plan == self.probing:
-            self.working, self.probing = plan, None
+    def finished(self, plan: Plan) -> bool:
+        """The run ended on ``plan``; True when that was a probe never judged (it is not settled: the
+        working plan stays the plan a new run resumes from)."""
+        unjudged = self.probing is not None and plan == self.probing
+        self.probing = None
+        return unjudged
 
     # ------------------------------------------------------------------ internals
 
@@ -141,14 +203,14 @@ class PlanSearch:
         else:
             self.below = probe
         verdict = self._next(Verdict(events=[("probe_rejected", fields)],
-                                     message=f"probe {probe.describe()} rejected: {why}"))
+                                     message=f"probe {probe.describe()} rejected: {why}"), going_back=True)
         if verdict.switch_to is None:
             verdict.switch_to = working  # nothing else to try: back to the plan that works
             verdict.events[0][1]["back_to"] = working.model_dump(mode="json")
             verdict.message = f"{verdict.message}; back to {working.describe()}"
         return verdict
 
-    def _next(self, verdict: Verdict) -> Verdict:
+    def _next(self, verdict: Verdict, going_back: bool = False) -> Verdict:
         assert self.working is not None and self.above is not None
         if self.probes >= self.settings.max_probes:
             return verdict
@@ -158,6 +220,20 @@ class PlanSearch:
         ):
             candidate = probe_below(self.working, self.below, self.settings.min_batch)
         if candidate is not None:
+            plan, horizon = self._horizon or (self.working, None)
+            why = can_judge(self.settings, plan, candidate, horizon)
+            if why is not None:
+                assert horizon is not None
+                seen = horizon.seen_from(plan, candidate)
+                verdict.events.append(("probe_skipped", {
+                    "plan": candidate.model_dump(mode="json"), "working": self.working.model_dump(mode="json"),
+                    "steps_left": seen.steps_left, "steps_needed": steps_to_judge(self.settings, seen.step_seconds),
+                    "reason": why}))
+                skipped = f"not probing {candidate.describe()}: {why}"
+                if not going_back:
+                    skipped += f"; the run finishes on {self.working.describe()}"
+                verdict.message = f"{verdict.message}; {skipped}" if verdict.message else skipped
+                return verdict
             self.probing = candidate
             self.probes += 1
             verdict.switch_to = candidate

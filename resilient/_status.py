@@ -29,6 +29,7 @@ def summarize(path: str | Path) -> str:
     epochs = [e for e in events if e["event"] == "epoch_end"]
     rates = {e["attempt"]: e.get("samples_per_s") for e in events if e["event"] == "throughput_measured"}
     verdicts = {e["attempt"]: e for e in events if e["event"] in ("probe_succeeded", "probe_rejected")}
+    held = {e["attempt"]: e for e in events if e["event"] in ("probe_skipped", "probe_unjudged")}
     lines.append("  attempts:")
     for e in (e for e in events if e["event"] == "attempt_started"):
         a = e["attempt"]
@@ -48,6 +49,13 @@ def summarize(path: str | Path) -> str:
         if verdict:
             kept = "kept" if verdict["event"] == "probe_succeeded" else "rejected"
             lines.append(f"         -> probe {kept}: {verdict.get('reason', '')}")
+        note = held.get(a)
+        if note and note["event"] == "probe_skipped":
+            lines.append(f"         -> probe {Plan.model_validate(note['plan']).describe()} not started: "
+                         f"{note.get('reason', '')}")
+        elif note:
+            lines.append(f"         -> the run completed on this probe before it was judged; plan.json keeps "
+                         f"{Plan.model_validate(note['working']).describe()}")
     if epochs:
         last = epochs[-1]
         logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.get("logs", {}).items()))

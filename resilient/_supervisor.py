@@ -34,14 +34,14 @@ from typing import IO, Any
 
 import tenacity
 
-from ._channel import ChannelReader, CheckpointSaved, EpochEnd, FaultFired, Heartbeat, Hello, Notice
+from ._channel import ChannelReader, CheckpointSaved, EpochBegin, EpochEnd, FaultFired, Heartbeat, Hello, Notice
 from ._checkpoint import CheckpointStore
 from ._classify import EXIT_PREEMPTED, EXIT_REPORTED, AttemptOutcome, classify
 from ._errors import TrainingFailedError, UserCodeError
 from ._incident import Incident
 from ._memory import GpuMemory, MemoryCgroup, tree_rss
 from ._plan import Plan
-from ._probe import PlanSearch
+from ._probe import Horizon, PlanSearch
 from ._rundir import Journal, RunDir, atomic_write_text
 from ._units import format_bytes
 
@@ -81,8 +81,9 @@ class RunResult:
     history: dict[str, list[float]]
     epochs_done: list[int]
     incidents: list[Incident]
-    plan: Plan
+    plan: Plan  # the settled plan (plan.json), the one a later call resumes with
     checkpoint: str | None
+    unjudged_probe: Plan | None = None  # the run completed on this probe before it could be judged
 
 
 OOM_KINDS = ("gpu_oom", "host_oom")
@@ -119,6 +120,9 @@ class _Monitor:
         # Throughput: the worker's cumulative (timed steps, timed seconds), after the warm-up and now.
         self.timing_base: tuple[int, float] | None = None
         self.timing: tuple[int, float] | None = None
+        # What is left of the run (EpochBegin): the global step it ends at under this plan.
+        self.end_step: int | None = None
+        self.samples_per_step: int | None = None
 
     def samples_per_second(self, batch_size: int) -> float | None:
         """Throughput of this attempt since the end of its warm-up (None: not measured)."""
@@ -126,6 +130,13 @@ class _Monitor:
             return None
         steps, seconds = self.timing[0] - self.timing_base[0], self.timing[1] - self.timing_base[1]
         return batch_size * steps / seconds if steps > 0 and seconds > 0 else None
+
+    def seconds_per_step(self) -> float | None:
+        """Measured seconds per training step since the warm-up (None: not measured)."""
+        if self.timing_base is None or self.timing is None:
+            return None
+        steps, seconds = self.timing[0] - self.timing_base[0], self.timing[1] - self.timing_base[1]
+        return seconds / steps if steps > 0 and seconds > 0 else None
 
 
 class Supervisor:
@@ -213,8 +224,13 @@ class Supervisor:
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
                            probe=self._search.probing == self.plan)
         self._say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
+        label = f"attempt {attempt}" + (f" (probe {self.plan.describe()})" if self._search.probing == self.plan else "")
 
-        outcome, mon, peak = self._spawn_and_monitor(attempt, adir)
+        try:
+            outcome, mon, peak = self._spawn_and_monitor(attempt, adir)
+        except KeyboardInterrupt:
+            self._say(f"{label} interrupted (Ctrl-C), {_saved_text(self.rundir)}")
+            raise
         kind, detail, evidence = classify(outcome)
         ended = {"returncode": outcome.returncode}
         if outcome.signal:
@@ -224,15 +240,13 @@ class Supervisor:
         self.journal.write("attempt_ended", attempt=attempt, memory_peak_bytes=peak, **ended)
 
         if kind is None:
-            self._search.finished(self.plan)
-            if self.plan != self.rundir.read_plan():
-                self.rundir.write_plan(self.plan)  # a probe that ran to the end is the settled plan
             result = json.loads(self.rundir.result_json.read_text())
+            unjudged = self._completed(attempt, label, mon, result)
             self.journal.write("run_finished", status="completed", epochs=len(result["epochs_done"]),
                                global_step=result["global_step"])
             meta = CheckpointStore(self.rundir.checkpoints).latest_meta()
-            return RunResult(result["history"], result["epochs_done"], list(self.incidents), self.plan,
-                             meta["path"] if meta else None)
+            return RunResult(result["history"], result["epochs_done"], list(self.incidents), self.rundir.read_plan(),
+                             meta["path"] if meta else None, unjudged_probe=unjudged)
 
         ckpt = CheckpointStore(self.rundir.checkpoints).latest_meta()
         report = outcome.report or {}
@@ -245,6 +259,7 @@ class Supervisor:
         if kind == "user_error":
             incident = Incident(**base, action="stop: the training code raised an error; not retried")
             self._record(incident)
+            self._say(f"{label} ended: {kind} ({detail}) {_progress_text(mon, step, ckpt)}; not retried")
             self.journal.write("run_finished", status="user_error")
             report = outcome.report or {}
             raise UserCodeError(
@@ -266,10 +281,11 @@ class Supervisor:
                     "direction": "up" if switch_to.batch_size > self.plan.batch_size else "down",
                     "working": search.working.model_dump(mode="json") if search.working else None,
                     "working_samples_per_s": round(search.working_rate, 2) if search.working_rate else None})
-                self._say(f"probing {switch_to.describe()} (working: "
-                          f"{search.working.describe() if search.working else '-'})")
+                self._say(f"{label} stopped {_progress_text(mon, step, ckpt)}, to measure another plan: probe "
+                          f"{switch_to.describe()} (working: {search.working.describe() if search.working else '-'})")
             else:
-                self._say(f"back to {switch_to.describe()}")
+                self._say(f"{label} stopped {_progress_text(mon, step, ckpt)}, to go back to the working plan "
+                          f"{switch_to.describe()}")
             self.plan = switch_to
             raise _Restart()
         if outcome.decision == "probe":
@@ -283,7 +299,8 @@ class Supervisor:
             self._record(incident)
             self.journal.write("probe_failed", attempt=attempt, plan=failed_probe.model_dump(mode="json"),
                                back_to=working.model_dump(mode="json"))
-            self._say(f"probe {failed_probe.describe()} ran out of memory; back to {working.describe()}")
+            self._say(f"{label} ended: {kind} ({detail}) {_progress_text(mon, step, ckpt)}; the probe does not "
+                      f"fit: back to {working.describe()}")
             self.plan = working
             raise _AttemptFailed(incident, no_progress=False)
 
@@ -310,9 +327,32 @@ class Supervisor:
                                                   "incident": kind})
             self.rundir.write_plan(new_plan)
             self.plan = new_plan
-        self._say(f"attempt {attempt} ended: {kind} ({detail}); {action}"
+        self._say(f"{label} ended: {kind} ({detail}) {_progress_text(mon, step, ckpt)}; {action}"
                   + (f"; new plan: {new_plan.describe()}" if incident.plan_changed else ""))
         raise _AttemptFailed(incident, no_progress)
+
+    def _completed(self, attempt: int, label: str, mon: _Monitor, result: dict[str, Any]) -> Plan | None:
+        """The run completed in this attempt: say so; returns the probe it ended on before it was judged.
+
+        plan.json keeps the settled plan: a probe that trained to the end was never measured, and one
+        that was rejected (its stop came too late) is slower."""
+        self._switch_to = None  # a stop for another plan came too late: nothing left to train
+        unjudged = self._search.finished(self.plan)
+        settled = self.rundir.read_plan()
+        self._say(f"{label} completed {_progress_text(mon, result.get('global_step'), None, saved=False)}; "
+                  f"the training is done")
+        if self.plan == settled:
+            return None
+        if unjudged:
+            self.journal.write("probe_unjudged", attempt=attempt, plan=self.plan.model_dump(mode="json"),
+                               working=settled.model_dump(mode="json"),
+                               reason="the run completed before the probe could be measured")
+            self._say(f"the run completed on probe {self.plan.describe()} before it could be judged; plan.json "
+                      f"keeps the working plan {settled.describe()}")
+            return self.plan
+        self._say(f"the run completed on {self.plan.describe()} before it could go back to the working plan; "
+                  f"plan.json keeps {settled.describe()}")
+        return None
 
     def _context(self) -> Any:
         ctx = self.cfg.context
@@ -427,6 +467,9 @@ class Supervisor:
                     self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
                                        seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason,
                                        path=msg.path)
+                elif isinstance(msg, EpochBegin):
+                    mon.epoch, mon.step = msg.epoch, msg.step
+                    mon.end_step, mon.samples_per_step = msg.end_step(), msg.samples_per_step
                 elif isinstance(msg, EpochEnd):
                     mon.step = msg.step
                     self.journal.write("epoch_end", attempt=attempt, epoch=msg.epoch, step=msg.step, logs=msg.logs)
@@ -488,7 +531,7 @@ class Supervisor:
                     measured, rate = self._measurement(mon) if trained >= stable_steps else (False, None)
                     if measured:
                         probe_checked = True
-                        if self._probe_due(attempt, rate):
+                        if self._probe_due(attempt, rate, self._horizon(mon)):
                             decision = "probe"
                             _signal(proc, signal.SIGTERM)  # checkpoint, exit; restarted with the next plan
                 if age > timeout and decision is None:
@@ -540,11 +583,23 @@ class Supervisor:
             window = mon.timing[1] - mon.timing_base[1] if mon.timing_base is not None else 0.0
         return rate is not None and window >= self._search.settings.measure_seconds, rate
 
-    def _probe_due(self, attempt: int, rate: float | None) -> bool:
+    def _horizon(self, mon: _Monitor) -> Horizon | None:
+        """What is left of the run, as the worker reported it (None: unknown, e.g. an input of unknown length)."""
+        with mon.lock:
+            end, step, per_step, step_seconds = mon.end_step, mon.step, mon.samples_per_step, mon.seconds_per_step()
+        if end is None or step is None:
+            return None
+        # A stop for a probe waits for the end of the gradient-accumulation window.
+        left = max(0, end - step - (self.plan.grad_accum_steps - 1))
+        return Horizon(steps_left=left, step_seconds=step_seconds,
+                       per_batch=per_step is None or per_step == self.plan.batch_size)
+
+    def _probe_due(self, attempt: int, rate: float | None, horizon: Horizon | None = None) -> bool:
         """Called once an attempt trained ``stable_steps``: judge its throughput, pick what runs next."""
         self.journal.write("throughput_measured", attempt=attempt, plan=self.plan.model_dump(mode="json"),
-                           samples_per_s=round(rate, 2) if rate is not None else None)
-        verdict = self._search.stable(self.plan, rate)
+                           samples_per_s=round(rate, 2) if rate is not None else None,
+                           steps_left=horizon.steps_left if horizon is not None else None)
+        verdict = self._search.stable(self.plan, rate, horizon)
         for event, fields in verdict.events:
             self.journal.write(event, attempt=attempt, **fields)
         if verdict.settle is not None:
@@ -649,6 +704,24 @@ def _total_ram() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
+
+
+def _progress_text(mon: _Monitor, step: int | None, ckpt: dict[str, Any] | None, saved: bool = True) -> str:
+    """How far an attempt got, for its console line: "after 40 steps, checkpoint at step 80"."""
+    start = mon.start_step
+    if start is None or step is None:
+        trained = "before its first step"
+    else:
+        n = max(0, step - start)
+        trained = f"after {n} step{'' if n == 1 else 's'} (at step {step})"
+    if not saved:
+        return trained
+    return f"{trained}, " + (f"checkpoint at step {ckpt['step']}" if ckpt else "no checkpoint yet")
+
+
+def _saved_text(run: RunDir) -> str:
+    meta = CheckpointStore(run.checkpoints).latest_meta()
+    return f"checkpoint at step {meta['step']}" if meta else "no checkpoint yet"
 
 
 def _ckpt_text(meta: dict[str, Any] | None) -> str:

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ._channel import ChannelWriter, CheckpointSaved, EpochEnd, FaultFired, Heartbeat, Hello, Notice
+from ._channel import ChannelWriter, CheckpointSaved, EpochBegin, EpochEnd, FaultFired, Heartbeat, Hello, Notice
 from ._classify import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED
 from ._faults import Fault, FiredFaults
 from ._plan import Plan
@@ -648,6 +648,7 @@ class _Head:
                     attempt.metric_values = None
                 self.begun, self.t0 = None, None
                 self.epoch_steps = int((self.params or {}).get("steps") or 0)
+                attempt.channel.send(_epoch_begin(attempt, epoch, (self.params or {}).get("steps")))
                 attempt.beat("train", force=True)
 
             def finish_steps(self, upto: int, timed: bool = True) -> None:
@@ -738,6 +739,16 @@ class _Tail:
                     raise Preempted()
 
         return Tail()
+
+
+def _epoch_begin(attempt: Attempt, epoch: int, steps: Any) -> EpochBegin:
+    """How much of the run is left under this attempt's plan (the supervisor's probe horizon)."""
+    per_step = max(1, attempt.samples_per_step)
+    known = steps is not None
+    return EpochBegin(epoch=epoch, step=attempt.global_step, epochs=attempt.spec.epochs,
+                      steps=int(steps) if known else None,
+                      steps_per_epoch=int(steps) + attempt.offset // per_step if known else None,
+                      samples_per_step=per_step)
 
 
 class _ContinuingCallbackList:

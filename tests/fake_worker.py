@@ -12,6 +12,9 @@ its own list, or ``default``. An action is ``{"do": name, ...}``:
                                    ({batch size: seconds per step}) they also report that timing for the
                                    attempt's plan (timed_steps/timed_seconds), without taking that long
     checkpoint                     a real checkpoint (CheckpointStore) at the current step + CheckpointSaved
+    epoch_begin steps=... epochs=1 steps_per_epoch=steps
+                                   EpochBegin at the current step: the steps left in this epoch and
+                                   the run's length (one step is one batch of the attempt's plan)
     epoch_end                      EpochEnd
     fault kind=...                 FaultFired at the current step
     notice event=... fields={}     Notice (something to journal)
@@ -90,6 +93,7 @@ def main() -> int:
     from resilient._channel import (
         ChannelWriter,
         CheckpointSaved,
+        EpochBegin,
         EpochEnd,
         FaultFired,
         Heartbeat,
@@ -136,6 +140,10 @@ def main() -> int:
                                lambda d, s=step: (d / "weights.bin").write_bytes(s.to_bytes(8, "little") * 64))
             channel.send(CheckpointSaved(epoch=0, step=step, seconds=time.monotonic() - started,
                                          bytes=saved.nbytes, path=str(saved.path)))
+        elif do == "epoch_begin":
+            steps = int(action["steps"])
+            channel.send(EpochBegin(epoch=0, step=step, epochs=int(action.get("epochs", 1)), steps=steps,
+                                    steps_per_epoch=int(action.get("steps_per_epoch", steps)), samples_per_step=batch))
         elif do == "epoch_end":
             channel.send(EpochEnd(epoch=0, step=step, logs={"loss": 0.5}))
         elif do == "fault":

@@ -13,6 +13,7 @@ from resilient._channel import (
     ChannelReader,
     ChannelWriter,
     CheckpointSaved,
+    EpochBegin,
     EpochEnd,
     FaultFired,
     Heartbeat,
@@ -43,6 +44,13 @@ from resilient._channel import (
         ),
         ({"type": "epoch_end", "epoch": 0, "step": 10, "logs": {"loss": 0.5}}, EpochEnd, {"logs": {"loss": 0.5}}),
         ({"type": "epoch_end", "epoch": 0, "step": 10}, EpochEnd, {"logs": {}}),
+        ({"type": "epoch_begin", "epoch": 1, "step": 10}, EpochBegin, {"epochs": None, "steps": None}),
+        (
+            {"type": "epoch_begin", "epoch": 1, "step": 10, "epochs": 3, "steps": 6, "steps_per_epoch": 10,
+             "samples_per_step": 32},
+            EpochBegin,
+            {"steps": 6, "steps_per_epoch": 10, "samples_per_step": 32},
+        ),
         ({"type": "fault", "kind": "preempt", "step": 3, "key": "preempt@3"}, FaultFired, {"key": "preempt@3"}),
         (
             {"type": "notice", "event": "checkpoint_corrupt", "fields": {"path": "x"}},
@@ -104,6 +112,7 @@ def test_messages_round_trip_through_json():
         Heartbeat(phase="validate", epoch=1, step=9, step_seconds=0.5, rss_bytes=1 << 20),
         CheckpointSaved(epoch=0, step=5, seconds=0.25, bytes=1024, path="/tmp/x", reason="preempt"),
         EpochEnd(epoch=0, step=10, logs={"loss": 1.0}),
+        EpochBegin(epoch=1, step=10, epochs=2, steps=10, steps_per_epoch=10, samples_per_step=1),
         FaultFired(kind="gpu_oom", step=4, key="gpu_oom@4"),
         Notice(event="probe", fields={"batch": 16}),
     ):
@@ -220,3 +229,11 @@ def test_writer_gives_up_quietly_when_the_reader_is_gone():
     assert writer.fd is None
     writer.send(Heartbeat(epoch=0, step=1))  # and later sends do nothing
     os.close(write_fd)
+
+
+def test_epoch_begin_tells_where_the_run_ends_under_the_plan():
+    # Resumed 4 steps into epoch 1 of 3 (10 steps an epoch): 6 steps of this epoch, then one more epoch.
+    assert EpochBegin(epoch=1, step=14, epochs=3, steps=6, steps_per_epoch=10).end_step() == 30
+    assert EpochBegin(epoch=2, step=20, epochs=3, steps=10, steps_per_epoch=10).end_step() == 30
+    assert EpochBegin(epoch=0, step=0, epochs=3, steps=None).end_step() is None, "an input of unknown length"
+    assert EpochBegin(epoch=0, step=0).end_step() is None, "a worker that does not say"

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from resilient._plan import Plan
 from resilient._policy import Policy, ProbeSettings, load_policy, probe_below
-from resilient._probe import PlanSearch
+from resilient._probe import HEARTBEAT_SLACK_SECONDS, Horizon, PlanSearch, can_judge, steps_to_judge
 
 
 def P(batch: int, accum: int = 1, **fields) -> Plan:
@@ -177,11 +177,18 @@ def test_a_cancelled_probe_is_not_counted():
     assert s.probing is None and s.probes == 0
 
 
-def test_a_probe_that_trains_to_the_end_is_settled():
+def test_a_probe_that_trains_to_the_end_unjudged_is_not_settled():
     s = search(P(32), P(16))
     s.stable(P(16), 100.0)
-    s.finished(P(24))
-    assert s.working == P(24) and s.probing is None
+    assert s.finished(P(24)) is True, "the run ended on the probe before it was judged"
+    assert s.working == P(16) and s.probing is None
+
+
+def test_a_run_that_ends_on_the_working_plan_ended_on_no_probe():
+    s = search(P(32), P(16))
+    s.stable(P(16), 100.0)
+    assert s.finished(P(16)) is False
+    assert s.working == P(16) and s.probing is None
 
 
 def test_a_new_oom_restarts_the_bounds_but_not_the_probe_count():
@@ -265,3 +272,74 @@ def test_a_plan_that_crossed_the_upper_bound_ends_the_search():
     s = search(P(32), P(16))
     assert s.stable(P(64), 100.0).switch_to is None
     assert not s.active
+
+
+# ------------------------------------------------------------------ a probe must be judged before the run ends
+
+
+def test_steps_to_judge_is_stable_steps_without_a_measured_step_time():
+    settings = ProbeSettings(stable_steps=10, measure_seconds=5.0)
+    assert steps_to_judge(settings, None) == 10
+    assert steps_to_judge(settings, 0.0) == 10
+
+
+def test_steps_to_judge_covers_the_warm_up_and_the_measurement():
+    settings = ProbeSettings(stable_steps=10, measure_seconds=2.0)  # warm-up: 2 steps
+    # 2 s of measurement (and the heartbeat slack) at 0.1 s a step: 25 steps, after the warm-up.
+    assert steps_to_judge(settings, 0.1) == 2 + round((2.0 + HEARTBEAT_SLACK_SECONDS) / 0.1)
+    assert steps_to_judge(settings, 10.0) == 10, "slow steps: stable_steps is the longer wait"
+
+
+def test_a_horizon_is_counted_in_the_probes_steps():
+    horizon = Horizon(steps_left=100, step_seconds=0.2)
+    up = horizon.seen_from(P(16), P(32))
+    assert (up.steps_left, up.step_seconds) == (50, pytest.approx(0.4))
+    down = horizon.seen_from(P(16, 2), P(8, 4))
+    assert (down.steps_left, down.step_seconds) == (200, pytest.approx(0.1))
+    assert Horizon(steps_left=100, step_seconds=0.2, per_batch=False).seen_from(P(16), P(32)).steps_left == 100
+    assert Horizon(steps_left=101).seen_from(P(16), P(24)).steps_left == 67, "partial steps do not count"
+
+
+def test_can_judge_holds_back_a_probe_with_too_few_steps_left():
+    settings = ProbeSettings(stable_steps=10, measure_seconds=1.0)  # warm-up 2
+    # At batch 16, 0.05 s a step; a probe at 32 would take 0.1 s a step: 2 + 15 = 17 of its steps.
+    assert steps_to_judge(settings, 0.1) == 17
+    assert can_judge(settings, P(16), P(32), Horizon(steps_left=34, step_seconds=0.05)) is None
+    why = can_judge(settings, P(16), P(32), Horizon(steps_left=32, step_seconds=0.05))
+    assert why is not None and why.startswith("16 steps left in the run, fewer than the 17")
+    assert can_judge(settings, P(16), P(32), None) is None, "an unknown horizon never holds a probe back"
+
+
+def test_no_probe_starts_that_could_not_be_judged_before_the_end():
+    s = search(P(32), P(16), stable_steps=10, measure_seconds=0.0)
+    verdict = s.stable(P(16), 100.0, Horizon(steps_left=15))  # 10 steps at 24; it needs stable_steps, 10
+    assert verdict.switch_to == P(24), "just enough"
+    s = search(P(32), P(16), stable_steps=10, measure_seconds=0.0)
+    verdict = s.stable(P(16), 100.0, Horizon(steps_left=14))  # 9 steps at 24
+    assert verdict.switch_to is None and s.probing is None and s.probes == 0
+    (name, fields), = verdict.events
+    assert name == "probe_skipped"
+    assert (fields["plan"]["batch_size"], fields["working"]["batch_size"]) == (24, 16)
+    assert (fields["steps_left"], fields["steps_needed"]) == (9, 10)
+    assert "9 steps left" in fields["reason"]
+    assert verdict.message.startswith("not probing batch=24") and "the run finishes on batch=16" in verdict.message
+
+
+def test_a_kept_probe_near_the_end_stays_and_the_next_one_is_skipped():
+    s = search(P(32), P(16), stable_steps=10, measure_seconds=0.0)
+    s.stable(P(16), 100.0, Horizon(steps_left=1000))
+    verdict = s.stable(P(24), 100.0, Horizon(steps_left=5))
+    assert verdict.settle == P(24) and verdict.switch_to is None
+    assert [name for name, _ in verdict.events] == ["probe_succeeded", "probe_skipped"]
+    assert s.working == P(24) and s.probing is None and s.probes == 1
+
+
+def test_a_rejected_probe_near_the_end_goes_back_without_another_probe():
+    s = search(P(32), P(16), stable_steps=10, measure_seconds=0.0)
+    s.stable(P(16), 100.0, Horizon(steps_left=1000))
+    verdict = s.stable(P(24), 50.0, Horizon(steps_left=5))
+    assert verdict.switch_to == P(16), "a rejected probe is left: the run finishes on the working plan"
+    assert [name for name, _ in verdict.events] == ["probe_rejected", "probe_skipped"]
+    assert verdict.events[0][1]["back_to"] == P(16).model_dump(mode="json")
+    assert verdict.message.endswith("; back to batch=16 float32 cache")
+    assert "the run finishes on" not in verdict.message

@@ -28,7 +28,8 @@ from resilient._errors import TrainingFailedError, UserCodeError
 from resilient._memory import cgroup_support
 from resilient._plan import Plan
 from resilient._policy import Policy, StepContext
-from resilient._rundir import RunDir
+from resilient._rundir import ObjectData, RunDir, RunSpec
+from resilient._status import summarize
 from resilient._supervisor import RunResult, Supervisor, SupervisorConfig
 from resilient.steps import halve_batch
 
@@ -527,6 +528,137 @@ def test_a_slower_larger_probe_is_rejected_and_the_run_goes_back(supervise):
     assert [e["plan"]["batch_size"] for e in h.events("probe_rejected")] == [24, 20]
     assert not h.events("probe_succeeded")
     assert h.run.read_plan() == Plan(batch_size=16)
+    out = h.stream.getvalue()
+    assert re.search(r"resilient: attempt 1 stopped after \d+ steps \(at step \d+\), no checkpoint yet, to measure "
+                     r"another plan: probe batch=24 float32 cache \(working: batch=16 float32 cache\)\n", out)
+    assert re.search(r"resilient: attempt 2 \(probe batch=24 float32 cache\) stopped after \d+ steps .*, to measure "
+                     r"another plan: probe batch=20 float32 cache", out)
+    assert re.search(r"resilient: attempt 3 \(probe batch=20 float32 cache\) stopped after \d+ steps .*, to go back "
+                     r"to the working plan batch=16 float32 cache\n", out)
+    assert re.search(r"resilient: attempt 4 completed after \d+ steps \(at step \d+\); the training is done\n", out)
+
+
+def epoch_begin(steps: int, **fields: Any) -> dict[str, Any]:
+    return {"do": "epoch_begin", "steps": steps, **fields}
+
+
+def status_of(h: Harness, plan: Plan) -> str:
+    """``python -m resilient status`` of the run (a run.json written here: the fake worker needs none)."""
+    h.run.write_spec(RunSpec(epochs=1, seed=0, data=ObjectData(kind="factory", key="x"), model_fingerprint="x",
+                             initial_plan=plan))
+    return summarize(h.run.path)
+
+
+def test_no_probe_starts_that_could_not_be_judged_before_the_run_ends(supervise):
+    # 64 runs out of memory -> 32x2, whose attempt reports 12 steps left in the run. It is measured
+    # after about 6 (0.1 s a step, 0.5 s of measurement); a probe at 16x4 would need a warm-up step and
+    # 1 s (measurement and heartbeat slack) at about 0.05 s a step, 21 steps, and only about 10 of
+    # them are left: no probe starts, and the run completes on 32x2 without another restart.
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")],
+                                "1": [HELLO, epoch_begin(12), {"do": "beat", "n": 12, "interval": 0.05, "pace": PACE},
+                                      {"do": "sleep", "seconds": 0.3}, {"do": "checkpoint"}, {"do": "epoch_end"},
+                                      RESULT]}},
+                  policy=_search_policy(measure_seconds=0.5), plan=Plan(batch_size=64))
+    result = h.supervisor.run()
+
+    working = Plan(batch_size=32, grad_accum_steps=2)
+    assert [e["plan"]["batch_size"] for e in h.events("attempt_started")] == [64, 32]
+    assert h.events("throughput_measured"), "the plan was measured"
+    assert not h.events("probe_started")
+    skipped, = h.events("probe_skipped")
+    assert skipped["attempt"] == 1
+    assert (skipped["plan"]["batch_size"], skipped["working"]["batch_size"]) == (16, 32)
+    assert skipped["steps_needed"] == 21 and skipped["steps_left"] < 21
+    assert f"{skipped['steps_left']} steps left in the run" in skipped["reason"]
+    assert result.plan == working and result.unjudged_probe is None
+    assert h.run.read_plan() == working, "plan.json unchanged"
+    assert not h.events("probe_unjudged")
+    out = h.stream.getvalue()
+    assert "resilient: not probing batch=16x4 float32 cache: " in out
+    assert "the run finishes on batch=32x2 float32 cache" in out
+    assert "resilient: attempt 1 completed after 12 steps (at step 12); the training is done" in out
+    assert "-> probe batch=16x4 float32 cache not started: " in status_of(h, Plan(batch_size=64))
+    h.assert_workers_gone()
+
+
+def test_a_probe_with_enough_steps_left_still_runs_and_is_judged(supervise):
+    # 32x2 reports 200 steps left: its probe (16x4) starts and is kept (400 vs 320 samples/s). The kept
+    # probe reports 30 steps left; once judged (after ~14), a probe at 8x8 would need 51 steps: skipped.
+    stop = {"do": "await_sigterm", "then": "report"}
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")],
+                                "1": [HELLO, epoch_begin(200), paced(), stop],
+                                "2": [HELLO, epoch_begin(30), {"do": "beat", "n": 30, "interval": 0.03, "pace": PACE},
+                                      {"do": "sleep", "seconds": 0.3}, {"do": "checkpoint"}, {"do": "epoch_end"},
+                                      RESULT]}},
+                  policy=_search_policy(measure_seconds=0.5), plan=Plan(batch_size=64))
+    result = h.supervisor.run()
+
+    plans = [(e["plan"]["batch_size"], e["plan"]["grad_accum_steps"]) for e in h.events("attempt_started")]
+    assert plans == [(64, 1), (32, 2), (16, 4)]
+    started, = h.events("probe_started")
+    assert started["to"]["batch_size"] == 16
+    kept, = h.events("probe_succeeded")
+    assert kept["plan"]["batch_size"] == 16
+    skipped, = h.events("probe_skipped")
+    assert (skipped["attempt"], skipped["plan"]["batch_size"], skipped["steps_needed"]) == (2, 8, 51)
+    assert result.plan == Plan(batch_size=16, grad_accum_steps=4) == h.run.read_plan()
+    assert result.unjudged_probe is None and not h.events("probe_unjudged")
+    assert "resilient: attempt 2 (probe batch=16x4 float32 cache) completed after 30 steps" in h.stream.getvalue()
+    h.assert_workers_gone()
+
+
+def test_a_run_that_completes_on_an_unjudged_probe_says_so_and_keeps_the_working_plan(supervise):
+    # No horizon reported (an input of unknown length): the probe starts, and the run ends 3 steps
+    # into it, before stable_steps (6). The probe was never measured, so plan.json keeps 32x2.
+    stop = {"do": "await_sigterm", "then": "report"}
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")],
+                                "1": [HELLO, paced(), stop],
+                                "2": [HELLO, paced(3), {"do": "checkpoint"}, {"do": "epoch_end"}, RESULT]}},
+                  policy=_search_policy(), plan=Plan(batch_size=64))
+    result = h.supervisor.run()
+
+    working, probe = Plan(batch_size=32, grad_accum_steps=2), Plan(batch_size=16, grad_accum_steps=4)
+    assert [e["plan"]["batch_size"] for e in h.events("attempt_started")] == [64, 32, 16]
+    assert not h.events("probe_succeeded") and not h.events("probe_rejected")
+    unjudged, = h.events("probe_unjudged")
+    assert unjudged["attempt"] == 2
+    assert unjudged["plan"] == probe.model_dump(mode="json") and unjudged["working"] == working.model_dump(mode="json")
+    assert h.run.read_plan() == working, "plan.json keeps the settled plan, not the unjudged probe"
+    assert result.plan == working and result.unjudged_probe == probe
+    assert h.names()[-1] == "run_finished"
+    out = h.stream.getvalue()
+    assert ("resilient: attempt 2 (probe batch=16x4 float32 cache) completed after 3 steps (at step 3); "
+            "the training is done\n") in out
+    assert ("resilient: the run completed on probe batch=16x4 float32 cache before it could be judged; plan.json "
+            "keeps the working plan batch=32x2 float32 cache\n") in out
+    status = status_of(h, Plan(batch_size=64))
+    assert "-> the run completed on this probe before it was judged; plan.json keeps batch=32x2" in status
+    assert "plan in force: batch=32x2 float32 cache" in status
+    h.assert_workers_gone()
+
+
+def test_a_probe_that_runs_out_of_memory_ends_with_a_line_and_goes_back(supervise):
+    policy = Policy(ladders={"gpu_oom": [halve_batch(min_batch=16)]},
+                    probe={"enabled": True, "stable_steps": 6, "max_probes": 1, "measure_seconds": 0.0})
+    stop = {"do": "await_sigterm", "then": "report"}
+    h = supervise({"attempts": {"0": [HELLO, beat(2), report("gpu_oom")],
+                                "1": [HELLO, paced(), stop],
+                                "2": [HELLO, beat(2), report("gpu_oom", type="ResourceExhaustedError", message="OOM")]},
+                   "default": [HELLO, paced(), {"do": "checkpoint"}, {"do": "epoch_end"}, RESULT]},
+                  policy=policy, plan=Plan(batch_size=32))
+    result = h.supervisor.run()
+    assert [e["plan"]["batch_size"] for e in h.events("attempt_started")] == [32, 16, 24, 16]
+    assert result.plan == Plan(batch_size=16) == h.run.read_plan()
+    failed, = h.events("probe_failed")
+    assert failed["plan"]["batch_size"] == 24
+    out = h.stream.getvalue()
+    assert ("resilient: attempt 0 ended: gpu_oom (RuntimeError:) after 2 steps (at step 2), no checkpoint yet; "
+            "degrade: halve_batch(") in out
+    assert re.search(r"resilient: attempt 2 \(probe batch=24 float32 cache\) ended: gpu_oom \(ResourceExhaustedError: "
+                     r"OOM\) after 2 steps \(at step 2\), no checkpoint yet; the probe does not fit: back to "
+                     r"batch=16 float32 cache\n", out)
+    assert "resilient: attempt 3 completed after 10 steps" in out
+    h.assert_workers_gone()
 
 
 # ------------------------------------------------------------------------------------------- preemption
@@ -552,8 +684,28 @@ def test_rehearsed_preempt_gets_sigterm_and_restarts_without_waiting(supervise, 
     assert (fired["kind"], fired["fault"], fired["attempt"]) == ("preempt", "preempt@3", 0)
     assert "sending SIGTERM" in h.stream.getvalue()
     assert h.waits == [0.0]  # a polite stop: no backoff
+    detail = "SIGTERM received; the worker saved a checkpoint and exited" if then == "report" else "terminated"
+    assert (f"resilient: attempt 0 ended: preempted ({detail}" in h.stream.getvalue()
+            and "after 3 steps (at step 3), checkpoint at step 3; restart with the same plan\n" in h.stream.getvalue())
     assert h.events("run_finished")[0]["status"] == "completed"
     h.assert_workers_gone()
+
+
+def test_each_attempt_end_gets_a_line_on_stdout(supervise, capsys):
+    # A crash (no checkpoint yet), a polite stop (checkpoint kept), then the completion.
+    h = supervise({"attempts": {"0": [HELLO, beat(2), die("SIGSEGV")],
+                                "1": [HELLO, beat(3), {"do": "checkpoint"}, {"do": "fault", "kind": "preempt"},
+                                      {"do": "await_sigterm"}]},
+                   "default": COMPLETE}, stream=None)
+    h.supervisor.run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resilient: attempt")]
+    assert lines[0] == "resilient: attempt 0 starting with plan: batch=32 float32 cache"
+    assert lines[1].startswith("resilient: attempt 0 ended: crash (")
+    assert lines[1].endswith("after 2 steps (at step 2), no checkpoint yet; restart with the same plan")
+    assert lines[3] == ("resilient: attempt 1 ended: preempted (SIGTERM received; the worker saved a checkpoint and "
+                        "exited) after 3 steps (at step 3), checkpoint at step 3; restart with the same plan")
+    assert lines[5] == "resilient: attempt 2 completed after 3 steps (at step 6); the training is done"
+    assert len(lines) == 6, "one line as each attempt starts, one as it ends"
 
 
 # ----------------------------------------------------------------------------------------- user errors
@@ -589,6 +741,8 @@ def test_user_error_is_raised_after_one_attempt_with_the_traceback(supervise):
     assert incident["action"].startswith("stop")
     finished, = h.events("run_finished")
     assert finished["status"] == "user_error"
+    assert ("resilient: attempt 0 ended: user_error (ValueError: shapes (32, 10) and (32, 1) not aligned) after 2 "
+            "steps (at step 2), checkpoint at step 2; not retried\n") in h.stream.getvalue()
     h.assert_workers_gone()
 
 
@@ -781,6 +935,7 @@ def test_ctrl_c_stops_the_worker_and_journals_interrupted(supervise, monkeypatch
     assert h.names()[-1] == "run_finished"
     assert h.events("run_finished")[0]["status"] == "interrupted"
     assert len(h.events("attempt_started")) == 1
+    assert "resilient: attempt 0 interrupted (Ctrl-C), " in h.stream.getvalue()
     h.assert_workers_gone()
 
 
