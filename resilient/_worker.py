@@ -115,6 +115,7 @@ def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any])
     keras.mixed_precision.set_global_policy(plan.precision)
     if spec.model_builder:
         model = objects["builder"]()
+        custom = _with_builders_custom_objects(model, custom)
     else:
         with keras.saving.custom_object_scope(custom):
             model = keras.saving.load_model(run.model_file, compile=True, safe_mode=False)
@@ -129,6 +130,15 @@ def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any])
     if plan.grad_accum_steps > 1 and spec.model_builder:
         model = _rebuild(model, plan, custom)
     return model
+
+
+def _with_builders_custom_objects(model: Any, carried: dict[str, Any]) -> dict[str, Any]:
+    """The custom objects a rebuild of the builder's model needs: found on it, and anything carried."""
+    from ._carry import custom_objects_of
+
+    if not hasattr(model, "_flatten_layers"):
+        return carried  # not a keras.Model: the compiled-model check below says so
+    return {**custom_objects_of(model), **carried}
 
 
 def _fixed_spatial_input(model: Any) -> bool:
