@@ -165,7 +165,7 @@ def _rebuild(model: Any, plan: Plan, custom: dict[str, Any], flexible_input: boo
     compile_config = model.get_compile_config()
     optimizer_config = keras.optimizers.serialize(_inner_optimizer(model.optimizer))
     optimizer_config["config"]["gradient_accumulation_steps"] = plan.grad_accum_steps if plan.grad_accum_steps > 1 else None
-    with keras.saving.custom_object_scope(custom):
+    with keras.saving.custom_object_scope(custom), _as_loaded():
         new = model.__class__.from_config(config)
         if not new.built and model.get_build_config():
             new.build_from_config(model.get_build_config())
@@ -179,6 +179,13 @@ def _rebuild(model: Any, plan: Plan, custom: dict[str, Any], flexible_input: boo
         compile_config["optimizer"] = optimizer
         new.compile(**{k: _deserialize_compile_arg(k, v) for k, v in compile_config.items()})
     return new
+
+
+def _as_loaded() -> Any:
+    """Deserialize as ``build_model`` loads (``safe_mode=False``): a Lambda layer's function rebuilds too."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(False)
 
 
 def per_update_schedule(schedule: Any, accum: int) -> Any:
