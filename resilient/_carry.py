@@ -206,11 +206,13 @@ def _fix(error: Exception, label: str) -> str:
         )
     if missing:
         kind, name = missing.groups()
+        # Registering the function would not do: the worker loads this object before it imports anything of
+        # the caller's, so the registry there is empty when Keras looks the name up.
         return (
-            f"A Keras layer inside it is carried as its config, and Keras finds the {kind} {name!r} by name when it "
-            "loads it back: create the layer inside the function from plain values (for an adapted TextVectorization: "
-            "`vocabulary=layer.get_vocabulary()`), or register the function with "
-            "`@keras.saving.register_keras_serializable()` in a module (a .py file) that the function's module imports."
+            f"A Keras layer inside it travels as its config, which names the {kind} {name!r}, and Keras cannot find "
+            "it by that name when it loads the layer back. Create the layer inside the function from plain values "
+            "(for an adapted TextVectorization: `vocabulary=layer.get_vocabulary()` and the same `standardize`), "
+            "or define the function in a module (a .py file): the worker then imports it instead of carrying it."
         )
     if "unexpected keyword argument" in text or "get_config" in text or "from_config" in text:
         return (
