@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ._carry import custom_objects_of, prove_carriable
 from ._errors import InvalidArgumentError, RunDirError
 from ._faults import parse_faults
 from ._history import History
@@ -139,6 +140,7 @@ def fit(
         # worker starts from the caller's, so the run draws the same masks as model.fit would.
         objects["initial_rng"] = _seed_generator_states(model)
     objects.update(inputs.objects)
+    proven = prove_carriable(None if is_builder else model, objects)  # refuses what the worker could not load
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     _check_int("seed", seed, minimum=0)
@@ -177,7 +179,7 @@ def fit(
         )
         if not is_builder and not (resuming and run.model_file.exists()):
             with atomic_path(run.model_file) as tmp:
-                model.save(tmp)  # Keras wants a path ending in .keras: atomic_path keeps the suffix
+                proven.write_model(tmp)  # the file saved and loaded back by prove_carriable
         _write_objects(run, objects)
         run.write_spec(spec)
         if not resuming or not run.plan_json.exists():
@@ -341,55 +343,6 @@ def _write_objects(run: RunDir, objects: dict[str, Any]) -> None:
 
     with atomic_file(run.objects_file) as f:
         cloudpickle.dump(objects, f)
-
-
-def custom_objects_of(model: Any) -> dict[str, Any]:
-    """Classes and functions the saved model refers to that Keras itself does not define.
-
-    They travel to the worker by value when defined in ``__main__`` (a notebook) and by reference
-    otherwise; registered ones are also found under their registered name.
-    """
-    import keras
-
-    found: dict[str, Any] = {}
-
-    def add(obj: Any) -> None:
-        cls = obj if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "get_config")) else type(obj)
-        module = getattr(cls, "__module__", "") or ""
-        if module.startswith(("keras", "tensorflow", "builtins")):
-            return
-        found[getattr(cls, "__name__", repr(cls))] = cls
-        try:
-            found[keras.saving.get_registered_name(cls)] = cls
-        except Exception:
-            pass
-
-    for layer in model._flatten_layers(include_self=True):
-        add(layer)
-    for item in _flatten(getattr(model, "loss", None)):
-        if item is not None and not isinstance(item, str):
-            add(item)
-    compiled = getattr(model, "compiled_metrics", None) or getattr(model, "_compile_metrics", None)
-    for item in _flatten(getattr(compiled, "_user_metrics", None)) + _flatten(getattr(compiled, "_user_weighted_metrics", None)):
-        if item is not None and not isinstance(item, str):
-            add(item)
-    opt = getattr(model, "optimizer", None)
-    if opt is not None:
-        add(opt)
-        schedule = getattr(opt, "_learning_rate", None)
-        if schedule is not None and not hasattr(schedule, "assign"):
-            add(schedule)
-    return found
-
-
-def _flatten(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return [v for item in value.values() for v in _flatten(item)]
-    if isinstance(value, (list, tuple)):
-        return [v for item in value for v in _flatten(item)]
-    return [value]
 
 
 def _can_flex(model: Any) -> bool:

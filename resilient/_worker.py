@@ -115,6 +115,7 @@ def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any])
     keras.mixed_precision.set_global_policy(plan.precision)
     if spec.model_builder:
         model = objects["builder"]()
+        custom = _with_builders_custom_objects(model, custom)
     else:
         with keras.saving.custom_object_scope(custom):
             model = keras.saving.load_model(run.model_file, compile=True, safe_mode=False)
@@ -129,6 +130,15 @@ def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any])
     if plan.grad_accum_steps > 1 and spec.model_builder:
         model = _rebuild(model, plan, custom)
     return model
+
+
+def _with_builders_custom_objects(model: Any, carried: dict[str, Any]) -> dict[str, Any]:
+    """The custom objects a rebuild of the builder's model needs: found on it, and anything carried."""
+    from ._carry import custom_objects_of
+
+    if not hasattr(model, "_flatten_layers"):
+        return carried  # not a keras.Model: the compiled-model check below says so
+    return {**custom_objects_of(model), **carried}
 
 
 def _fixed_spatial_input(model: Any) -> bool:
@@ -155,7 +165,7 @@ def _rebuild(model: Any, plan: Plan, custom: dict[str, Any], flexible_input: boo
     compile_config = model.get_compile_config()
     optimizer_config = keras.optimizers.serialize(_inner_optimizer(model.optimizer))
     optimizer_config["config"]["gradient_accumulation_steps"] = plan.grad_accum_steps if plan.grad_accum_steps > 1 else None
-    with keras.saving.custom_object_scope(custom):
+    with keras.saving.custom_object_scope(custom), _as_loaded():
         new = model.__class__.from_config(config)
         if not new.built and model.get_build_config():
             new.build_from_config(model.get_build_config())
@@ -169,6 +179,13 @@ def _rebuild(model: Any, plan: Plan, custom: dict[str, Any], flexible_input: boo
         compile_config["optimizer"] = optimizer
         new.compile(**{k: _deserialize_compile_arg(k, v) for k, v in compile_config.items()})
     return new
+
+
+def _as_loaded() -> Any:
+    """Deserialize as ``build_model`` loads (``safe_mode=False``): a Lambda layer's function rebuilds too."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(False)
 
 
 def per_update_schedule(schedule: Any, accum: int) -> Any:
