@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -55,7 +56,7 @@ NOTEBOOK = textwrap.dedent(
 def test_notebook_custom_layer_and_fixed_input_model_train_at_the_lower_resolution(tmp_path):
     script = tmp_path / "notebook.py"
     script.write_text(NOTEBOOK)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
