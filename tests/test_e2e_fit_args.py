@@ -39,12 +39,14 @@ def assert_same(ours, theirs):
 
 
 def test_validation_split_with_class_weight_and_default_batch_size(tmp_path):
-    # 250 samples: the last 50 (not a shuffled 50) validate; batch_size=None means 32, as in model.fit.
+    # 250 samples: the last 50 (not a shuffled 50) validate. batch_size=None with steps_per_epoch=7 means
+    # batches of ceil(200 / 7) = 29 samples, as in model.fit.
     x, y = make_data(250)
-    kwargs = dict(epochs=2, validation_split=0.2, class_weight={0: 1.0, 1: 3.5})
+    kwargs = dict(epochs=2, validation_split=0.2, class_weight={0: 1.0, 1: 3.5}, steps_per_epoch=7)
     ours = resilient_fit(tmp_path, "run", x, y, **kwargs)
     assert_same(ours, keras_fit(x, y, **kwargs))
     assert "val_loss" in ours[1].history
+    assert ours[1].plan.batch_size == 29
 
 
 def test_sample_weight_with_weighted_validation_data_steps_and_batch_size(tmp_path):
@@ -60,13 +62,16 @@ def test_sample_weight_with_weighted_validation_data_steps_and_batch_size(tmp_pa
 def test_initial_epoch_with_validation_freq(tmp_path):
     x, y = make_data(160)
     vx, vy = make_data(64, seed=1)
-    # Epochs 1..3 trained; validation after epochs 2 and 4 (1-based), as model.fit counts them.
-    kwargs = dict(epochs=4, initial_epoch=1, batch_size=32, validation_data=(vx, vy), validation_freq=[2, 4])
+    # Epochs 1..3 trained; validation after epochs 2 and 4 (1-based), as model.fit counts them. Five batches
+    # of 32 at two steps an epoch: model.fit's iterator starts at initial_epoch, so epochs of 2, 2, 1 steps.
+    kwargs = dict(epochs=4, initial_epoch=1, batch_size=32, validation_data=(vx, vy), validation_freq=[2, 4],
+                  steps_per_epoch=2)
     ours = resilient_fit(tmp_path, "run", x, y, **kwargs)
     theirs = keras_fit(x, y, **kwargs)
     assert_same(ours, theirs)
     assert ours[1].epoch == [1, 2, 3]
     assert len(ours[1].history["val_loss"]) == 2 and len(ours[1].history["loss"]) == 3
+    assert int(ours[0].optimizer.iterations.numpy()) == 5
 
 
 def test_steps_per_epoch_continues_through_the_data_like_model_fit(tmp_path):
@@ -93,3 +98,29 @@ def test_faults_resume_sample_weight_validation_split_and_steps_exactly(tmp_path
     assert faulty[1].incidents[0].checkpoint_step == 8
     assert_same(faulty, clean)
     assert int(faulty[0].optimizer.iterations.numpy()) == 12
+
+
+def _dataset(n, seed, batch):
+    import tensorflow as tf
+
+    x, y = make_data(n, seed=seed)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def make_train(plan):
+    return _dataset(200, 0, plan.batch_size)
+
+
+def make_val(plan):
+    return _dataset(80, 1, plan.batch_size)
+
+
+def test_factory_with_class_weight_validation_steps_and_freq(tmp_path):
+    # model.fit applies class_weight to a tf.data dataset too; a factory's datasets get it the same way.
+    kwargs = dict(epochs=3, class_weight={0: 0.5, 1: 2.0}, validation_steps=2, validation_freq=2)
+    model = make_model()
+    history = resilient.fit(model, make_train, validation_data=make_val, batch_size=25, verbose=0, seed=3,
+                            run_dir=tmp_path / "run", **kwargs)
+    ref_model = make_model()
+    ref = ref_model.fit(_dataset(200, 0, 25), validation_data=_dataset(80, 1, 25), verbose=0, **kwargs)
+    assert_same((model, history), (ref_model, ref))
