@@ -608,7 +608,8 @@ def _prepare_validation(validation_data: Any, facts: ModelFacts, plan: Plan,
 # ------------------------------------------------------------------------------------ factories, PyDatasets
 
 
-def _check_factory(fn: Any, facts: ModelFacts, plan: Plan, arg: str, *, validation: bool = False) -> None:
+def _check_factory(fn: Any, facts: ModelFacts, plan: Plan, arg: str, *, validation: bool = False) -> Any:
+    """Check a factory by calling it once; returns its dataset's element_spec."""
     name = getattr(fn, "__name__", type(fn).__name__)
     try:
         params = inspect.signature(fn).parameters
@@ -678,6 +679,7 @@ def _check_factory(fn: Any, facts: ModelFacts, plan: Plan, arg: str, *, validati
         check_sample_shape(facts, shape[1:], what=f"{name}(plan)", received=f"batches of x of shape {shape}")
     if isinstance(y_spec, tf.TensorSpec) and y_spec.shape.rank is not None:
         check_label_spec(facts, tuple(y_spec.shape.as_list()), what=arg)
+    return spec
 
 
 def _check_pydataset(pyds: Any, facts: ModelFacts, arg: str) -> int:
@@ -1032,8 +1034,23 @@ def prepare_inputs(x: Any, y: Any, validation_data: Any, *, model: Any | None, p
         return FolderInputs(folder, listing, val)
     if kind == "pydataset":
         batches = _check_pydataset(x, facts, "x")
+        if class_weight is not None:
+            _refuse_weighted(as_batch(x[0]), f"{type(x).__name__}[0] returns")
         val = _prepare_validation(validation_data, facts, plan, None)
         return PyDatasetInputs(x, batches, val)
-    _check_factory(x, facts, plan, "x")
+    element_spec = _check_factory(x, facts, plan, "x")
+    if class_weight is not None:
+        _refuse_weighted(element_spec, f"{getattr(x, '__name__', 'make_dataset')}(plan) yields")
     val = _prepare_validation(validation_data, facts, plan, None)
     return FactoryInputs(x, val)
+
+
+def _refuse_weighted(element: Any, source: str) -> None:
+    """class_weight with batches that carry their own sample weights: model.fit refuses the pair."""
+    if isinstance(element, tuple) and len(element) == 3:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `class_weight`. Received class_weight while {source} (x, y, "
+            "sample_weight) batches; model.fit refuses the pair (\"You cannot `class_weight` and `sample_weight` at "
+            "the same time\"). Expected one of them: fold the class weights into the batches' sample weights, or "
+            "yield (x, y)."
+        )

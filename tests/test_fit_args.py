@@ -82,6 +82,40 @@ def test_array_only_arguments_are_refused_for_datasets_with_what_to_do(tmp_path)
     assert "makes its own batches" in message
 
 
+def make_weighted_dataset(plan):
+    import tensorflow as tf
+
+    x, y = make_data(64)
+    return tf.data.Dataset.from_tensor_slices((x, y, np.ones(64, "float32"))).batch(plan.batch_size)
+
+
+def test_class_weight_with_batches_that_carry_sample_weights_is_refused(tmp_path):
+    message = refused(tmp_path, x=make_weighted_dataset, class_weight={0: 2.0})
+    assert "make_weighted_dataset(plan) yields (x, y, sample_weight) batches" in message
+    assert "You cannot `class_weight` and `sample_weight`" in message
+    x, y = make_data(64)
+    message = refused(tmp_path, x=_weighted_batches()(x, y), class_weight={0: 2.0})
+    assert "WeightedBatches[0] returns (x, y, sample_weight)" in message
+
+
+def _weighted_batches():
+    import keras
+
+    class WeightedBatches(keras.utils.PyDataset):
+        def __init__(self, x, y) -> None:
+            super().__init__()
+            self.x, self.y = x, y
+
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i):
+            part = slice(i * 32, (i + 1) * 32)
+            return self.x[part], self.y[part], np.ones(32, "float32")
+
+    return WeightedBatches
+
+
 def test_validation_split_of_an_image_folder_points_to_its_own(tmp_path):
     folder = write_image_folder(tmp_path / "imgs", per_class=4)
     from tests.input_helpers import make_image_model
