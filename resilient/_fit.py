@@ -64,10 +64,25 @@ def fit(
             returning a batched ``tf.data.Dataset`` (see ``resilient.data.DatasetFactory``), or a
             ``keras.utils.PyDataset`` instance. A ``tf.data.Dataset`` object itself is refused: wrap
             its construction in a factory. See ``resilient.data`` for how exactly each resumes.
-        validation_data: ``(x_val, y_val)`` arrays, an image folder (used whole), a factory or a
-            PyDataset. An image folder passed as ``x`` holds out its own (``validation_split``).
-        batch_size, epochs, verbose, callbacks, shuffle: as for ``model.fit``. ``shuffle`` orders the
-            samples (the batches, for a PyDataset) by ``(seed, epoch)``; a factory orders its own.
+        validation_data: ``(x_val, y_val)`` or ``(x_val, y_val, val_sample_weight)`` arrays, an image
+            folder (used whole), a factory or a PyDataset. An image folder passed as ``x`` holds out
+            its own (``image_folder(..., validation_split=...)``).
+        batch_size, epochs, verbose, callbacks, shuffle: as for ``model.fit``. ``batch_size=None``
+            means 32 (for arrays with ``steps_per_epoch``: ``ceil(samples / steps_per_epoch)``).
+            ``shuffle`` (True or False) orders the samples (the batches, for a PyDataset) by
+            ``(seed, epoch)``; a factory orders its own.
+        validation_split: as for ``model.fit``, NumPy arrays only: the last fraction of ``x``, ``y``
+            and ``sample_weight``, before shuffling, validates; ``validation_data`` overrides it.
+        class_weight: ``{class index: weight}``, as for ``model.fit``, for every input kind (a class
+            left out weighs 1.0); not together with sample weights.
+        sample_weight: as for ``model.fit``, NumPy arrays only (a dataset yields its own
+            ``(x, y, sample_weight)``); stored beside ``x`` and ``y`` and resumed exactly.
+        initial_epoch: as for ``model.fit``: the first epoch trained; ``History.epoch`` starts there.
+        steps_per_epoch: as for ``model.fit`` for arrays and image folders: epochs continue through
+            the data, as Keras's iterator does; refused for a factory or a PyDataset (make them yield
+            one epoch's batches).
+        validation_steps, validation_batch_size, validation_freq: as for ``model.fit``
+            (``validation_freq``: an int, or a list of 1-based epochs).
         seed: makes shuffling and initialisation reproducible; chosen and recorded when None, so a
             resumed run continues the same sample order either way.
         run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it.
@@ -93,7 +108,7 @@ def fit(
         TrainingFailedError: restarts ran out; the message is a root-cause report.
 
     Example:
-        >>> history = resilient.fit(model, x, y, epochs=10, batch_size=64,
+        >>> history = resilient.fit(model, x, y, epochs=10, batch_size=64, validation_split=0.1,
         ...                         run_dir="/content/drive/MyDrive/runs/cifar", policy="colab-free")
     """
     from ._policy import load_policy
