@@ -18,7 +18,8 @@ Inputs, as ``RunSpec.data`` describes them:
   when ``__getitem__`` is deterministic and ``on_epoch_end`` changes state deterministically.
 
 Validation data: ``ArraysData.val_x/val_y``; the image folder's own split; or ``val_key``:
-``"data/val_x.npy"`` (arrays ``data/val_x.npy`` and ``data/val_y.npy``) or ``"val_data"``
+``"data/val_x.npy"`` (arrays ``data/val_x.npy`` and ``data/val_y.npy``, with
+``data/val_sample_weight.npy`` when they carry sample weights) or ``"val_data"``
 (``objects["val_data"]``: a factory, a PyDataset, or a FolderIndex of a whole folder). With
 ``ArraysData``, ``objects["val_data"]`` holds a non-array validation input.
 """
