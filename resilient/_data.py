@@ -18,7 +18,8 @@ Inputs, as ``RunSpec.data`` describes them:
   when ``__getitem__`` is deterministic and ``on_epoch_end`` changes state deterministically.
 
 Validation data: ``ArraysData.val_x/val_y``; the image folder's own split; or ``val_key``:
-``"data/val_x.npy"`` (arrays ``data/val_x.npy`` and ``data/val_y.npy``) or ``"val_data"``
+``"data/val_x.npy"`` (arrays ``data/val_x.npy`` and ``data/val_y.npy``, with
+``data/val_sample_weight.npy`` when they carry sample weights) or ``"val_data"``
 (``objects["val_data"]``: a factory, a PyDataset, or a FolderIndex of a whole folder). With
 ``ArraysData``, ``objects["val_data"]`` holds a non-array validation input.
 """
@@ -46,6 +47,7 @@ IN_MEMORY_LIMIT = 256 << 20
 FOLDER_INDEX = "data/image_folder.json"
 VAL_ARRAYS = "data/val_x.npy"
 VAL_OBJECT = "val_data"
+VAL_SAMPLE_WEIGHT = "data/val_sample_weight.npy"
 
 
 def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
@@ -53,6 +55,58 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
         return np.arange(n, dtype=np.int64)
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+def epoch_span(spec: RunSpec, epoch: int, n: int) -> tuple[int, int, int]:
+    """``(pass, start, end)``: ``epoch`` trains positions ``[start, end)`` of pass ``pass``'s order.
+
+    Without ``steps_per_epoch`` an epoch is a whole pass. With it, as Keras's epoch iterator does for
+    finite data, the epochs continue one iterator (counted from ``initial_epoch``) through the data in
+    steps of the requested batch size; the epoch that reaches the end of a pass stops there (shorter),
+    and the next starts a new pass. Positions are samples, so a plan with another batch size trains
+    the same samples in each epoch.
+    """
+    steps, batch = spec.steps_per_epoch, spec.initial_plan.batch_size
+    batches = math.ceil(n / batch)
+    if steps is None or steps >= batches:
+        return epoch, 0, n
+    chunks = math.ceil(batches / steps)
+    passes, chunk = divmod(epoch - spec.initial_epoch, chunks)
+    return spec.initial_epoch + passes, chunk * steps * batch, min((chunk + 1) * steps * batch, n)
+
+
+def class_weight_fn(class_weight: dict[int, float]) -> Any:
+    """A ``tf.data`` map that turns fit's ``class_weight`` into sample weights, as Keras does.
+
+    Labels are read as Keras reads them (argmax of one-hot, rounded otherwise); a class the dict
+    leaves out weighs 1.0, as in Keras's array path (its tf.data path would fail on one past the
+    largest key).
+    """
+    import keras
+    import tensorflow as tf
+
+    size = max(class_weight) + 1
+    table = tf.constant([float(class_weight.get(c, 1.0)) for c in range(size)], dtype=tf.float32)
+
+    def weigh(*data: Any) -> Any:
+        x, y, sw = keras.utils.unpack_x_y_sample_weight(data if len(data) > 1 else data[0])
+        if sw is not None:
+            raise ValueError("You cannot `class_weight` and `sample_weight` at the same time.")
+        if y is None or tf.nest.is_nested(y):
+            raise ValueError("`class_weight` is only supported for Models with a single output.")
+        if y.shape.rank is not None and y.shape.rank >= 2:
+            classes = tf.__internal__.smart_cond.smart_cond(
+                tf.shape(y)[-1] > 1,
+                lambda: tf.argmax(y, axis=-1, output_type=tf.int32),
+                lambda: tf.cast(tf.round(tf.squeeze(y, axis=-1)), tf.int32),
+            )
+        else:
+            classes = tf.cast(tf.round(y), tf.int32)
+        known = tf.logical_and(classes >= 0, classes < size)
+        weights = tf.where(known, tf.gather(table, tf.clip_by_value(classes, 0, size - 1)), 1.0)
+        return x, y, weights
+
+    return weigh
 
 
 def _autotune(value: int | None) -> int:
@@ -67,8 +121,10 @@ def _autotune(value: int | None) -> int:
 class _ArrayPipeline:
     """Batches of ``x[idx], y[idx]`` for index lists, resized when x holds images and the plan asks."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray | None, image_axes: tuple[int, int] | None) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray | None, image_axes: tuple[int, int] | None,
+                 sw: np.ndarray | None = None) -> None:
         self.x, self.y, self.image_axes = x, y, image_axes
+        self.sw = sw  # sample weights, yielded third: (x, y, sw)
         self._gather: Any = None
 
     def _gather_fn(self) -> Any:
@@ -80,7 +136,9 @@ class _ArrayPipeline:
     def _make_gather_fn(self) -> Any:
         import tensorflow as tf
 
-        x, y = self.x, self.y
+        x, y, sw = self.x, self.y, self.sw
+        if sw is not None:
+            return self._make_weighted_gather_fn()
         if x.nbytes + (y.nbytes if y is not None else 0) <= IN_MEMORY_LIMIT:
             xt = tf.constant(np.asarray(x))
             yt = tf.constant(np.asarray(y)) if y is not None else None
@@ -108,6 +166,31 @@ class _ArrayPipeline:
 
         return gather_mm
 
+    def _make_weighted_gather_fn(self) -> Any:
+        """``(x, y, sample_weight)`` batches, in memory or memory-mapped as for ``(x, y)``."""
+        import tensorflow as tf
+
+        arrays = [a for a in (self.x, self.y, self.sw) if a is not None]
+        if sum(a.nbytes for a in arrays) <= IN_MEMORY_LIMIT:
+            tensors = [tf.constant(np.asarray(a)) for a in arrays]
+
+            def gather(idx: Any) -> Any:
+                return tuple(tf.gather(t, idx) for t in tensors)
+
+            return gather
+        dtypes = [tf.as_dtype(a.dtype) for a in arrays]
+
+        def load(idx: np.ndarray) -> Any:
+            return [np.asarray(a[idx]) for a in arrays]
+
+        def gather_mm(idx: Any) -> Any:
+            out = tf.numpy_function(load, [idx], dtypes)
+            for t, a in zip(out, arrays):
+                t.set_shape((None, *a.shape[1:]))
+            return tuple(out)
+
+        return gather_mm
+
     def _resize_fn(self, plan: Any) -> Any:
         axes = self.image_axes
         if plan.image_size is None or axes is None:
@@ -120,9 +203,9 @@ class _ArrayPipeline:
         size = list(plan.image_size)
         dtype = tf.as_dtype(self.x.dtype)
 
-        def resize(bx: Any, by: Any = None) -> Any:
+        def resize(bx: Any, by: Any = None, *rest: Any) -> Any:
             out = tf.cast(tf.image.resize(tf.cast(bx, tf.float32), size, antialias=True), dtype)
-            return out if by is None else (out, by)
+            return out if by is None else (out, by, *rest)
 
         return resize
 
@@ -160,7 +243,15 @@ class _Source:
         return plan.batch_size
 
     def validation(self, plan: Any) -> Any:
+        if self._val is not None and self.spec.validation_batch_size is not None:
+            plan = plan.replace(batch_size=self.spec.validation_batch_size)  # fit's validation_batch_size
         return None if self._val is None else self._val.dataset(plan)
+
+    def _weighed(self, ds: Any) -> Any:
+        """The training batches with fit's ``class_weight`` applied as sample weights."""
+        if not self.spec.class_weight:
+            return ds
+        return ds.map(class_weight_fn(self.spec.class_weight))
 
 
 class ArraysSource(_Source):
@@ -170,18 +261,21 @@ class ArraysSource(_Source):
         self.data = data
         self.x, self.y = _load_arrays(run, data.x, data.y)
         self.n = int(self.x.shape[0])
-        self._pipe = _ArrayPipeline(self.x, self.y, data.image_axes)
+        sw = np.load(run.path / data.sample_weight, mmap_mode="r") if data.sample_weight else None
+        self._pipe = _ArrayPipeline(self.x, self.y, data.image_axes, sw)
         val: Any = None
         if data.val_x:
             vx, vy = _load_arrays(run, data.val_x, data.val_y)
-            val = _ArrayValidation(_ArrayPipeline(vx, vy, data.image_axes))
+            vsw = np.load(run.path / data.val_sample_weight, mmap_mode="r") if data.val_sample_weight else None
+            val = _ArrayValidation(_ArrayPipeline(vx, vy, data.image_axes, vsw))
         elif objects and VAL_OBJECT in objects:
             val = _validation_input(objects[VAL_OBJECT])
         super().__init__(spec, val)
 
     def epoch(self, plan: Any, epoch: int, offset: int) -> tuple[Any, int]:
-        idx = epoch_order(self.spec.seed, epoch, self.n, self.spec.shuffle)[offset:]
-        return self._pipe.dataset(idx, plan), math.ceil(len(idx) / plan.batch_size)
+        order, start, end = epoch_span(self.spec, epoch, self.n)
+        idx = epoch_order(self.spec.seed, order, self.n, self.spec.shuffle)[start + offset:end]
+        return self._weighed(self._pipe.dataset(idx, plan)), math.ceil(len(idx) / plan.batch_size)
 
 
 class _ArrayValidation:
@@ -356,9 +450,11 @@ class ImageFolderSource(_Source):
         super().__init__(spec, val)
 
     def epoch(self, plan: Any, epoch: int, offset: int) -> tuple[Any, int]:
-        positions = epoch_order(self.spec.seed, epoch, self.n, self.spec.shuffle)[offset:]
+        order, start, end = epoch_span(self.spec, epoch, self.n)
+        positions = epoch_order(self.spec.seed, order, self.n, self.spec.shuffle)[start + offset:end]
         cache = bool(plan.cache and self.index.folder.cache)
-        return self._pipe.dataset(positions, plan, cache=cache), math.ceil(len(positions) / plan.batch_size)
+        ds = self._pipe.dataset(positions, plan, cache=cache)
+        return self._weighed(ds), math.ceil(len(positions) / plan.batch_size)
 
 
 def read_folder_index(run: RunDir, key: str) -> FolderIndex:
@@ -408,7 +504,7 @@ class FactorySource(_Source):
         if skip:
             ds = ds.skip(skip)
         cardinality = int(ds.cardinality())
-        return ds, (cardinality if cardinality >= 0 else None)
+        return self._weighed(ds), (cardinality if cardinality >= 0 else None)
 
 
 class _FactoryValidation:
@@ -532,7 +628,7 @@ class PyDatasetSource(_Source):
     def epoch(self, plan: Any, epoch: int, offset: int) -> tuple[Any, int]:
         self._advance_to(epoch)
         ids = epoch_order(self.spec.seed, epoch, self.n, self.spec.shuffle)[offset:]
-        return self._pipe.dataset(ids, plan), len(ids)
+        return self._weighed(self._pipe.dataset(ids, plan)), len(ids)
 
 
 class _PyDatasetValidation:
@@ -571,7 +667,9 @@ def _object_validation(run: RunDir, data: ObjectData, objects: dict[str, Any]) -
         return None
     if data.val_key == VAL_ARRAYS:
         vx, vy = _load_arrays(run, VAL_ARRAYS, "data/val_y.npy")
-        return _ArrayValidation(_ArrayPipeline(vx, vy, _image_axes(vx)))
+        vsw = run.path / VAL_SAMPLE_WEIGHT
+        vsw_arr = np.load(vsw, mmap_mode="r") if vsw.exists() else None
+        return _ArrayValidation(_ArrayPipeline(vx, vy, _image_axes(vx), vsw_arr))
     return _validation_input(objects[data.val_key])
 
 

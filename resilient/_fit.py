@@ -31,12 +31,20 @@ def fit(
     x: Any = None,
     y: Any = None,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     epochs: int = 1,
     verbose: Literal["auto", 0, 1, 2] | int | str = "auto",
     callbacks: Sequence[Any] | None = None,
+    validation_split: float = 0.0,
     validation_data: Any = None,
     shuffle: bool = True,
+    class_weight: dict[int, float] | None = None,
+    sample_weight: Any = None,
+    initial_epoch: int = 0,
+    steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
+    validation_batch_size: int | None = None,
+    validation_freq: int | Sequence[int] = 1,
     seed: int | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     policy: Any = "default",
@@ -57,10 +65,25 @@ def fit(
             returning a batched ``tf.data.Dataset`` (see ``resilient.data.DatasetFactory``), or a
             ``keras.utils.PyDataset`` instance. A ``tf.data.Dataset`` object itself is refused: wrap
             its construction in a factory. See ``resilient.data`` for how exactly each resumes.
-        validation_data: ``(x_val, y_val)`` arrays, an image folder (used whole), a factory or a
-            PyDataset. An image folder passed as ``x`` holds out its own (``validation_split``).
-        batch_size, epochs, verbose, callbacks, shuffle: as for ``model.fit``. ``shuffle`` orders the
-            samples (the batches, for a PyDataset) by ``(seed, epoch)``; a factory orders its own.
+        validation_data: ``(x_val, y_val)`` or ``(x_val, y_val, val_sample_weight)`` arrays, an image
+            folder (used whole), a factory or a PyDataset. An image folder passed as ``x`` holds out
+            its own (``image_folder(..., validation_split=...)``).
+        batch_size, epochs, verbose, callbacks, shuffle: as for ``model.fit``. ``batch_size=None``
+            means 32 (for arrays with ``steps_per_epoch``: ``ceil(samples / steps_per_epoch)``).
+            ``shuffle`` (True or False) orders the samples (the batches, for a PyDataset) by
+            ``(seed, epoch)``; a factory orders its own.
+        validation_split: as for ``model.fit``, NumPy arrays only: the last fraction of ``x``, ``y``
+            and ``sample_weight``, before shuffling, validates; ``validation_data`` overrides it.
+        class_weight: ``{class index: weight}``, as for ``model.fit``, for every input kind (a class
+            left out weighs 1.0); not together with sample weights.
+        sample_weight: as for ``model.fit``, NumPy arrays only (a dataset yields its own
+            ``(x, y, sample_weight)``); stored beside ``x`` and ``y`` and resumed exactly.
+        initial_epoch: as for ``model.fit``: the first epoch trained; ``History.epoch`` starts there.
+        steps_per_epoch: as for ``model.fit`` for arrays and image folders: epochs continue through
+            the data, as Keras's iterator does; refused for a factory or a PyDataset (make them yield
+            one epoch's batches).
+        validation_steps, validation_batch_size, validation_freq: as for ``model.fit``
+            (``validation_freq``: an int, or a list of 1-based epochs).
         seed: makes shuffling and initialisation reproducible; chosen and recorded when None, so a
             resumed run continues the same sample order either way.
         run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it.
@@ -86,7 +109,7 @@ def fit(
         TrainingFailedError: restarts ran out; the message is a root-cause report.
 
     Example:
-        >>> history = resilient.fit(model, x, y, epochs=10, batch_size=64,
+        >>> history = resilient.fit(model, x, y, epochs=10, batch_size=64, validation_split=0.1,
         ...                         run_dir="/content/drive/MyDrive/runs/cifar", policy="colab-free")
     """
     from ._policy import load_policy
@@ -104,8 +127,13 @@ def fit(
             "The model is not compiled. Call model.compile(optimizer=..., loss=...) before resilient.fit, "
             "exactly as before model.fit."
         )
-    _check_int("batch_size", batch_size, minimum=1)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size, minimum=1)
     _check_int("epochs", epochs, minimum=0)
+    fit_args = _fit_args(validation_split=validation_split, shuffle=shuffle, class_weight=class_weight,
+                         initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
+                         validation_steps=validation_steps, validation_batch_size=validation_batch_size,
+                         validation_freq=validation_freq)
     verbose_level = _verbose(verbose)
     loaded_policy = load_policy(policy)  # InvalidPolicyError before anything is written
     if max_restarts is not None:
@@ -119,9 +147,13 @@ def fit(
         fault_specs = parse_faults(faults)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
-    initial_plan = Plan(batch_size=batch_size)
     facts = ModelFacts(None if is_builder else model)
-    inputs = prepare_inputs(x, y, validation_data, model=None if is_builder else model, plan=initial_plan)
+    batch_size = default_batch_size(x, batch_size, steps_per_epoch, validation_split, validation_data)
+    initial_plan = Plan(batch_size=batch_size)
+    inputs = prepare_inputs(x, y, validation_data, model=None if is_builder else model, plan=initial_plan,
+                            sample_weight=sample_weight, validation_split=validation_split,
+                            class_weight=fit_args["class_weight"], steps_per_epoch=steps_per_epoch,
+                            validation_batch_size=validation_batch_size)
     objects, has_callbacks = _carry_objects(model if is_builder else None, callbacks)
     if not is_builder:
         objects["custom_objects"] = custom_objects_of(model)
@@ -175,7 +207,7 @@ def fit(
             model_fingerprint=fingerprint, model_name=model_name, model_builder=is_builder,
             checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, faults=fault_specs,
             gpu_memory_limit_bytes=gpu_limit, host_memory_limit_bytes=host_limit, initial_plan=initial_plan,
-            has_callbacks=has_callbacks, versions=versions, flexible_input=flexible,
+            has_callbacks=has_callbacks, versions=versions, flexible_input=flexible, **fit_args,
         )
         if not is_builder and not (resuming and run.model_file.exists()):
             with atomic_path(run.model_file) as tmp:
@@ -251,6 +283,89 @@ def _load_trained(run: RunDir, builder: Callable[[], Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------- validation helpers
+
+
+def _fit_args(*, validation_split: Any, shuffle: Any, class_weight: Any, initial_epoch: Any, steps_per_epoch: Any,
+              validation_steps: Any, validation_batch_size: Any, validation_freq: Any) -> dict[str, Any]:
+    """model.fit's arguments that the run spec stores, checked; refused values say what to pass."""
+    if isinstance(validation_split, bool) or not isinstance(validation_split, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(validation_split) < 1.0:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `validation_split`. Received: validation_split={validation_split!r}. "
+            "Expected a float in [0, 1): the fraction of x and y (their last samples) held out for validation."
+        )
+    if not isinstance(shuffle, (bool, np.bool_)):
+        raise InvalidArgumentError(
+            f"Invalid value for argument `shuffle`. Received: shuffle={shuffle!r}. Expected True or False: "
+            "resilient shuffles whole samples by (seed, epoch), so that a resumed epoch continues the same order "
+            "(shuffle='batch' is not offered; pass shuffle=True)."
+        )
+    _check_int("initial_epoch", initial_epoch, minimum=0)
+    for name, value in (("steps_per_epoch", steps_per_epoch), ("validation_steps", validation_steps),
+                        ("validation_batch_size", validation_batch_size)):
+        if value is not None:
+            _check_int(name, value, minimum=1)
+    return {
+        "initial_epoch": int(initial_epoch),
+        "steps_per_epoch": None if steps_per_epoch is None else int(steps_per_epoch),
+        "validation_steps": None if validation_steps is None else int(validation_steps),
+        "validation_batch_size": None if validation_batch_size is None else int(validation_batch_size),
+        "validation_freq": _validation_freq(validation_freq),
+        "class_weight": _class_weight(class_weight),
+    }
+
+
+def _validation_freq(value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in value):
+        return tuple(int(v) for v in value)
+    raise InvalidArgumentError(
+        f"Invalid value for argument `validation_freq`. Received: validation_freq={value!r}. Expected an integer "
+        ">= 1 (validate every that many epochs) or a non-empty list of epochs (1-based) after which to validate, "
+        "e.g. [1, 5, 10]."
+    )
+
+
+def _class_weight(value: Any) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `class_weight`. Received: class_weight={value!r}. Expected a non-empty "
+            "dict mapping class indices to weights, e.g. {0: 1.0, 1: 5.0}."
+        )
+    out: dict[int, float] = {}
+    for key, weight in value.items():
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+            raise InvalidArgumentError(
+                f"Invalid value for argument `class_weight`. Received: a key {key!r} ({type(key).__name__}). Expected "
+                "class indices: integers >= 0 (the label values, or the one-hot positions), e.g. {0: 1.0, 1: 5.0}."
+            )
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(weight):
+            raise InvalidArgumentError(
+                f"Invalid value for argument `class_weight`. Received: class_weight[{key!r}]={weight!r}. Expected a "
+                "finite number (the weight of that class's samples in the loss)."
+            )
+        out[int(key)] = float(weight)
+    return out
+
+
+def default_batch_size(x: Any, batch_size: int | None, steps_per_epoch: int | None, validation_split: float,
+                       validation_data: Any) -> int:
+    """model.fit's batch size: as given, else for arrays ``ceil(samples / steps_per_epoch)`` or 32."""
+    if batch_size is not None:
+        return int(batch_size)
+    if steps_per_epoch is None:
+        return 32
+    if not (isinstance(x, (list, tuple)) or hasattr(x, "__array__")):
+        return 32  # not arrays: a factory batches by plan.batch_size; prepare_inputs checks the rest
+    n = len(x)
+    if validation_split and validation_data is None:
+        n = int(np.floor(n * (1.0 - float(validation_split))))
+    return max(1, -(-n // int(steps_per_epoch)))
 
 
 def _is_keras_model(obj: Any) -> bool:

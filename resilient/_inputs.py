@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from ._data import (
     FOLDER_INDEX,
     VAL_ARRAYS,
     VAL_OBJECT,
+    VAL_SAMPLE_WEIGHT,
     FolderIndex,
     as_batch,
     call_factory,
@@ -523,10 +525,18 @@ class _Validation:
 class _ArrayValidation(_Validation):
     kind = "arrays"
 
+    @property
+    def weighted(self) -> bool:
+        return len(self.value) == 3 and self.value[2] is not None
+
     def write(self, run: RunDir) -> str | None:
-        vx, vy = self.value
+        vx, vy = self.value[:2]
         store_array(run.data_dir / "val_x.npy", vx)
         store_array(run.data_dir / "val_y.npy", vy)
+        if self.weighted:
+            store_array(run.path / VAL_SAMPLE_WEIGHT, self.value[2])
+        else:
+            (run.path / VAL_SAMPLE_WEIGHT).unlink(missing_ok=True)  # the worker looks for it by name
         return VAL_ARRAYS
 
 
@@ -543,16 +553,19 @@ def _prepare_validation(validation_data: Any, facts: ModelFacts, plan: Plan,
         return _Validation()
     arg = "validation_data"
     if isinstance(validation_data, (tuple, list)):
-        if len(validation_data) != 2:
+        if len(validation_data) not in (2, 3):
             raise InvalidArgumentError(
                 f"Invalid value for argument `validation_data`. Received a {type(validation_data).__name__} of "
-                f"{len(validation_data)} items. Expected (x_val, y_val) of NumPy arrays, a resilient.data spec, a "
-                "keras.utils.PyDataset or a function make_dataset(plan)."
+                f"{len(validation_data)} items. Expected (x_val, y_val) or (x_val, y_val, val_sample_weight) of NumPy "
+                "arrays, a resilient.data spec, a keras.utils.PyDataset or a function make_dataset(plan)."
             )
         for item in validation_data:
             if _is_tf_dataset(item):
                 _kind(item, arg)
         vx, vy = np.asarray(validation_data[0]), np.asarray(validation_data[1])
+        vsw = None
+        if len(validation_data) == 3 and validation_data[2] is not None:
+            vsw = check_sample_weight(validation_data[2], vx, what="val_sample_weight")
         if vx.ndim == 0 or len(vx) != len(vy) or len(vx) == 0:
             raise InvalidArgumentError(
                 f"Invalid value for argument `validation_data`. Received mismatched or empty arrays: "
@@ -568,7 +581,7 @@ def _prepare_validation(validation_data: Any, facts: ModelFacts, plan: Plan,
         else:
             check_sample_shape(facts, vx.shape[1:], what="validation_data", received=f"x_val.shape={vx.shape}")
         check_labels(facts, vy, what="y_val")
-        return _ArrayValidation((vx, vy))
+        return _ArrayValidation((vx, vy, vsw))
     kind = _kind(validation_data, arg)
     if kind == "image_folder":
         folder: ImageFolder = validation_data
@@ -595,7 +608,8 @@ def _prepare_validation(validation_data: Any, facts: ModelFacts, plan: Plan,
 # ------------------------------------------------------------------------------------ factories, PyDatasets
 
 
-def _check_factory(fn: Any, facts: ModelFacts, plan: Plan, arg: str, *, validation: bool = False) -> None:
+def _check_factory(fn: Any, facts: ModelFacts, plan: Plan, arg: str, *, validation: bool = False) -> Any:
+    """Check a factory by calling it once; returns its dataset's element_spec."""
     name = getattr(fn, "__name__", type(fn).__name__)
     try:
         params = inspect.signature(fn).parameters
@@ -665,6 +679,7 @@ def _check_factory(fn: Any, facts: ModelFacts, plan: Plan, arg: str, *, validati
         check_sample_shape(facts, shape[1:], what=f"{name}(plan)", received=f"batches of x of shape {shape}")
     if isinstance(y_spec, tf.TensorSpec) and y_spec.shape.rank is not None:
         check_label_spec(facts, tuple(y_spec.shape.as_list()), what=arg)
+    return spec
 
 
 def _check_pydataset(pyds: Any, facts: ModelFacts, arg: str) -> int:
@@ -756,22 +771,28 @@ def _describe_kind(kind: str) -> str:
 class ArrayInputs(Inputs):
     kind = "arrays"
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, val: _Validation) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, val: _Validation, sample_weight: np.ndarray | None = None) -> None:
         super().__init__(val)
         self.x, self.y = x, y
+        self.sample_weight = sample_weight
         self.image_axes = (0, 1) if x.ndim == 4 else None
         if self.image_axes:
             self.source_image_size = (int(x.shape[1]), int(x.shape[2]))
 
     def check_resume(self, run: RunDir, old: RunSpec) -> None:
         super().check_resume(run, old)
-        check_stored_arrays(run, {"x": self.x, "y": self.y})
+        arrays = {"x": self.x, "y": self.y}
+        if self.sample_weight is not None:
+            arrays["sample_weight"] = self.sample_weight
+        check_stored_arrays(run, arrays)
 
     def write(self, run: RunDir, seed: int) -> ArraysData:
         data_dir = run.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         store_array(data_dir / "x.npy", self.x)
         store_array(data_dir / "y.npy", self.y)
+        if self.sample_weight is not None:
+            store_array(data_dir / "sample_weight.npy", self.sample_weight)
         has_val = isinstance(self.val, _ArrayValidation)
         if has_val:
             self.val.write(run)
@@ -779,6 +800,8 @@ class ArrayInputs(Inputs):
             x="data/x.npy", y="data/y.npy", samples=int(self.x.shape[0]),
             val_x="data/val_x.npy" if has_val else None, val_y="data/val_y.npy" if has_val else None,
             image_axes=self.image_axes,
+            sample_weight="data/sample_weight.npy" if self.sample_weight is not None else None,
+            val_sample_weight=VAL_SAMPLE_WEIGHT if has_val and self.val.weighted else None,
         )
 
 
@@ -873,9 +896,79 @@ class PyDatasetInputs(Inputs):
         return ObjectData(kind="pydataset", key="data", val_key=self.val.write(run), samples=self.batches)
 
 
-def prepare_inputs(x: Any, y: Any, validation_data: Any, *, model: Any | None, plan: Plan) -> Inputs:
+def check_sample_weight(sample_weight: Any, x: np.ndarray, *, what: str = "sample_weight") -> np.ndarray:
+    """fit's ``sample_weight`` (or the validation data's): numeric, one weight (or row) per sample of ``x``."""
+    try:
+        sw = np.asarray(sample_weight)
+    except Exception as e:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `{what}`. Received: {type(sample_weight).__name__}, which cannot be "
+            f"converted to an array ({e}). Expected a NumPy array of shape ({len(x)},)."
+        ) from None
+    if sw.ndim == 0 or sw.dtype == object or sw.dtype.kind not in "biuf" or len(sw) != len(x):
+        raise InvalidArgumentError(
+            f"Invalid value for argument `{what}`. Received: {what} of shape {sw.shape} and dtype {sw.dtype} for "
+            f"{len(x)} samples. Expected a numeric array of shape ({len(x)},): one weight per sample, in the order "
+            "of x (or (samples, timesteps) for a temporal loss)."
+        )
+    return sw
+
+
+def _refuse_for_kind(kind: str, *, sample_weight: Any, validation_split: float, steps_per_epoch: int | None) -> None:
+    """model.fit's array-only arguments, refused for the other inputs with what to do instead."""
+    what = _describe_kind(kind)
+    if sample_weight is not None:
+        instead = {"image_folder": "Pass NumPy arrays to weight single samples, or class_weight={class: weight}.",
+                   "factory": "Yield (x, y, sample_weight) batches from make_dataset(plan) instead.",
+                   "pydataset": "Return (x, y, sample_weight) from the PyDataset's __getitem__ instead."}[kind]
+        raise InvalidArgumentError(
+            f"Invalid value for argument `sample_weight`. Received sample_weight with x={what}, as model.fit refuses "
+            f"it for datasets. Expected sample_weight=None. {instead}"
+        )
+    if validation_split:
+        instead = {"image_folder": f"Pass image_folder(..., validation_split={validation_split}) instead: it holds "
+                                   "out part of the folder's images.",
+                   "factory": "Pass validation_data=make_validation_dataset (a factory) instead.",
+                   "pydataset": "Pass validation_data= (another PyDataset, arrays or a factory) instead."}[kind]
+        raise InvalidArgumentError(
+            f"Invalid value for argument `validation_split`. Received: validation_split={validation_split} with "
+            f"x={what}; like model.fit, resilient splits only NumPy arrays. {instead}"
+        )
+    if steps_per_epoch is not None and kind in ("factory", "pydataset"):
+        instead = ("make_dataset(plan) is called once per epoch: return steps_per_epoch batches from it "
+                   "(e.g. ds.take(steps_per_epoch)) and omit steps_per_epoch"
+                   if kind == "factory" else
+                   "resilient orders and resumes a PyDataset by its own batches, one pass per epoch: make "
+                   "num_batches return the steps you want per epoch and omit steps_per_epoch")
+        raise InvalidArgumentError(
+            f"Invalid value for argument `steps_per_epoch`. Received: steps_per_epoch={steps_per_epoch} with "
+            f"x={what}, whose epochs resilient cannot cut and resume exactly as model.fit's continuing iterator "
+            f"does. Expected steps_per_epoch=None: {instead}."
+        )
+
+
+def split_arrays(arrays: tuple[Any, ...], validation_split: float) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The last ``validation_split`` of each array held out, before any shuffling (Keras's train_validation_split)."""
+    n = len(arrays[0])
+    split_at = math.floor(n * (1.0 - validation_split))
+    if split_at == 0 or split_at == n:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `validation_split`. Received: validation_split={validation_split} of {n} "
+            f"samples, which leaves {'no training' if split_at == 0 else 'no validation'} sample. Expected a split "
+            "that leaves at least one sample on each side: more data, or another validation_split."
+        )
+    return (tuple(None if a is None else a[:split_at] for a in arrays),
+            tuple(None if a is None else a[split_at:] for a in arrays))
+
+
+def prepare_inputs(x: Any, y: Any, validation_data: Any, *, model: Any | None, plan: Plan, sample_weight: Any = None,
+                   validation_split: float = 0.0, class_weight: dict[int, float] | None = None,
+                   steps_per_epoch: int | None = None, validation_batch_size: int | None = None) -> Inputs:
     """Recognise and check ``x``, ``y`` and ``validation_data`` against ``model`` (None: a builder, not checked).
 
+    Also model.fit's data arguments: ``sample_weight`` and ``validation_split`` (arrays only; the
+    split holds out the last samples, as Keras does, and ``validation_data`` overrides it), and
+    whether ``class_weight``, ``steps_per_epoch`` and ``validation_batch_size`` apply to the inputs.
     Reads the inputs (an image folder's listing, a PyDataset's first batch, a factory's element_spec)
     but writes nothing. Raises InvalidArgumentError with what was received and what was expected.
     """
@@ -888,12 +981,33 @@ def prepare_inputs(x: Any, y: Any, validation_data: Any, *, model: Any | None, p
             f"Invalid value for argument `y`. Received: y={type(y).__name__} with x={_describe_kind(kind)}, which "
             "provides its own labels. Expected y=None."
         )
+    if kind != "arrays":
+        _refuse_for_kind(kind, sample_weight=sample_weight, validation_split=validation_split,
+                         steps_per_epoch=steps_per_epoch)
+    if validation_batch_size is not None and is_pydataset(validation_data):
+        raise InvalidArgumentError(
+            f"Invalid value for argument `validation_batch_size`. Received: validation_batch_size="
+            f"{validation_batch_size} with validation_data={type(validation_data).__name__}, a PyDataset, which "
+            "makes its own batches. Expected validation_batch_size=None (model.fit ignores it there too)."
+        )
     if kind == "arrays":
         x_arr, y_arr = to_arrays(x, y)
         check_sample_shape(facts, x_arr.shape[1:], what="x", received=f"x.shape={x_arr.shape}")
         check_labels(facts, y_arr)
-        val = _prepare_validation(validation_data, facts, plan, (x_arr, y_arr))
-        return ArrayInputs(x_arr, y_arr, val)
+        sw = None if sample_weight is None else check_sample_weight(sample_weight, x_arr)
+        if sw is not None and class_weight is not None:
+            raise InvalidArgumentError(
+                "Invalid value for argument `class_weight`. Received both class_weight and sample_weight, which "
+                "model.fit refuses too (\"You cannot `class_weight` and `sample_weight` at the same time\"). "
+                "Expected one of them: fold the class weights into sample_weight (e.g. sample_weight * "
+                "np.vectorize(class_weight.get)(y)), or pass class_weight alone."
+            )
+        if validation_split and validation_data is None:
+            (x_arr, y_arr, sw), held_out = split_arrays((x_arr, y_arr, sw), validation_split)
+            val: _Validation = _ArrayValidation(held_out)
+        else:
+            val = _prepare_validation(validation_data, facts, plan, (x_arr, y_arr))
+        return ArrayInputs(x_arr, y_arr, val, sw)
     if kind == "image_folder":
         folder: ImageFolder = x
         listing = list_folder(folder)
@@ -920,8 +1034,23 @@ def prepare_inputs(x: Any, y: Any, validation_data: Any, *, model: Any | None, p
         return FolderInputs(folder, listing, val)
     if kind == "pydataset":
         batches = _check_pydataset(x, facts, "x")
+        if class_weight is not None:
+            _refuse_weighted(as_batch(x[0]), f"{type(x).__name__}[0] returns")
         val = _prepare_validation(validation_data, facts, plan, None)
         return PyDatasetInputs(x, batches, val)
-    _check_factory(x, facts, plan, "x")
+    element_spec = _check_factory(x, facts, plan, "x")
+    if class_weight is not None:
+        _refuse_weighted(element_spec, f"{getattr(x, '__name__', 'make_dataset')}(plan) yields")
     val = _prepare_validation(validation_data, facts, plan, None)
     return FactoryInputs(x, val)
+
+
+def _refuse_weighted(element: Any, source: str) -> None:
+    """class_weight with batches that carry their own sample weights: model.fit refuses the pair."""
+    if isinstance(element, tuple) and len(element) == 3:
+        raise InvalidArgumentError(
+            f"Invalid value for argument `class_weight`. Received class_weight while {source} (x, y, "
+            "sample_weight) batches; model.fit refuses the pair (\"You cannot `class_weight` and `sample_weight` at "
+            "the same time\"). Expected one of them: fold the class weights into the batches' sample weights, or "
+            "yield (x, y)."
+        )

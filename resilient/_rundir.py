@@ -96,6 +96,8 @@ class ArraysData(BaseModel):
     image_axes: tuple[int, int] | None = Field(
         None, description="Axes of (height, width) in one sample when x holds images (resizable)."
     )
+    sample_weight: str | None = Field(None, description="fit's sample_weight, stored beside x and y.")
+    val_sample_weight: str | None = Field(None, description="The validation data's sample weights.")
 
 
 class ObjectData(BaseModel):
@@ -135,6 +137,13 @@ class RunSpec(BaseModel):
         False, description="The model's fixed image input may be rebuilt to take another size (lower_resolution)."
     )
     versions: dict[str, str] = Field(default_factory=dict)
+    # model.fit's own arguments beyond the basics (defaults: model.fit's, so an older run.json loads).
+    initial_epoch: int = Field(0, ge=0)
+    steps_per_epoch: int | None = Field(None, ge=1)
+    validation_steps: int | None = Field(None, ge=1)
+    validation_batch_size: int | None = Field(None, ge=1)
+    validation_freq: int | tuple[int, ...] = 1
+    class_weight: dict[int, float] | None = None
 
 
 class RunDir:

@@ -412,7 +412,7 @@ class Attempt:
         self.plan = Plan.model_validate_json(Path(plan_file).read_text()) if plan_file else run.read_plan()
         self.fired = FiredFaults(run.faults_fired)
         self._fault_steps = {f.step for f in self.spec.faults}
-        self.epoch = 0
+        self.epoch = self.spec.initial_epoch  # fit's initial_epoch; a checkpoint's epoch overrides it
         self.offset = 0  # samples into the current epoch
         self.global_step = 0
         self.history: dict[str, list[float]] = {}
@@ -602,7 +602,7 @@ class Attempt:
                 callbacks.begin_training()
                 started = True
             model.fit(ds, epochs=self.epoch + 1, initial_epoch=self.epoch, callbacks=callbacks,
-                      validation_data=val, verbose=verbose, shuffle=False)
+                      validation_data=val, verbose=verbose, shuffle=False, **validation_args(self.spec))
             if model.stop_training:
                 break  # EarlyStopping or the like: the training ends as model.fit's would
         callbacks.end_training()
@@ -795,6 +795,18 @@ class _ContinuingCallbackList:
 
         cbl.__class__ = Continuing
         return cbl
+
+
+def validation_args(spec: RunSpec) -> dict[str, Any]:
+    """fit's validation_steps and validation_freq, for the worker's one-epoch fit calls.
+
+    Each call trains epoch ``e`` as ``initial_epoch=e``, and Keras counts ``validation_freq`` in
+    absolute epochs and restarts the validation data for every evaluation, so both mean what they
+    mean in one model.fit call.
+    """
+    freq = spec.validation_freq
+    return {"validation_steps": spec.validation_steps,
+            "validation_freq": list(freq) if isinstance(freq, tuple) else freq}
 
 
 # --------------------------------------------------------------------------- TensorBoard
