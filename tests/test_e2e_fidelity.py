@@ -134,7 +134,7 @@ def test_history_and_callback_logs_after_restarts_equal_model_fit(
     tmp_path, keras_reference, resilient_reference, faults, every, resumed_from
 ):
     k_model, k_hist, k_rec = keras_reference
-    r_model, r_hist, r_rec, _ = resilient_reference
+    r_model, r_hist, _, _ = resilient_reference
     rec = _recorder()
     model, hist = _resilient_fit(tmp_path / "run", callbacks=[rec], faults=faults, checkpoint_every=every)
     assert [i.checkpoint_step for i in hist.incidents] == resumed_from
@@ -151,7 +151,7 @@ def test_history_and_callback_logs_after_restarts_equal_model_fit(
 def test_fit_again_on_a_finished_run_returns_its_result_at_once(resilient_reference, keras_reference, capsys):
     import keras
 
-    k_model, k_hist, k_rec = keras_reference
+    _, k_hist, k_rec = keras_reference
     r_model, r_hist, _, run_dir = resilient_reference
     attempts = len([e for e in RunDir(run_dir).read_events() if e["event"] == "attempt_started"])
     model = make_model()
@@ -215,7 +215,7 @@ def test_an_attempt_with_nothing_left_to_train_completes_the_run(
 
 def test_epochs_zero_is_model_fit_epochs_zero(tmp_path):
     rec_k, rec_r = _recorder(), _recorder()
-    k_model, k_hist = _keras_fit(epochs=0, callbacks=[rec_k])
+    _, k_hist = _keras_fit(epochs=0, callbacks=[rec_k])
     model = make_model()
     before = [w.copy() for w in model.get_weights()]
     _, hist = _resilient_fit(tmp_path / "run", epochs=0, callbacks=[rec_r], model=model)
