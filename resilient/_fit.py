@@ -62,7 +62,8 @@ def fit(
             samples (the batches, for a PyDataset) by ``(seed, epoch)``; a factory orders its own.
         seed: makes shuffling and initialisation reproducible; chosen and recorded when None, so a
             resumed run continues the same sample order either way.
-        run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it.
+        run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it; a
+            finished one returns its result at once (a larger ``epochs`` trains on).
             Default: ``./resilient_runs/<time>-<model name>``.
         policy: a preset name (``"default"``, ``"colab-free"``, ``"conservative"``), a TOML file, or a
             ``resilient.Policy``.
@@ -77,7 +78,7 @@ def fit(
         faults: fault rehearsal, e.g. ``"gpu_oom@40,segfault@90"``; each fires once per run.
 
     Returns:
-        A History with ``history``, ``epoch``, ``incidents``, ``plan`` and ``run_dir``.
+        A History with ``history``, ``epoch``, ``params``, ``model``, ``incidents``, ``plan`` and ``run_dir``.
 
     Raises:
         InvalidArgumentError: an argument is wrong; nothing was started or written.
