@@ -449,6 +449,7 @@ class Attempt:
             "lr_scale": self.plan.learning_rate_scale,
             "weight_paths": [w.path for w in model.weights],
             "stopped": self.stopped,
+            "last_logs": self.last_logs,
         }
         metric_values = self.train_metric_values
         if metric_values is None:
@@ -518,6 +519,7 @@ class Attempt:
         self.epochs_done = list(meta["epochs_done"])
         self.lr_scale_saved = float(meta.get("lr_scale", 1.0))
         self.stopped = bool(meta.get("stopped", False))
+        self.last_logs = meta.get("last_logs")  # on_train_end gets them, as model.fit's callbacks do
         return ckpt.step
 
     # -- channel
@@ -717,6 +719,13 @@ class _Head:
             def on_test_batch_begin(self, batch: int, logs: Any = None) -> None:
                 attempt.beat("validate")
 
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                if attempt.train_metric_values is None:  # no validation: taken before a callback could evaluate
+                    self.on_test_begin()
+                # What model.fit passes to on_train_end: the epoch's logs before callbacks add to them
+                # (ReduceLROnPlateau adds learning_rate).
+                attempt.last_logs = {k: float(v) for k, v in (logs or {}).items()}
+
         return Head()
 
 
@@ -755,7 +764,6 @@ class _Tail:
                 attempt.epochs_done.append(epoch)
                 attempt.epoch = epoch + 1
                 attempt.offset = 0
-                attempt.last_logs = logs
                 attempt.stopped = bool(model.stop_training and attempt.epoch < attempt.spec.epochs)
                 attempt.channel.send(EpochEnd(epoch=epoch, step=attempt.global_step, logs=logs))
                 attempt.save_checkpoint(model, "epoch_end")

@@ -36,12 +36,16 @@ def _recorder():
             super().__init__()
             self.logs: list[dict] = []
             self.began = 0
+            self.end_logs: dict | None = None
 
         def on_train_begin(self, logs=None):
             self.began += 1
 
         def on_epoch_end(self, epoch, logs=None):
             self.logs.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+
+        def on_train_end(self, logs=None):
+            self.end_logs = None if logs is None else {k: float(v) for k, v in logs.items()}
 
     return Recorder()
 
@@ -70,11 +74,17 @@ def assert_same_history(got, want):
         np.testing.assert_allclose(got.history[key], want.history[key], rtol=1e-5, err_msg=key)
 
 
-def assert_same_logs(got: list[dict], want: list[dict]):
-    assert [sorted(g) for g in got] == [sorted(w) for w in want]
-    for g, w in zip(got, want):
+def assert_same_logs(got, want):
+    """The logs two Recorders received, at each epoch end and at the training end."""
+    assert [sorted(g) for g in got.logs] == [sorted(w) for w in want.logs]
+    for g, w in zip(got.logs, want.logs):
         for key in w:
             np.testing.assert_allclose(g[key], w[key], rtol=1e-5, err_msg=f"epoch {w['epoch']} {key}")
+    assert (got.end_logs is None) == (want.end_logs is None)
+    if want.end_logs is not None:
+        assert sorted(got.end_logs) == sorted(want.end_logs)
+        for key in want.end_logs:
+            np.testing.assert_allclose(got.end_logs[key], want.end_logs[key], rtol=1e-5, err_msg=f"train end {key}")
 
 
 def assert_same_weights(a, b):
@@ -102,7 +112,7 @@ def test_an_uninterrupted_run_equals_model_fit(keras_reference, resilient_refere
     model, hist, rec, _ = resilient_reference
     assert_same_history(hist, k_hist)
     assert_same_weights(model, k_model)
-    assert_same_logs(rec.logs, k_rec.logs)
+    assert_same_logs(rec, k_rec)
     assert hist.params == k_hist.params == {"verbose": 0, "epochs": EPOCHS, "steps": STEPS}
     assert hist.model is model
 
@@ -143,7 +153,7 @@ def test_history_and_callback_logs_after_restarts_equal_model_fit(
     assert_same_weights(model, r_model)
     assert_same_weights(model, k_model)
     # The callback's own record, restored from the worker, holds the logs model.fit's callbacks see.
-    assert_same_logs(rec.logs, k_rec.logs)
+    assert_same_logs(rec, k_rec)
     assert rec.began == 1
     assert hist.params == k_hist.params
 
@@ -169,7 +179,7 @@ def test_fit_again_on_a_finished_run_returns_its_result_at_once(resilient_refere
     assert int(model.optimizer.iterations.numpy()) == EPOCHS * STEPS
     for a, b in zip(model.optimizer.variables, r_model.optimizer.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert_same_logs(rec.logs, k_rec.logs)
+    assert_same_logs(rec, k_rec)
     assert rec.model is model and isinstance(rec.model, keras.Model)
 
 
@@ -209,7 +219,7 @@ def test_an_attempt_with_nothing_left_to_train_completes_the_run(
     assert [e["returncode"] for e in ended][-1] == 0
     assert_same_history(hist, k_hist)
     assert_same_weights(model, k_model)
-    assert_same_logs(rec.logs, k_rec.logs)
+    assert_same_logs(rec, k_rec)
     assert hist.params == k_hist.params
 
 
@@ -225,6 +235,7 @@ def test_epochs_zero_is_model_fit_epochs_zero(tmp_path):
     for a, b in zip(before, model.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert rec_r.began == rec_k.began == 1 and rec_r.logs == rec_k.logs == []
+    assert_same_logs(rec_r, rec_k)
 
 
 def test_a_longer_epochs_continues_a_finished_run_like_one_model_fit(tmp_path):
@@ -235,7 +246,7 @@ def test_a_longer_epochs_continues_a_finished_run_like_one_model_fit(tmp_path):
     model, hist = _resilient_fit(tmp_path / "run", epochs=3, callbacks=[rec])
     assert_same_history(hist, k_hist)
     assert_same_weights(model, k_model)
-    assert_same_logs(rec.logs, k_rec.logs)
+    assert_same_logs(rec, k_rec)
     assert hist.params == k_hist.params
 
 
@@ -267,7 +278,7 @@ def test_the_callers_callbacks_hold_their_state_as_after_model_fit(tmp_path):
         assert getattr(rlr, attr) == getattr(k_rlr, attr), attr
     np.testing.assert_allclose(rlr.best, k_rlr.best, rtol=1e-5)
     np.testing.assert_allclose(float(model.optimizer.learning_rate), float(k_model.optimizer.learning_rate))
-    assert_same_logs(rec.logs, k_rec.logs)
+    assert_same_logs(rec, k_rec)
     assert collected is rec.logs and len(collected) == len(k_hist.epoch)
     for cb, k_cb in zip(cbs, k_cbs):
         assert cb.model is model
