@@ -86,7 +86,8 @@ def fit(
             (``validation_freq``: an int, or a list of 1-based epochs).
         seed: makes shuffling and initialisation reproducible; chosen and recorded when None, so a
             resumed run continues the same sample order either way.
-        run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it.
+        run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it; a
+            finished one returns its result at once (a larger ``epochs`` trains on).
             Default: ``./resilient_runs/<time>-<model name>``.
         policy: a preset name (``"default"``, ``"colab-free"``, ``"conservative"``), a TOML file, or a
             ``resilient.Policy``.
@@ -101,7 +102,7 @@ def fit(
         faults: fault rehearsal, e.g. ``"gpu_oom@40,segfault@90"``; each fires once per run.
 
     Returns:
-        A History with ``history``, ``epoch``, ``incidents``, ``plan`` and ``run_dir``.
+        A History with ``history``, ``epoch``, ``params``, ``model``, ``incidents``, ``plan`` and ``run_dir``.
 
     Raises:
         InvalidArgumentError: an argument is wrong; nothing was started or written.
@@ -199,7 +200,14 @@ def fit(
 
     warn_if_caller_holds_gpu()
     lock = _lock(run)
+    params = {"verbose": verbose, "epochs": epochs}  # History.params, as model.fit's (steps from the worker)
     try:
+        finished = _finished_result(run, epochs) if resuming else None
+        if finished is not None:
+            if verbose_level:
+                print(f"resilient: the run in {run.path} is already complete ({_trained_text(finished)}); returning "
+                      "its result. Pass a larger epochs= to train on, or a new run_dir to start over.", flush=True)
+            return _trained_history(run, model, is_builder, callbacks, finished, [], run.read_plan(), params)
         # ---- write the run directory (first the data, then the spec that points at it)
         data = inputs.write(run, seed)
         spec = RunSpec(
@@ -240,14 +248,59 @@ def fit(
     finally:
         _unlock(lock)
 
-    if not is_builder:
-        load_into(model, run)
-    loader = None if not is_builder else (lambda: _load_trained(run, model))
-    return History(result.history, result.epochs_done, result.incidents, result.plan, run.path,
-                   model=None if is_builder else model, loader=loader)
+    done = {**_read_result(run), "history": result.history, "epochs_done": result.epochs_done}
+    return _trained_history(run, model, is_builder, callbacks, done, result.incidents, result.plan, params)
 
 
 # ---------------------------------------------------------------------------- after training
+
+
+def _read_result(run: RunDir) -> dict[str, Any]:
+    """The worker's result.json ({} when absent or unreadable); fields added later may be missing."""
+    try:
+        result = json.loads(run.result_json.read_text())
+    except (OSError, ValueError):
+        return {}
+    return result if isinstance(result, dict) else {}
+
+
+def _finished_result(run: RunDir, epochs: int) -> dict[str, Any] | None:
+    """The result of a completed run that has nothing left to train for ``epochs``; None otherwise.
+
+    A run stopped by a callback (EarlyStopping) is complete whatever ``epochs``; any other trains on
+    up to a larger ``epochs``, as ``model.fit(initial_epoch=...)`` would.
+    """
+    result = _read_result(run)
+    if "history" not in result or "epochs_done" not in result:
+        return None
+    if result.get("stopped_early") or epochs <= _epochs_trained(result):
+        return result
+    return None
+
+
+def _epochs_trained(result: dict[str, Any]) -> int:
+    done = result.get("epochs_done") or []
+    return int(done[-1]) + 1 if done else 0
+
+
+def _trained_text(result: dict[str, Any]) -> str:
+    n = _epochs_trained(result)
+    text = f"{n} epoch{'s' if n != 1 else ''} trained"
+    return text + ", stopped early by a callback" if result.get("stopped_early") else text
+
+
+def _trained_history(run: RunDir, model: Any, is_builder: bool, callbacks: Sequence[Any] | None,
+                     result: dict[str, Any], incidents: list[Any], plan: Plan, params: dict[str, Any]) -> History:
+    """What fit returns for a completed run: the caller's model and callbacks left as after model.fit."""
+    params = {**params, "steps": result.get("steps")}
+    if not is_builder:
+        load_into(model, run)
+    loader = None if not is_builder else (lambda: _load_trained(run, model))
+    history = History(result["history"], result["epochs_done"], incidents, plan, run.path,
+                      model=None if is_builder else model, loader=loader)
+    history.params = params
+    load_callbacks_into(callbacks, run, model=None if is_builder else model, params=params)
+    return history
 
 
 def load_into(model: Any, run: RunDir) -> None:
@@ -274,6 +327,53 @@ def _seed_generator_states(model: Any) -> list[Any]:
     from ._worker import seed_generator_states
 
     return seed_generator_states(model)
+
+
+def load_callbacks_into(callbacks: Sequence[Any] | None, run: RunDir, model: Any = None,
+                        params: dict[str, Any] | None = None) -> None:
+    """Give the caller's callback objects the state they ended the training with (the newest checkpoint's).
+
+    As after ``model.fit``: their attributes as the worker's callbacks left them, ``model`` (when given)
+    and ``params``. Lists, dicts and sets already on a callback are filled in place, so a list the caller
+    handed to a callback holds the values too.
+    """
+    cbs = list(callbacks or [])
+    if not cbs:
+        return
+    from ._checkpoint import CheckpointStore
+
+    states: list[dict[str, Any]] = []
+    ckpt = CheckpointStore(run.checkpoints).latest()
+    if ckpt is not None and ckpt.file("callbacks.pkl").exists():
+        try:
+            import cloudpickle
+
+            with open(ckpt.file("callbacks.pkl"), "rb") as f:
+                states = list(cloudpickle.load(f))
+        except Exception as e:
+            import warnings
+
+            warnings.warn(f"resilient: the callbacks' state in {ckpt.path} could not be read back ({e!r}); the "
+                          "callback objects keep the state they had before fit.", stacklevel=3)
+    for cb, state in zip(cbs, states):
+        _update_state(cb, state)
+    for cb in cbs:
+        if params is not None:
+            cb.set_params(params)
+        if model is not None:
+            cb.set_model(model)
+
+
+def _update_state(obj: Any, state: dict[str, Any]) -> None:
+    for key, value in state.items():
+        old = obj.__dict__.get(key)
+        if type(old) is type(value) and isinstance(old, list):
+            old[:] = value
+        elif type(old) is type(value) and isinstance(old, (dict, set)):
+            old.clear()
+            old.update(value)
+        else:
+            obj.__dict__[key] = value
 
 
 def _load_trained(run: RunDir, builder: Callable[[], Any]) -> Any:

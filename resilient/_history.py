@@ -18,6 +18,9 @@ class History:
         incidents: every classified failure, in order.
         plan: the Plan in force at the end.
         run_dir: where checkpoints, journal and logs live.
+        params: as Keras's ``History.params``: ``{"verbose": ..., "epochs": ..., "steps": ...}``
+            (``steps`` per epoch of the plan in force at the end; None for a run finished by an older release).
+        model: the trained model (see below).
     """
 
     def __init__(

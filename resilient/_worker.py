@@ -419,6 +419,12 @@ class Attempt:
         self.epochs_done: list[int] = []
         self.callback_states: list[dict[str, Any]] | None = None
         self.metric_values: list[Any] | None = None
+        # The training metrics' state of the finished epoch, taken when its validation began (Keras
+        # shares metric objects between training and evaluation); what an epoch-end checkpoint stores.
+        self.train_metric_values: list[Any] | None = None
+        self.stopped = False  # a callback stopped the training before its last epoch
+        self.steps_per_epoch: int | None = None  # a whole epoch's steps, as in History.params
+        self.last_logs: dict[str, float] | None = None
         self.lr_scale_saved = 1.0
         self.last_save_time = time.monotonic()
         self.last_save_seconds = 0.0
@@ -469,12 +475,17 @@ class Attempt:
             "reason": reason,
             "lr_scale": self.plan.learning_rate_scale,
             "weight_paths": [w.path for w in model.weights],
+            "stopped": self.stopped,
+            "last_logs": self.last_logs,
         }
+        metric_values = self.train_metric_values
+        if metric_values is None:
+            metric_values = [np.asarray(v.numpy()) for v in model.metrics_variables]
 
         def write(tmp: Path) -> None:
             np.savez(tmp / "weights.npz", *[np.asarray(w.numpy()) for w in model.weights])
             np.savez(tmp / "optimizer.npz", **opt_state)
-            np.savez(tmp / "metrics.npz", *[np.asarray(v.numpy()) for v in model.metrics_variables])
+            np.savez(tmp / "metrics.npz", *metric_values)
             np.savez(tmp / "rng.npz", *seed_generator_states(model))
             with open(tmp / "callbacks.pkl", "wb") as f:
                 cloudpickle.dump([callback_state(cb) for cb in self.user_callbacks], f)
@@ -517,8 +528,11 @@ class Attempt:
         self.window_pos = int(_inner_optimizer(model.optimizer)._iterations.numpy()) % accum if accum > 1 else 0
         if skipped:
             self.channel.send(Notice(event="optimizer_state_skipped", fields={"keys": skipped[:20]}))
-        with np.load(ckpt.file("metrics.npz")) as z:
-            self.metric_values = [z[f"arr_{i}"] for i in range(len(z.files))]
+        if int(meta["offset"]) > 0:
+            # Only a resume inside an epoch continues its running metrics; at an epoch boundary the
+            # next epoch starts them fresh, as Keras resets metrics at each epoch begin.
+            with np.load(ckpt.file("metrics.npz")) as z:
+                self.metric_values = [z[f"arr_{i}"] for i in range(len(z.files))]
         with np.load(ckpt.file("rng.npz")) as z:
             states = [z[f"arr_{i}"] for i in range(len(z.files))]
         restore_seed_generator_states(model, states)
@@ -530,6 +544,8 @@ class Attempt:
         self.history = {k: list(v) for k, v in meta["history"].items()}
         self.epochs_done = list(meta["epochs_done"])
         self.lr_scale_saved = float(meta.get("lr_scale", 1.0))
+        self.stopped = bool(meta.get("stopped", False))
+        self.last_logs = meta.get("last_logs")  # on_train_end gets them, as model.fit's callbacks do
         return ckpt.step
 
     # -- channel
@@ -589,8 +605,9 @@ class Attempt:
         )
         callbacks = _ContinuingCallbackList.wrap(callbacks, self)
         started = False
-        while self.epoch < self.spec.epochs:
+        while self.epoch < self.spec.epochs and not self.stopped:
             ds, steps = source.epoch(self.plan, self.epoch, self.offset)
+            self.steps_per_epoch = None if steps is None else steps + self.offset // self.samples_per_step
             if self.metric_values is not None and len(model.metrics_variables) != len(self.metric_values):
                 # Compiled metrics are built lazily at the first traced step; build them now so the
                 # resumed epoch's running metrics can be restored before that step.
@@ -605,13 +622,25 @@ class Attempt:
                       validation_data=val, verbose=verbose, shuffle=False, **validation_args(self.spec))
             if model.stop_training:
                 break  # EarlyStopping or the like: the training ends as model.fit's would
-        callbacks.end_training()
+        if not started:
+            self._begin_without_epochs(callbacks, source)
+        callbacks.end_training(self.last_logs)
         del tf
         self.save_checkpoint(model, "final")
         atomic_write_text(self.run.result_json, json.dumps({
             "history": self.history, "epochs_done": self.epochs_done, "global_step": self.global_step,
-            "attempt": self.attempt, "stopped_early": bool(model.stop_training and self.epoch < self.spec.epochs),
+            "attempt": self.attempt, "stopped_early": bool(self.stopped and self.epoch < self.spec.epochs),
+            "steps": self.steps_per_epoch,
         }))
+
+    def _begin_without_epochs(self, callbacks: Any, source: Any) -> None:
+        """Nothing left to train (a finished run, ``epochs=0``): still a training begin and end, as model.fit."""
+        try:
+            self.steps_per_epoch = source.epoch(self.plan, self.epoch, 0)[1]
+        except Exception:  # only History.params["steps"] depends on it
+            self.steps_per_epoch = None
+        callbacks.set_params({"verbose": self.spec.verbose, "epochs": self.spec.epochs, "steps": self.steps_per_epoch})
+        callbacks.begin_training()
 
     def _apply_lr_scale(self, model: Any) -> None:
         ratio = self.plan.learning_rate_scale / self.lr_scale_saved
@@ -658,6 +687,7 @@ class _Head:
                 self.epoch_steps = 0
 
             def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+                attempt.train_metric_values = None
                 if attempt.metric_values is not None:
                     # Resuming mid-epoch: the epoch's running metrics continue from the checkpoint.
                     for var, value in zip(model.metrics_variables, attempt.metric_values):
@@ -709,8 +739,21 @@ class _Head:
                 attempt.beat("train")
                 self.begun, self.t0 = batch, time.monotonic()
 
+            def on_test_begin(self, logs: Any = None) -> None:
+                # The validation is about to reset the metric variables it shares with training.
+                import numpy as np
+
+                attempt.train_metric_values = [np.asarray(v.numpy()) for v in model.metrics_variables]
+
             def on_test_batch_begin(self, batch: int, logs: Any = None) -> None:
                 attempt.beat("validate")
+
+            def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+                if attempt.train_metric_values is None:  # no validation: taken before a callback could evaluate
+                    self.on_test_begin()
+                # What model.fit passes to on_train_end: the epoch's logs before callbacks add to them
+                # (ReduceLROnPlateau adds learning_rate).
+                attempt.last_logs = {k: float(v) for k, v in (logs or {}).items()}
 
         return Head()
 
@@ -750,6 +793,7 @@ class _Tail:
                 attempt.epochs_done.append(epoch)
                 attempt.epoch = epoch + 1
                 attempt.offset = 0
+                attempt.stopped = bool(model.stop_training and attempt.epoch < attempt.spec.epochs)
                 attempt.channel.send(EpochEnd(epoch=epoch, step=attempt.global_step, logs=logs))
                 attempt.save_checkpoint(model, "epoch_end")
                 if _State.sigterm.is_set():
@@ -790,8 +834,8 @@ class _ContinuingCallbackList:
                     for cb, state in zip(attempt.user_callbacks, attempt.callback_states):
                         cb.__dict__.update(state)
 
-            def end_training(self) -> None:
-                super().on_train_end()
+            def end_training(self, logs: Any = None) -> None:
+                super().on_train_end(logs)
 
         cbl.__class__ = Continuing
         return cbl
