@@ -171,7 +171,7 @@ def main() -> int:
     ap.add_argument("--stable-steps", type=int, default=40, help="[probe] stable_steps for the resilient run")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    from resilient._memory import cgroup_support
+    from resilient.supervisor.memory import cgroup_support
 
     ok, why = cgroup_support()
     print(f"bench_degradation: memory cgroup support: {ok} ({why})", flush=True)

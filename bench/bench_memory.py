@@ -222,7 +222,7 @@ def watchdog_check(xp: Path, yp: Path, limit: int, run_dir: Path) -> dict:
     import numpy as np
 
     import resilient
-    import resilient._supervisor as sup
+    import resilient.supervisor.loop as sup
 
     def no_cgroup(cls, *a, **k):
         raise OSError("memory cgroups switched off by bench_memory --watchdog")
@@ -266,7 +266,7 @@ def main() -> int:
         return 0
     sizes = args.sizes or ([0.3, 0.9] if args.quick else [0.5, 1.5])
     import resilient  # noqa: F401  (before TensorFlow)
-    from resilient._data import IN_MEMORY_LIMIT
+    from resilient.data.pipelines import IN_MEMORY_LIMIT
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_", dir=args.tmp))
     print(f"bench_memory: sizes {sizes} GB, batch {BATCH}, {args.epochs} epoch(s) each; files in {tmp}", flush=True)

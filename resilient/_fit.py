@@ -18,10 +18,10 @@ from ._carry import custom_objects_of, prove_carriable
 from ._errors import InvalidArgumentError, RunDirError
 from ._faults import parse_faults
 from ._history import History
-from ._inputs import ModelFacts, prepare_inputs
 from ._plan import Plan
 from ._rundir import Journal, RunDir, RunSpec, atomic_file, atomic_path
 from ._units import parse_duration, parse_size
+from .data.inputs import ModelFacts, prepare_inputs
 
 DEFAULT_RUNS_DIR = "resilient_runs"
 
@@ -113,8 +113,8 @@ def fit(
         >>> history = resilient.fit(model, x, y, epochs=10, batch_size=64, validation_split=0.1,
         ...                         run_dir="/content/drive/MyDrive/runs/cifar", policy="colab-free")
     """
-    from ._policy import load_policy
-    from ._supervisor import Supervisor, SupervisorConfig
+    from .policy.policy import load_policy
+    from .supervisor.loop import Supervisor, SupervisorConfig
 
     # ---- validate everything before touching the disk
     is_builder = callable(model) and not _is_keras_model(model)
@@ -196,7 +196,7 @@ def fit(
         inputs.check_resume(run, old)
         seed = old.seed
 
-    from ._gpu import warn_if_caller_holds_gpu
+    from .supervisor.gpu import warn_if_caller_holds_gpu
 
     warn_if_caller_holds_gpu()
     lock = _lock(run)
@@ -231,7 +231,7 @@ def fit(
             verb = "resuming" if resuming else "starting"
             print(f"resilient: {verb} run in {run.path}", flush=True)
 
-        from ._policy import StepContext
+        from .policy.policy import StepContext
 
         context = StepContext(
             requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts) or flexible,
@@ -306,7 +306,7 @@ def _trained_history(run: RunDir, model: Any, is_builder: bool, callbacks: Seque
 def load_into(model: Any, run: RunDir) -> None:
     """Load the newest verified checkpoint's weights and optimizer state into ``model``."""
     from ._checkpoint import CheckpointStore
-    from ._worker import restore_optimizer_state, restore_seed_generator_states
+    from .worker.attempt import restore_optimizer_state, restore_seed_generator_states
 
     ckpt = CheckpointStore(run.checkpoints).latest()
     if ckpt is None:
@@ -324,7 +324,7 @@ def load_into(model: Any, run: RunDir) -> None:
 
 
 def _seed_generator_states(model: Any) -> list[Any]:
-    from ._worker import seed_generator_states
+    from .worker.attempt import seed_generator_states
 
     return seed_generator_states(model)
 
@@ -561,7 +561,7 @@ def _write_objects(run: RunDir, objects: dict[str, Any]) -> None:
 
 
 def _can_flex(model: Any) -> bool:
-    from ._reshape import can_flex
+    from .worker.reshape import can_flex
 
     return can_flex(model, custom_objects_of(model))
 
@@ -622,7 +622,7 @@ def _unlock(fd: int) -> None:
 
 
 def _device_context() -> dict[str, Any]:
-    from ._memory import GpuMemory
+    from .supervisor.memory import GpuMemory
 
     out: dict[str, Any] = {"device": "cpu", "cpu_supports_bf16": _cpu_bf16()}
     gpu = GpuMemory()

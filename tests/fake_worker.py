@@ -1,4 +1,4 @@
-"""A scripted stand-in for ``python -m resilient._worker``: speaks the channel protocol, no TensorFlow.
+"""A scripted stand-in for ``python -m resilient.worker.attempt``: speaks the channel protocol, no TensorFlow.
 
 Used by tests/test_supervisor.py through ``SupervisorConfig.worker_cmd``::
 
@@ -90,7 +90,8 @@ def main() -> int:
     threading.Thread(target=_guard, args=(args.max_life, os.getppid()), daemon=True).start()
 
     _import_resilient_light()
-    from resilient._channel import (
+    from resilient._checkpoint import CheckpointStore
+    from resilient._protocol import (
         ChannelWriter,
         CheckpointSaved,
         EpochBegin,
@@ -100,7 +101,6 @@ def main() -> int:
         Hello,
         Notice,
     )
-    from resilient._checkpoint import CheckpointStore
     from resilient._rundir import RunDir, atomic_write_text
 
     run = RunDir(args.run_dir)

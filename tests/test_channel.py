@@ -9,7 +9,7 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from resilient._channel import (
+from resilient._protocol import (
     ChannelReader,
     ChannelWriter,
     CheckpointSaved,

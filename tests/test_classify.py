@@ -6,10 +6,8 @@ import signal
 
 import pytest
 
-from resilient._classify import (
-    EXIT_ORPHANED,
-    EXIT_PREEMPTED,
-    EXIT_REPORTED,
+from resilient._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED
+from resilient.supervisor.classify import (
     RSS_NEAR_LIMIT,
     AttemptOutcome,
     classify,

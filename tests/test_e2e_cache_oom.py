@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 import resilient
-from resilient._memory import cgroup_support
 from resilient._rundir import RunDir
+from resilient.supervisor.memory import cgroup_support
 from tests.conftest import make_data  # noqa: F401  (keeps the shared fixtures importable)
 from tests.input_helpers import make_image_model, write_image_folder
 

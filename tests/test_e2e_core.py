@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 import resilient
-from resilient._memory import cgroup_support
 from resilient._rundir import RunDir
+from resilient.supervisor.memory import cgroup_support
 from tests.conftest import make_data, make_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]

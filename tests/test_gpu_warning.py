@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from resilient._gpu import caller_gpu_warning, warn_if_caller_holds_gpu
+from resilient.supervisor.gpu import caller_gpu_warning, warn_if_caller_holds_gpu
 
 GiB = 1 << 30
 

@@ -15,11 +15,11 @@ import pytest
 from pydantic import ValidationError
 
 import resilient
-from resilient._data import FactorySource, ImageFolderSource, PyDatasetSource, make_source
 from resilient._fit import _fingerprint
-from resilient._inputs import prepare_inputs, store_array
 from resilient._plan import Plan
 from resilient._rundir import ArraysData, ObjectData, RunDir, RunSpec
+from resilient.data.inputs import prepare_inputs, store_array
+from resilient.data.pipelines import FactorySource, ImageFolderSource, PyDatasetSource, make_source
 from tests.conftest import make_data, make_model
 from tests.input_helpers import make_image_model, snapshot, write_image_folder
 

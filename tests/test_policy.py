@@ -18,7 +18,7 @@ from resilient._cli import main
 from resilient._errors import InvalidPolicyError
 from resilient._incident import RETRYABLE_KINDS, Incident
 from resilient._plan import Plan
-from resilient._policy import (
+from resilient.policy.policy import (
     Policy,
     ProbeSettings,
     Step,
@@ -758,7 +758,7 @@ def test_cli_usage_errors_return_2():
 
 def test_cli_check_imports_custom_steps(tmp_path, monkeypatch):
     (tmp_path / "my_cli_steps.py").write_text(
-        "from resilient._policy import register_step\n\n"
+        "from resilient.policy.policy import register_step\n\n"
         "@register_step('test_cli_custom')\n"
         "def custom(plan, incident, context):\n"
         "    return None\n"

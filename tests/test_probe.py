@@ -1,4 +1,4 @@
-"""The search for the best batch size after an OOM (resilient._probe, resilient._policy.probe_below): pure."""
+"""The search for the best batch size after an OOM (resilient.policy.search, resilient.policy.policy.probe_below): pure."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient._plan import Plan
-from resilient._policy import Policy, ProbeSettings, load_policy, probe_below
-from resilient._probe import HEARTBEAT_SLACK_SECONDS, Horizon, PlanSearch, can_judge, steps_to_judge
+from resilient.policy.policy import Policy, ProbeSettings, load_policy, probe_below
+from resilient.policy.search import HEARTBEAT_SLACK_SECONDS, Horizon, PlanSearch, can_judge, steps_to_judge
 
 
 def P(batch: int, accum: int = 1, **fields) -> Plan:

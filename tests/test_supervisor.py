@@ -22,16 +22,16 @@ from typing import Any
 import psutil
 import pytest
 
-import resilient._supervisor as supervisor_module
+import resilient.supervisor.loop as supervisor_module
 from resilient._checkpoint import CheckpointStore
 from resilient._errors import TrainingFailedError, UserCodeError
-from resilient._memory import cgroup_support
 from resilient._plan import Plan
-from resilient._policy import Policy, StepContext
 from resilient._rundir import ObjectData, RunDir, RunSpec
 from resilient._status import summarize
-from resilient._supervisor import RunResult, Supervisor, SupervisorConfig
+from resilient.policy.policy import Policy, StepContext
 from resilient.steps import halve_batch
+from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
+from resilient.supervisor.memory import cgroup_support
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 MB = 1 << 20
@@ -972,7 +972,7 @@ def test_a_hang_kill_takes_the_workers_children_too(supervise):
 def test_backoff_grows_while_crashes_repeat_without_progress():
     from resilient._incident import Incident
     from resilient._plan import Plan
-    from resilient._supervisor import Supervisor, _AttemptFailed
+    from resilient.supervisor.loop import Supervisor, _AttemptFailed
 
     plan = Plan(batch_size=32)
     sup = Supervisor.__new__(Supervisor)

@@ -3,7 +3,7 @@
 ``MemoryCgroup.create`` makes a child group of the caller's own memory cgroup with a hard
 limit, so the kernel's real OOM killer enforces the budget on the worker alone and the
 group's ``oom_kill`` counter tells us afterwards that it did. Where cgroups are not writable
-the supervisor falls back to a psutil watchdog (see _supervisor.py).
+the supervisor falls back to a psutil watchdog (see loop.py).
 """
 
 from __future__ import annotations

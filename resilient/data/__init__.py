@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ._errors import InvalidArgumentError
+from .._errors import InvalidArgumentError
 
 if TYPE_CHECKING:
-    from ._plan import Plan
+    from .._plan import Plan
 
 __all__ = ["DatasetFactory", "ImageFolder", "image_folder"]
 

@@ -15,6 +15,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+#: Worker exit codes with a meaning of their own (any other non-zero code is a crash).
+EXIT_REPORTED = 3  # error.json holds the classified exception
+EXIT_PREEMPTED = 4  # SIGTERM honoured: checkpoint saved, then exit
+EXIT_ORPHANED = 5  # the supervisor went away
+
 
 class _Msg(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")

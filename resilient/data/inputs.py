@@ -20,7 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ._data import (
+from .._errors import InvalidArgumentError, RunDirError
+from .._plan import Plan
+from .._rundir import ArraysData, ObjectData, RunDir, RunSpec, atomic_file, atomic_write_text
+from . import IMAGE_FORMATS, ImageFolder
+from .pipelines import (
     FOLDER_INDEX,
     VAL_ARRAYS,
     VAL_OBJECT,
@@ -32,10 +36,6 @@ from ._data import (
     num_batches,
     read_folder_index,
 )
-from ._errors import InvalidArgumentError, RunDirError
-from ._plan import Plan
-from ._rundir import ArraysData, ObjectData, RunDir, RunSpec, atomic_file, atomic_write_text
-from .data import IMAGE_FORMATS, ImageFolder
 
 #: Arrays are copied into the run directory this many bytes at a time (a memmap is never loaded whole).
 STORE_CHUNK_BYTES = 16 << 20

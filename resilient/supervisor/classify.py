@@ -17,13 +17,10 @@ import signal as _signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._protocol import EXIT_ORPHANED, EXIT_PREEMPTED
+
 #: RSS at the last sample at or above this fraction of the limit counts as memory evidence.
 RSS_NEAR_LIMIT = 0.9
-
-# Exit statuses the worker uses on purpose (beyond 0 = completed).
-EXIT_REPORTED = 3  # error.json holds the classified exception
-EXIT_PREEMPTED = 4  # SIGTERM honoured: checkpoint saved, then exit
-EXIT_ORPHANED = 5  # the supervisor went away
 
 
 def signal_name(returncode: int | None) -> str | None:
@@ -114,6 +111,6 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
 
 
 def _gb(n: int | None) -> str:
-    from ._units import format_bytes
+    from .._units import format_bytes
 
     return format_bytes(n)

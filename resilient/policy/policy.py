@@ -34,16 +34,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ._errors import InvalidPolicyError
-from ._incident import RETRYABLE_KINDS, Incident
-from ._plan import Plan
+from .._errors import InvalidPolicyError
+from .._incident import RETRYABLE_KINDS, Incident
+from .._plan import Plan
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 #: Where preset names are looked up, first match wins: ``resilient/presets/``, where the wheel ships
 #: the top-level ``policies/`` folder (pyproject's force-include), then ``policies/`` of a source checkout.
 PRESET_DIRS: tuple[Path, ...] = (_PACKAGE_DIR / "presets", _PACKAGE_DIR.parent / "policies")
@@ -273,7 +273,7 @@ def _step_class_from_function(name: str, function: Callable[..., Plan | None]) -
 
 
 def _registry() -> dict[str, type[Step]]:
-    from . import steps  # noqa: F401  (imported for its side effect: registers the built-in steps)
+    from .. import steps  # noqa: F401  (imported for its side effect: registers the built-in steps)
 
     return _REGISTRY
 
@@ -421,7 +421,7 @@ class ProbeSettings(BaseModel):
       working plan.
 
     A probe starts only when the steps left in the run cover ``stable_steps`` and the warm-up plus
-    ``measure_seconds`` of training (``resilient._probe.can_judge``); otherwise the run finishes on
+    ``measure_seconds`` of training (``resilient.policy.search.can_judge``); otherwise the run finishes on
     the working plan.
     """
 
@@ -729,7 +729,7 @@ def next_probe(working: Plan, failed: Plan) -> Plan | None:
     only divisors of that effective batch are candidates. None when the gap is small
     (``failed - working <= max(1, working // 8)``) or no candidate lies strictly between.
 
-    ``resilient._probe.PlanSearch`` uses it for the probe up (``failed``: the smallest batch known to
+    ``resilient.policy.search.PlanSearch`` uses it for the probe up (``failed``: the smallest batch known to
     fail or to be slower) and ``probe_below`` for the probe down.
     """
     low, high = working.batch_size, failed.batch_size

@@ -37,8 +37,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from ._rundir import ArraysData, ObjectData, RunDir, RunSpec
-from .data import ImageFolder
+from .._rundir import ArraysData, ObjectData, RunDir, RunSpec
+from . import ImageFolder
 
 #: Arrays up to this size are loaded into the worker's memory and gathered in-graph (fastest);
 #: larger ones stay memory-mapped and are gathered batch by batch, so RSS does not grow with them.

@@ -7,12 +7,12 @@ State machine (one ``run()`` loop; tenacity drives the restarts)::
       |                              └──> DEGRADE ──> RESTART ──┐
       └─────────────────────────────────────────────────────────┘
 
-- START spawns ``python -m resilient._worker`` (never a fork of this process) with a pipe for
+- START spawns ``python -m resilient.worker.attempt`` (never a fork of this process) with a pipe for
   the channel, puts it into its memory cgroup when there is a limit, and journals ``attempt_started``.
 - MONITOR forwards the worker's output to our stdout, reads heartbeats and progress, samples
   memory (psutil, cgroup, NVML), and acts: a silent worker is killed as a hang; a worker over the
   memory budget without a cgroup is killed by the watchdog; a rehearsed ``preempt`` gets SIGTERM.
-- CLASSIFY turns the evidence into an Incident (see _classify.py).
+- CLASSIFY turns the evidence into an Incident (see classify.py).
 - DEGRADE asks the policy for the next plan; the new plan is written to plan.json before the restart.
 - RESTART waits: nothing after a degradation or a preemption, exponential backoff for repeats.
 """
@@ -34,16 +34,27 @@ from typing import IO, Any
 
 import tenacity
 
-from ._channel import ChannelReader, CheckpointSaved, EpochBegin, EpochEnd, FaultFired, Heartbeat, Hello, Notice
-from ._checkpoint import CheckpointStore
-from ._classify import EXIT_PREEMPTED, EXIT_REPORTED, AttemptOutcome, classify
-from ._errors import TrainingFailedError, UserCodeError
-from ._incident import Incident
-from ._memory import GpuMemory, MemoryCgroup, tree_rss
-from ._plan import Plan
-from ._probe import Horizon, PlanSearch
-from ._rundir import Journal, RunDir, atomic_write_text
-from ._units import format_bytes
+from .._checkpoint import CheckpointStore
+from .._errors import TrainingFailedError, UserCodeError
+from .._incident import Incident
+from .._plan import Plan
+from .._protocol import (
+    EXIT_PREEMPTED,
+    EXIT_REPORTED,
+    ChannelReader,
+    CheckpointSaved,
+    EpochBegin,
+    EpochEnd,
+    FaultFired,
+    Heartbeat,
+    Hello,
+    Notice,
+)
+from .._rundir import Journal, RunDir, atomic_write_text
+from .._units import format_bytes
+from ..policy.search import Horizon, PlanSearch
+from .classify import AttemptOutcome, classify
+from .memory import GpuMemory, MemoryCgroup, tree_rss
 
 #: Floor of the automatic hang timeout, in seconds.
 AUTO_HANG_FLOOR = 120.0
@@ -56,8 +67,8 @@ REHEARSAL_HEADROOM = 256 << 20
 @dataclass
 class SupervisorConfig:
     run: RunDir
-    policy: Any  # resilient._policy.Policy
-    context: Any  # resilient._policy.StepContext
+    policy: Any  # resilient.policy.policy.Policy
+    context: Any  # resilient.policy.policy.StepContext
     max_restarts: int
     hang_timeout: float | None = None  # None: calibrated from observed step times
     startup_timeout: float = 600.0
@@ -152,7 +163,7 @@ class Supervisor:
         self._attempts_started = 0
         self._attempt_base = sum(1 for e in self.rundir.read_events() if e.get("event") == "attempt_started")
         self._proc: subprocess.Popen[bytes] | None = None
-        # After an OOM degradation: the search for the best batch size that fits (see _probe.py).
+        # After an OOM degradation: the search for the best batch size that fits (see policy/search.py).
         self._search = PlanSearch(config.policy.probe)
         self._switch_to: Plan | None = None
 
@@ -374,7 +385,7 @@ class Supervisor:
     def _command(self, attempt: int, fd: int) -> list[str]:
         if self.cfg.worker_cmd is not None:
             return self.cfg.worker_cmd(attempt, fd)
-        return [sys.executable, "-m", "resilient._worker", "--run-dir", str(self.rundir.path),
+        return [sys.executable, "-m", "resilient.worker", "--run-dir", str(self.rundir.path),
                 "--attempt", str(attempt), "--channel-fd", str(fd), "--supervisor-pid", str(os.getpid()),
                 "--plan", str(self.rundir.attempt_dir(attempt) / "plan.json")]
 
@@ -389,7 +400,7 @@ class Supervisor:
         # 661 -> 876 MB with two arenas) at no measurable cost in throughput. The caller's setting wins.
         env.setdefault("MALLOC_ARENA_MAX", "2")
         env["PYTHONUNBUFFERED"] = "1"
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         paths = [package_root] + [p for p in sys.path if p and os.path.isdir(p)]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])

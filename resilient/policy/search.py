@@ -31,8 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._plan import Plan
-from ._policy import ProbeSettings, next_probe, probe_below
+from .._plan import Plan
+from .policy import ProbeSettings, next_probe, probe_below
 
 
 @dataclass

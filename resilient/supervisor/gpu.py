@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 
-from ._units import format_bytes
+from .._units import format_bytes
 
 #: The caller holding more than this share of a GPU (or this many bytes) leaves the worker short.
 SHARE_THRESHOLD = 0.25
@@ -29,7 +29,7 @@ def caller_gpu_warning(used_by_caller: int | None, device_total: int | None) -> 
 
 def warn_if_caller_holds_gpu(nvml: object | None = None) -> str | None:
     """Read this process's GPU memory through NVML and warn (once per call) when it is large."""
-    from ._memory import GpuMemory
+    from .memory import GpuMemory
 
     gpu = nvml if nvml is not None else GpuMemory()
     if not getattr(gpu, "available", False):

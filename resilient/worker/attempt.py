@@ -1,4 +1,4 @@
-"""The worker: one training attempt in a fresh process (``python -m resilient._worker``).
+"""The worker: one training attempt in a fresh process (``python -m resilient.worker.attempt``).
 
 It restores the latest checkpoint, builds model and data for the current Plan, and runs
 ``model.fit`` one epoch per call (so a resumed epoch can be shorter) with a single CallbackList
@@ -21,11 +21,22 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ._channel import ChannelWriter, CheckpointSaved, EpochBegin, EpochEnd, FaultFired, Heartbeat, Hello, Notice
-from ._classify import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED
-from ._faults import Fault, FiredFaults
-from ._plan import Plan
-from ._rundir import RunDir, RunSpec, atomic_write_text
+from .._faults import Fault, FiredFaults
+from .._plan import Plan
+from .._protocol import (
+    EXIT_ORPHANED,
+    EXIT_PREEMPTED,
+    EXIT_REPORTED,
+    ChannelWriter,
+    CheckpointSaved,
+    EpochBegin,
+    EpochEnd,
+    FaultFired,
+    Heartbeat,
+    Hello,
+    Notice,
+)
+from .._rundir import RunDir, RunSpec, atomic_write_text
 
 _PR_SET_PDEATHSIG = 1
 
@@ -134,7 +145,7 @@ def build_model(run: RunDir, spec: RunSpec, plan: Plan, objects: dict[str, Any])
 
 def _with_builders_custom_objects(model: Any, carried: dict[str, Any]) -> dict[str, Any]:
     """The custom objects a rebuild of the builder's model needs: found on it, and anything carried."""
-    from ._carry import custom_objects_of
+    from .._carry import custom_objects_of
 
     if not hasattr(model, "_flatten_layers"):
         return carried  # not a keras.Model: the compiled-model check below says so
@@ -152,11 +163,11 @@ def _fixed_spatial_input(model: Any) -> bool:
 def _rebuild(model: Any, plan: Plan, custom: dict[str, Any], flexible_input: bool = False) -> Any:
     """Rebuild ``model`` under ``plan``'s dtype policy and gradient accumulation; weights carried over.
 
-    With ``flexible_input``, its image input takes any (height, width) (see _reshape.py).
+    With ``flexible_input``, its image input takes any (height, width) (see reshape.py).
     """
     import keras
 
-    from ._reshape import with_flexible_input
+    from .reshape import with_flexible_input
 
     config = model.get_config()
     if flexible_input:
@@ -457,7 +468,7 @@ class Attempt:
         import cloudpickle
         import numpy as np
 
-        from ._checkpoint import CheckpointStore
+        from .._checkpoint import CheckpointStore
 
         self.check_nan(model)  # a diverged state is never saved: the last checkpoint stays good
 
@@ -503,7 +514,7 @@ class Attempt:
         import cloudpickle
         import numpy as np
 
-        from ._checkpoint import CheckpointStore
+        from .._checkpoint import CheckpointStore
 
         def on_corrupt(path: Path, why: str) -> None:
             self.channel.send(Notice(event="checkpoint_corrupt", fields={"path": str(path), "reason": why}))
@@ -590,7 +601,7 @@ class Attempt:
             self.channel.send(Notice(event="tensorboard_log_failed", fields={"error": repr(exc)}))
         self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from))
 
-        from ._data import make_source
+        from ..data.pipelines import make_source
 
         source = make_source(self.spec, self.run, objects)
         self.samples_per_step = source.samples_per_step(self.plan)  # a PyDataset counts batches
@@ -973,7 +984,7 @@ def classify_exception(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resilient._worker")
+    parser = argparse.ArgumentParser(prog="python -m resilient.worker.attempt")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--attempt", type=int, required=True)
     parser.add_argument("--channel-fd", type=int, default=None)
