@@ -1,7 +1,14 @@
-"""The worker -> supervisor channel: JSON lines over a dedicated pipe (never stdout).
+"""Everything that crosses the process boundary between the supervisor and the worker.
 
-Every message is validated with pydantic on the supervisor side; a line that does not parse
-is counted and ignored rather than trusted.
+- Exit codes with a meaning of their own (``EXIT_*``).
+- The channel: JSON lines over a dedicated pipe (never stdout), one pydantic model per message;
+  a line that does not parse is ignored rather than trusted.
+- The files one side writes and the other reads, as pydantic models: ``ErrorReport``
+  (``attempts/NNN/error.json``), ``TrainingResult`` (``result.json``) and ``CheckpointMeta`` (the
+  ``meta`` of a checkpoint's manifest). They are read with defaults for every field added after
+  0.1.0, so a run directory written by an earlier release still resumes.
+
+The worker reports facts (what was raised, where); the supervisor decides what they mean.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 #: Worker exit codes with a meaning of their own (any other non-zero code is a crash).
-EXIT_REPORTED = 3  # error.json holds the classified exception
+EXIT_REPORTED = 3  # error.json (ErrorReport) says what was raised
 EXIT_PREEMPTED = 4  # SIGTERM honoured: checkpoint saved, then exit
 EXIT_ORPHANED = 5  # the supervisor went away
 
@@ -173,3 +180,99 @@ class ChannelReader(threading.Thread):
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+class _File(BaseModel):
+    # Unknown keys are ignored: a newer worker's file still reads in an older supervisor, and back.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ExceptionFacts(_File):
+    """One exception of a chain: its class name, message and, for an ``OSError``, its errno."""
+
+    type: str
+    message: str = ""
+    errno: int | None = None
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ExceptionFacts:
+        errno = getattr(exc, "errno", None)
+        return cls(type=type(exc).__name__, message=str(exc), errno=errno if isinstance(errno, int) else None)
+
+
+class ErrorReport(_File):
+    """What the worker knew when its attempt ended on an exception (``attempts/NNN/error.json``).
+
+    ``kind`` is set only where the worker is the one who knows: ``preempted`` (it honoured SIGTERM).
+    Everything else is classified by the supervisor from ``type``, ``message`` and ``causes``.
+    """
+
+    kind: str | None = None
+    type: str | None = None
+    message: str = ""
+    errno: int | None = None
+    traceback: str = ""
+    epoch: int | None = None
+    step: int | None = None
+    #: The exception's ``__cause__`` / ``__context__`` chain, innermost last.
+    causes: tuple[ExceptionFacts, ...] = ()
+
+    @classmethod
+    def of(cls, exc: BaseException | None, *, kind: str | None = None, epoch: int | None = None,
+           step: int | None = None) -> ErrorReport:
+        if exc is None:
+            return cls(kind=kind, epoch=epoch, step=step)
+        import traceback
+
+        causes: list[ExceptionFacts] = []
+        seen = {id(exc)}
+        inner = exc.__cause__ or exc.__context__
+        while inner is not None and id(inner) not in seen and len(causes) < 16:
+            seen.add(id(inner))
+            causes.append(ExceptionFacts.of(inner))
+            inner = inner.__cause__ or inner.__context__
+        top = ExceptionFacts.of(exc)
+        return cls(kind=kind, type=top.type, message=top.message, errno=top.errno, epoch=epoch, step=step,
+                   traceback="".join(traceback.format_exception(exc)), causes=tuple(causes))
+
+    @property
+    def chain(self) -> tuple[ExceptionFacts, ...]:
+        """The raised exception followed by its causes."""
+        if self.type is None:
+            return self.causes
+        return (ExceptionFacts(type=self.type, message=self.message, errno=self.errno), *self.causes)
+
+
+class TrainingResult(_File):
+    """What a completed training hands back (``result.json``, written by the worker at the end)."""
+
+    history: dict[str, list[float]]
+    epochs_done: list[int]
+    global_step: int
+    attempt: int | None = None
+    stopped_early: bool = False
+    #: Steps per epoch under the final plan (History.params["steps"]); absent before 0.2.
+    steps: int | None = None
+
+
+class CheckpointMeta(_File):
+    """Where the training stood when a checkpoint was taken (the ``meta`` of its manifest)."""
+
+    epoch: int
+    #: Samples into ``epoch`` (0: at an epoch boundary, where the epoch's metrics start fresh).
+    offset: int
+    global_step: int
+    epochs_done: list[int] = Field(default_factory=list)
+    history: dict[str, list[float]] = Field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    attempt: int | None = None
+    reason: str | None = None
+    lr_scale: float = 1.0
+    weight_paths: list[str] = Field(default_factory=list)
+    #: A callback (EarlyStopping) ended the training before its last epoch.
+    stopped: bool = False
+    #: The last epoch's logs, for on_train_end after a resume.
+    last_logs: dict[str, float] | None = None
