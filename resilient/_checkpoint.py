@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._rundir import fsync_dir, utcnow
+from ._rundir import DIR_MODE, FILE_MODE, fsync_dir, utcnow
 
 MANIFEST = "manifest.json"
 _PREFIX = "ckpt-"
@@ -61,18 +61,19 @@ class CheckpointStore:
 
     def save(self, step: int, meta: dict[str, Any], writer: Any) -> Checkpoint:
         """Create generation ``step``: ``writer(tmp_dir)`` writes the payload files; then commit atomically."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
-        tmp.mkdir()
+        tmp.mkdir(mode=DIR_MODE)
         try:
             writer(tmp)
             files: dict[str, dict[str, Any]] = {}
             for p in sorted(tmp.iterdir()):
+                os.chmod(p, FILE_MODE)
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
                 files[p.name] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
             manifest = {"step": step, "created": utcnow(), "meta": meta, "files": files}
-            with open(tmp / MANIFEST, "w") as f:
+            with os.fdopen(os.open(tmp / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE), "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
@@ -141,6 +142,22 @@ class CheckpointStore:
             except (OSError, json.JSONDecodeError, KeyError):
                 continue
         return None
+
+    def survey(self) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
+        """The newest generation that verifies, and every newer one that did not (path, why)."""
+        damaged: list[tuple[Path, str]] = []
+        ckpt = self.latest(on_corrupt=lambda path, why: damaged.append((path, why)))
+        return ckpt, damaged
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove what interrupted saves left (``.tmp-*``, ``.old-*``); call only while no worker writes."""
+        if not self.root.exists():
+            return []
+        removed = []
+        for path in [*self.root.glob(".tmp-*"), *self.root.glob(".old-*")]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
 
     def _prune(self) -> None:
         for old in self.generations()[self.keep:]:

@@ -28,8 +28,16 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._errors import RunDirError
 from ._faults import Fault
 from ._plan import Plan
+
+#: A run directory holds code (pickled callbacks and objects, a Keras model): it is private to its
+#: owner whatever the umask, and resuming one that others could have written is refused.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+#: Files whose content runs when a run resumes; their owner and mode are checked with the directory's.
+_CODE_FILES = ("objects.pkl", "model.keras")
 
 
 def utcnow() -> str:
@@ -44,6 +52,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}{path.suffix}")
     try:
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -169,6 +178,34 @@ class RunDir:
     def exists(self) -> bool:
         return self.run_json.exists()
 
+    def create(self) -> None:
+        """Create the directory (parents as the umask says; the run directory itself private)."""
+        if not self.path.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=DIR_MODE, exist_ok=True)
+            os.chmod(self.path, DIR_MODE)  # mkdir's mode is masked by the umask; this is not
+
+    def check_trusted(self) -> None:
+        """Refuse a run directory another user owns or others can write: resuming it would run its code."""
+        me = os.getuid()
+        for path in (self.path, *(self.path / name for name in _CODE_FILES), self.checkpoints):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            problem = None
+            if st.st_uid != me:
+                problem = f"is owned by uid {st.st_uid}, not by you (uid {me})"
+            elif st.st_mode & 0o022:
+                problem = f"is writable by {'others' if st.st_mode & 0o002 else 'its group'} (mode {st.st_mode & 0o777:o})"
+            if problem:
+                raise RunDirError(
+                    f"Refusing to resume {self.path}: {path} {problem}. A run directory is code: resuming it runs the "
+                    "pickled callbacks and objects and the Keras model stored in it, so resume only your own. If you "
+                    f"know who wrote it, make it yours (chown -R $(id -u) {self.path}; chmod -R go-w {self.path}) or "
+                    "pass trust_run_dir=True."
+                )
+
     def read_spec(self) -> RunSpec:
         return RunSpec.model_validate_json(self.run_json.read_text())
 
@@ -205,7 +242,7 @@ class Journal:
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"time": utcnow(), "event": event, **fields}
         line = json.dumps(record, default=_json_default, separators=(",", ":")) + "\n"
-        with self._lock, open(self.path, "a") as f:
+        with self._lock, os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "a") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -220,3 +257,35 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return repr(value)
+
+
+def check_run_dir_path(value: str | os.PathLike[str]) -> Path:
+    """``value`` as an absolute path that can hold a run directory; RunDirError says what is wrong and what to do.
+
+    Checked before anything is written: an empty string, a file, a path under a file, a path under
+    /proc or /sys, and a place that cannot be written.
+    """
+    text = os.fspath(value)
+    if isinstance(text, bytes) or not str(text).strip():
+        raise RunDirError(
+            f"Invalid value for argument `run_dir`. Received: run_dir={value!r}. Expected a directory path "
+            "(it is created if missing), or None for ./resilient_runs/<time>-<model>."
+        )
+    path = Path(text).expanduser().absolute()
+    if path.parts[1:2] in (("proc",), ("sys",), ("dev",)):
+        raise RunDirError(f"run_dir={str(path)!r} is under /{path.parts[1]}, a kernel file system that cannot hold "
+                          "files. Pass a directory on a disk, e.g. ./runs/my-run.")
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run_dir={str(path)!r} is a file, not a directory. Pass a directory path (a new one "
+                          "starts a run; one that holds a run resumes it).")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunDirError(f"run_dir={str(path)!r} lies under {str(existing)!r}, which is a file. Pass a path whose "
+                          "parents are directories.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"run_dir={str(path)!r} cannot be written: {str(existing)!r} is read-only for this user "
+                          "(permissions, or a read-only file system). Pass a directory you can write, or fix its "
+                          "permissions.")
+    return path
