@@ -113,7 +113,7 @@ def fit(
         >>> history = resilient.fit(model, x, y, epochs=10, batch_size=64, validation_split=0.1,
         ...                         run_dir="/content/drive/MyDrive/runs/cifar", policy="colab-free")
     """
-    from .policy.policy import load_policy
+    from .policy import load_policy
     from .supervisor.loop import Supervisor, SupervisorConfig
 
     # ---- validate everything before touching the disk
@@ -231,7 +231,7 @@ def fit(
             verb = "resuming" if resuming else "starting"
             print(f"resilient: {verb} run in {run.path}", flush=True)
 
-        from .policy.policy import StepContext
+        from .policy import StepContext
 
         context = StepContext(
             requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts) or flexible,
