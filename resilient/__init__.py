@@ -23,7 +23,7 @@ from ._fit import fit
 from ._history import History
 from ._incident import Incident
 from ._plan import Plan
-from .policy.policy import Policy, Step, StepContext, load_policy, register_step
+from .policy import Policy, Step, StepContext, load_policy, register_step
 
 __version__ = "0.1.0"
 

@@ -111,7 +111,7 @@ def _import_modules(args: argparse.Namespace, err: TextIO) -> bool:
 
 
 def _policies_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .policy.policy import PRESET_DIRS, list_presets
+    from .policy import PRESET_DIRS, list_presets
 
     presets = list_presets()
     if not presets:
@@ -124,7 +124,7 @@ def _policies_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _load(args: argparse.Namespace, out: TextIO, err: TextIO, *, verb: str) -> int:
-    from .policy.policy import load_policy, resolve_policy_path
+    from .policy import load_policy, resolve_policy_path
 
     if not _import_modules(args, err):
         return EXIT_INVALID
@@ -149,7 +149,7 @@ def _policies_show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _policies_steps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .policy.policy import list_steps
+    from .policy import list_steps
 
     if not _import_modules(args, err):
         return EXIT_INVALID

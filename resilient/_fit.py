@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import fcntl
 import hashlib
@@ -10,18 +11,23 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._carry import custom_objects_of, prove_carriable
+from ._carry import ProvenModel, custom_objects_of, prove_carriable
 from ._errors import InvalidArgumentError, RunDirError
-from ._faults import parse_faults
+from ._faults import Fault, parse_faults
 from ._history import History
 from ._plan import Plan
 from ._rundir import Journal, RunDir, RunSpec, atomic_file, atomic_path
 from ._units import parse_duration, parse_size
 from .data.inputs import ModelFacts, prepare_inputs
+
+if TYPE_CHECKING:  # imported where used: the policy and the supervisor load only when fit runs
+    from .data.inputs import Inputs
+    from .policy import Policy
+    from .supervisor.loop import RunResult
 
 DEFAULT_RUNS_DIR = "resilient_runs"
 
@@ -113,10 +119,83 @@ def fit(
         >>> history = resilient.fit(model, x, y, epochs=10, batch_size=64, validation_split=0.1,
         ...                         run_dir="/content/drive/MyDrive/runs/cifar", policy="colab-free")
     """
-    from .policy.policy import load_policy
-    from .supervisor.loop import Supervisor, SupervisorConfig
+    # The phases run in this order so that a refused call touches nothing on disk: every argument is
+    # checked and the inputs are proven carriable before the run directory is created or locked.
+    args = _validate(
+        model, callbacks=callbacks, batch_size=batch_size, epochs=epochs, verbose=verbose,
+        validation_split=validation_split, shuffle=shuffle, class_weight=class_weight, initial_epoch=initial_epoch,
+        steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
+        validation_batch_size=validation_batch_size, validation_freq=validation_freq, policy=policy,
+        max_restarts=max_restarts, checkpoint_every=checkpoint_every, hang_timeout=hang_timeout,
+        host_memory_limit=host_memory_limit, gpu_memory_limit=gpu_memory_limit, faults=faults,
+    )
+    prepared = _prepare(args, x, y, validation_data=validation_data, sample_weight=sample_weight,
+                        validation_split=validation_split, steps_per_epoch=steps_per_epoch,
+                        validation_batch_size=validation_batch_size, seed=seed)
+    target = _open_run(prepared, run_dir)
+    return _run_locked(args, prepared, target)
 
-    # ---- validate everything before touching the disk
+
+# ---------------------------------------------------------------------------- the phases of fit
+
+
+@dataclasses.dataclass(frozen=True)
+class _Args:
+    """fit's arguments once checked (``_validate``): nothing has been written yet."""
+
+    model: Any
+    is_builder: bool  # ``model`` is a zero-argument callable that builds the model
+    callbacks: Sequence[Any] | None
+    batch_size: int | None  # as given; ``_prepare`` settles model.fit's default
+    epochs: int
+    verbose: Any  # as given: History.params reports it as model.fit does
+    verbose_level: int
+    shuffle: bool
+    fit_args: dict[str, Any]  # the model.fit arguments the run spec stores (``_fit_args``)
+    policy: Policy
+    max_restarts: int
+    checkpoint_every_steps: int | None
+    checkpoint_every_seconds: float | None
+    hang_timeout: float | None
+    host_memory_limit: int | None
+    gpu_memory_limit: int | None
+    faults: tuple[Fault, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """The checked inputs and what the worker needs carried, proven loadable (``_prepare``)."""
+
+    inputs: Inputs
+    facts: ModelFacts
+    initial_plan: Plan
+    objects: dict[str, Any]  # what objects.pkl holds
+    proven: ProvenModel
+    has_callbacks: bool
+    seed: int  # as given or chosen; a resumed run keeps its own (``_Target.seed``)
+    fingerprint: str
+    model_name: str
+    flexible: bool  # a fixed-size image model that rebuilds with a flexible input
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """The run directory this call trains in (``_open_run``), not yet locked or written."""
+
+    run: RunDir
+    resuming: bool
+    seed: int
+    versions: dict[str, str]
+
+
+def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, epochs: Any, verbose: Any,
+              validation_split: Any, shuffle: Any, class_weight: Any, initial_epoch: Any, steps_per_epoch: Any,
+              validation_steps: Any, validation_batch_size: Any, validation_freq: Any, policy: Any,
+              max_restarts: Any, checkpoint_every: Any, hang_timeout: Any, host_memory_limit: Any,
+              gpu_memory_limit: Any, faults: Any) -> _Args:
+    """Check every argument that needs neither the inputs nor the disk, in the order users meet them."""
+    from .policy import load_policy
+
     is_builder = callable(model) and not _is_keras_model(model)
     if not is_builder and not _is_keras_model(model):
         raise InvalidArgumentError(
@@ -139,7 +218,6 @@ def fit(
     loaded_policy = load_policy(policy)  # InvalidPolicyError before anything is written
     if max_restarts is not None:
         _check_int("max_restarts", max_restarts, minimum=0)
-    restarts = loaded_policy.max_restarts if max_restarts is None else max_restarts
     every_steps, every_seconds = _checkpoint_every(checkpoint_every)
     hang = _hang_timeout(hang_timeout)
     host_limit = _size("host_memory_limit", host_memory_limit)
@@ -148,108 +226,153 @@ def fit(
         fault_specs = parse_faults(faults)
     except ValueError as e:
         raise InvalidArgumentError(str(e)) from None
-    facts = ModelFacts(None if is_builder else model)
-    batch_size = default_batch_size(x, batch_size, steps_per_epoch, validation_split, validation_data)
-    initial_plan = Plan(batch_size=batch_size)
-    inputs = prepare_inputs(x, y, validation_data, model=None if is_builder else model, plan=initial_plan,
-                            sample_weight=sample_weight, validation_split=validation_split,
-                            class_weight=fit_args["class_weight"], steps_per_epoch=steps_per_epoch,
-                            validation_batch_size=validation_batch_size)
-    objects, has_callbacks = _carry_objects(model if is_builder else None, callbacks)
-    if not is_builder:
-        objects["custom_objects"] = custom_objects_of(model)
-        try:
-            import cloudpickle
+    return _Args(
+        model=model, is_builder=is_builder, callbacks=callbacks, batch_size=batch_size, epochs=epochs,
+        verbose=verbose, verbose_level=verbose_level, shuffle=bool(shuffle), fit_args=fit_args,
+        policy=loaded_policy, max_restarts=loaded_policy.max_restarts if max_restarts is None else max_restarts,
+        checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, hang_timeout=hang,
+        host_memory_limit=host_limit, gpu_memory_limit=gpu_limit, faults=fault_specs,
+    )
 
-            cloudpickle.dumps(objects["custom_objects"])
-        except Exception as e:
-            raise InvalidArgumentError(
-                f"The model uses custom objects that cannot be carried to the worker process: {e}. Expected "
-                "classes and functions that can be pickled (defined at module level or in the notebook), or a "
-                "zero-argument function that builds and compiles the model."
-            ) from None
-    if not is_builder:
-        # Keras does not save a layer's random state (Dropout's seed generator) with the model; the
-        # worker starts from the caller's, so the run draws the same masks as model.fit would.
-        objects["initial_rng"] = _seed_generator_states(model)
+
+def _prepare(args: _Args, x: Any, y: Any, *, validation_data: Any, sample_weight: Any, validation_split: Any,
+             steps_per_epoch: Any, validation_batch_size: Any, seed: Any) -> _Prepared:
+    """Check the inputs against the model and prove that the worker can load all it is carried."""
+    model = None if args.is_builder else args.model
+    facts = ModelFacts(model)
+    batch_size = default_batch_size(x, args.batch_size, steps_per_epoch, validation_split, validation_data)
+    initial_plan = Plan(batch_size=batch_size)
+    inputs = prepare_inputs(x, y, validation_data, model=model, plan=initial_plan,
+                            sample_weight=sample_weight, validation_split=validation_split,
+                            class_weight=args.fit_args["class_weight"], steps_per_epoch=steps_per_epoch,
+                            validation_batch_size=validation_batch_size)
+    objects, has_callbacks = _carry_objects(args.model if args.is_builder else None, args.callbacks)
+    if model is not None:
+        objects.update(_model_objects(model))
     objects.update(inputs.objects)
-    proven = prove_carriable(None if is_builder else model, objects)  # refuses what the worker could not load
+    proven = prove_carriable(model, objects)  # refuses what the worker could not load
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     _check_int("seed", seed, minimum=0)
-
-    fingerprint, model_name = _fingerprint(model, is_builder)
+    fingerprint, model_name = _fingerprint(args.model, args.is_builder)
     # A fixed-size image model that rebuilds with a flexible input lets lower_resolution apply.
-    flexible = bool(inputs.source_image_size is not None and not is_builder
+    flexible = bool(inputs.source_image_size is not None and model is not None
                     and not inputs.resizable_input(facts) and _can_flex(model))
-    run = RunDir(run_dir if run_dir is not None else _default_run_dir(model_name))
-    versions = _versions()
+    return _Prepared(inputs=inputs, facts=facts, initial_plan=initial_plan, objects=objects, proven=proven,
+                     has_callbacks=has_callbacks, seed=seed, fingerprint=fingerprint, model_name=model_name,
+                     flexible=flexible)
 
+
+def _model_objects(model: Any) -> dict[str, Any]:
+    """What a model passed as an object carries besides its file: custom objects, Dropout's RNG state."""
+    custom_objects = custom_objects_of(model)
+    try:
+        import cloudpickle
+
+        cloudpickle.dumps(custom_objects)
+    except Exception as e:
+        raise InvalidArgumentError(
+            f"The model uses custom objects that cannot be carried to the worker process: {e}. Expected "
+            "classes and functions that can be pickled (defined at module level or in the notebook), or a "
+            "zero-argument function that builds and compiles the model."
+        ) from None
+    # Keras does not save a layer's random state (Dropout's seed generator) with the model; the
+    # worker starts from the caller's, so the run draws the same masks as model.fit would.
+    return {"custom_objects": custom_objects, "initial_rng": _seed_generator_states(model)}
+
+
+def _open_run(prepared: _Prepared, run_dir: str | os.PathLike[str] | None) -> _Target:
+    """The run directory, and whether this call resumes the run in it (refused if it is another's)."""
+    run = RunDir(run_dir if run_dir is not None else _default_run_dir(prepared.model_name))
+    versions = _versions()
+    seed = prepared.seed
     resuming = run.exists()
     if resuming:
         old = _read_spec_or_refuse(run)
-        if old.model_fingerprint != fingerprint:
+        if old.model_fingerprint != prepared.fingerprint:
             raise RunDirError(
                 f"The run directory {run.path} belongs to another model (fingerprint {old.model_fingerprint[:12]}, "
-                f"this model {fingerprint[:12]}). Pass a new run_dir, or the same model architecture to resume."
+                f"this model {prepared.fingerprint[:12]}). Pass a new run_dir, or the same model architecture to "
+                "resume."
             )
-        inputs.check_resume(run, old)
+        prepared.inputs.check_resume(run, old)
         seed = old.seed
+    return _Target(run=run, resuming=resuming, seed=seed, versions=versions)
 
+
+def _run_locked(args: _Args, prepared: _Prepared, target: _Target) -> History:
+    """Under the run directory's lock: return a finished run's result, or store the run and supervise it."""
     from .supervisor.gpu import warn_if_caller_holds_gpu
 
     warn_if_caller_holds_gpu()
+    run = target.run
     lock = _lock(run)
-    params = {"verbose": verbose, "epochs": epochs}  # History.params, as model.fit's (steps from the worker)
+    params = {"verbose": args.verbose, "epochs": args.epochs}  # History.params, as model.fit's (steps from the worker)
     try:
-        finished = _finished_result(run, epochs) if resuming else None
+        # Read under the lock: another process may be finishing this very run.
+        finished = _finished_result(run, args.epochs) if target.resuming else None
         if finished is not None:
-            if verbose_level:
+            if args.verbose_level:
                 print(f"resilient: the run in {run.path} is already complete ({_trained_text(finished)}); returning "
                       "its result. Pass a larger epochs= to train on, or a new run_dir to start over.", flush=True)
-            return _trained_history(run, model, is_builder, callbacks, finished, [], run.read_plan(), params)
-        # ---- write the run directory (first the data, then the spec that points at it)
-        data = inputs.write(run, seed)
-        spec = RunSpec(
-            epochs=epochs, seed=seed, shuffle=bool(shuffle), verbose=verbose_level, data=data,
-            model_fingerprint=fingerprint, model_name=model_name, model_builder=is_builder,
-            checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, faults=fault_specs,
-            gpu_memory_limit_bytes=gpu_limit, host_memory_limit_bytes=host_limit, initial_plan=initial_plan,
-            has_callbacks=has_callbacks, versions=versions, flexible_input=flexible, **fit_args,
-        )
-        if not is_builder and not (resuming and run.model_file.exists()):
-            with atomic_path(run.model_file) as tmp:
-                proven.write_model(tmp)  # the file saved and loaded back by prove_carriable
-        _write_objects(run, objects)
-        run.write_spec(spec)
-        if not resuming or not run.plan_json.exists():
-            run.write_plan(initial_plan)
-        journal = Journal(run.events)
-        journal.write("run_started", run_dir=str(run.path), resumed=resuming, epochs=epochs, seed=seed,
-                      faults=[f.key for f in fault_specs], host_memory_limit=host_limit, pid=os.getpid())
-        if verbose_level:
-            verb = "resuming" if resuming else "starting"
-            print(f"resilient: {verb} run in {run.path}", flush=True)
-
-        from .policy.policy import StepContext
-
-        context = StepContext(
-            requested_plan=initial_plan, resizable_input=inputs.resizable_input(facts) or flexible,
-            source_image_size=inputs.source_image_size, batch_size_fixed=inputs.kind == "pydataset",
-            cacheable=inputs.kind != "arrays", buffered=inputs.kind != "arrays",
-            **_device_context(),
-        )
-        supervisor = Supervisor(SupervisorConfig(
-            run=run, policy=loaded_policy, context=context, max_restarts=restarts, hang_timeout=hang,
-            host_memory_limit=host_limit, rehearse_host_oom=any(f.kind == "host_oom" for f in fault_specs),
-            echo=verbose_level != 0,
-        ))
-        result = supervisor.run()
+            return _trained_history(run, args.model, args.is_builder, args.callbacks, finished, [],
+                                    run.read_plan(), params)
+        _store_run(args, prepared, target)
+        result = _supervise(args, prepared, target)
     finally:
         _unlock(lock)
 
     done = {**_read_result(run), "history": result.history, "epochs_done": result.epochs_done}
-    return _trained_history(run, model, is_builder, callbacks, done, result.incidents, result.plan, params)
+    return _trained_history(run, args.model, args.is_builder, args.callbacks, done, result.incidents, result.plan,
+                            params)
+
+
+def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
+    """Write the run directory: first the data, then the spec that points at it; then plan and journal."""
+    run, resuming, plan = target.run, target.resuming, prepared.initial_plan
+    data = prepared.inputs.write(run, target.seed)
+    spec = RunSpec(
+        epochs=args.epochs, seed=target.seed, shuffle=args.shuffle, verbose=args.verbose_level, data=data,
+        model_fingerprint=prepared.fingerprint, model_name=prepared.model_name, model_builder=args.is_builder,
+        checkpoint_every_steps=args.checkpoint_every_steps, checkpoint_every_seconds=args.checkpoint_every_seconds,
+        faults=args.faults, gpu_memory_limit_bytes=args.gpu_memory_limit,
+        host_memory_limit_bytes=args.host_memory_limit, initial_plan=plan, has_callbacks=prepared.has_callbacks,
+        versions=target.versions, flexible_input=prepared.flexible, **args.fit_args,
+    )
+    if not args.is_builder and not (resuming and run.model_file.exists()):
+        with atomic_path(run.model_file) as tmp:
+            prepared.proven.write_model(tmp)  # the file saved and loaded back by prove_carriable
+    _write_objects(run, prepared.objects)
+    run.write_spec(spec)
+    if not resuming or not run.plan_json.exists():
+        run.write_plan(plan)
+    Journal(run.events).write(
+        "run_started", run_dir=str(run.path), resumed=resuming, epochs=args.epochs, seed=target.seed,
+        faults=[f.key for f in args.faults], host_memory_limit=args.host_memory_limit, pid=os.getpid(),
+    )
+    if args.verbose_level:
+        print(f"resilient: {'resuming' if resuming else 'starting'} run in {run.path}", flush=True)
+
+
+def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
+    """Run the supervisor to the end of the run; it raises UserCodeError or TrainingFailedError."""
+    from .policy import StepContext
+    from .supervisor.loop import Supervisor, SupervisorConfig
+
+    inputs = prepared.inputs
+    context = StepContext(
+        requested_plan=prepared.initial_plan,
+        resizable_input=inputs.resizable_input(prepared.facts) or prepared.flexible,
+        source_image_size=inputs.source_image_size, batch_size_fixed=inputs.kind == "pydataset",
+        cacheable=inputs.kind != "arrays", buffered=inputs.kind != "arrays",
+        **_device_context(),
+    )
+    supervisor = Supervisor(SupervisorConfig(
+        run=target.run, policy=args.policy, context=context, max_restarts=args.max_restarts,
+        hang_timeout=args.hang_timeout, host_memory_limit=args.host_memory_limit,
+        rehearse_host_oom=any(f.kind == "host_oom" for f in args.faults), echo=args.verbose_level != 0,
+    ))
+    return supervisor.run()
 
 
 # ---------------------------------------------------------------------------- after training

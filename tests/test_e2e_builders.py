@@ -89,7 +89,7 @@ def test_a_builder_with_an_unregistered_custom_layer_survives_halve_batch_with_a
 def test_a_builder_with_a_registered_custom_layer_survives_mixed_precision_then_accumulation(tmp_path):
     # This CPU may lack bf16 support, so the built-in mixed_precision step could decline; a custom step forces
     # the switch (as in test_e2e_policy). The second OOM rebuilds the bf16 model with gradient accumulation.
-    from resilient.policy.policy import register_step
+    from resilient.policy import register_step
     from resilient.steps import halve_batch
 
     @register_step("force_bfloat16_for_builder_test", replace=True)

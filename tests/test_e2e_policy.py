@@ -172,7 +172,7 @@ def test_the_search_settles_on_the_fastest_micro_batch_and_keeps_the_math(tmp_pa
 def test_mixed_precision_rebuild_carries_the_optimizer_state(tmp_path):
     # This CPU may lack bf16 support, so the built-in step would decline; a custom step forces the switch
     # to exercise the real path: rebuild under the new dtype policy, load float32 weights, carry the optimizer.
-    from resilient.policy.policy import register_step
+    from resilient.policy import register_step
 
     @register_step("force_bfloat16_for_test", replace=True)
     def force_bfloat16(plan, incident, context):

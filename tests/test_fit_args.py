@@ -218,3 +218,20 @@ def test_model_fit_arguments_are_keyword_arguments_of_fit():
     for name, param in theirs.items():
         if name not in ("self", "x", "y"):
             assert ours[name].default == param.default, name
+
+
+def test_checks_run_in_fits_phase_order_arguments_inputs_seed_then_the_run_directory(tmp_path):
+    """fit checks its arguments, then the inputs and what is carried, then the seed, and only then opens the
+    run directory: each refusal names the earliest problem and leaves the directory as it was."""
+    x, y = make_data()
+    message = refused(tmp_path, x=x, y=y[:3], faults="nonsense")
+    assert "Invalid value for argument `faults`" in message
+    message = refused(tmp_path, x=x, y=y[:3], seed=-1)
+    assert "Received: seed=-1" not in message  # the inputs are refused before the seed is looked at
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "run.json").write_text("not a run")
+    message = refused(tmp_path, x=x, y=y, seed=-1, run_dir=other)
+    assert "Received: seed=-1. Expected an integer >= 0" in message
+    message = refused(tmp_path, error=resilient.RunDirError, x=x, y=y, run_dir=other)
+    assert "cannot be read as a resilient run" in message

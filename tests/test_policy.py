@@ -18,19 +18,9 @@ from resilient._cli import main
 from resilient._errors import InvalidPolicyError
 from resilient._incident import RETRYABLE_KINDS, Incident
 from resilient._plan import Plan
-from resilient.policy.policy import (
-    Policy,
-    ProbeSettings,
-    Step,
-    StepContext,
-    get_step,
-    list_presets,
-    list_steps,
-    load_policy,
-    next_probe,
-    register_step,
-    resolve_policy_path,
-)
+from resilient.policy.policy import Policy, ProbeSettings, list_presets, load_policy, resolve_policy_path
+from resilient.policy.search import next_probe
+from resilient.policy.step import Step, StepContext, get_step, list_steps, register_step
 from resilient.steps import (
     drop_cache,
     halve_batch,
@@ -758,7 +748,7 @@ def test_cli_usage_errors_return_2():
 
 def test_cli_check_imports_custom_steps(tmp_path, monkeypatch):
     (tmp_path / "my_cli_steps.py").write_text(
-        "from resilient.policy.policy import register_step\n\n"
+        "from resilient.policy.step import register_step\n\n"
         "@register_step('test_cli_custom')\n"
         "def custom(plan, incident, context):\n"
         "    return None\n"

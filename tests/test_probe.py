@@ -1,4 +1,4 @@
-"""The search for the best batch size after an OOM (resilient.policy.search, resilient.policy.policy.probe_below): pure."""
+"""The search for the best batch size after an OOM (resilient.policy.search): pure."""
 
 from __future__ import annotations
 
@@ -7,8 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient._plan import Plan
-from resilient.policy.policy import Policy, ProbeSettings, load_policy, probe_below
-from resilient.policy.search import HEARTBEAT_SLACK_SECONDS, Horizon, PlanSearch, can_judge, steps_to_judge
+from resilient.policy.policy import Policy, ProbeSettings, load_policy
+from resilient.policy.search import (
+    HEARTBEAT_SLACK_SECONDS,
+    Horizon,
+    PlanSearch,
+    can_judge,
+    probe_below,
+    steps_to_judge,
+)
 
 
 def P(batch: int, accum: int = 1, **fields) -> Plan:

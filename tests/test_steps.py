@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from resilient._errors import InvalidPolicyError
 from resilient._incident import Incident
 from resilient._plan import Plan
-from resilient.policy.policy import Step, StepContext, get_step, list_steps
+from resilient.policy.step import Step, StepContext, get_step, list_steps
 from resilient.steps import (
     drop_cache,
     halve_batch,
@@ -408,7 +408,7 @@ def test_degraded_plans_survive_a_json_round_trip(plan, steps):
 def test_halve_batch_does_not_apply_when_the_input_fixes_its_batch_size():
     from resilient._incident import Incident
     from resilient._plan import Plan
-    from resilient.policy.policy import StepContext
+    from resilient.policy.step import StepContext
     from resilient.steps import halve_batch
 
     plan = Plan(batch_size=32)
@@ -420,7 +420,7 @@ def test_halve_batch_does_not_apply_when_the_input_fixes_its_batch_size():
 def test_cache_and_buffer_steps_do_not_apply_to_inputs_without_them():
     from resilient._incident import Incident
     from resilient._plan import Plan
-    from resilient.policy.policy import StepContext
+    from resilient.policy.step import StepContext
     from resilient.steps import drop_cache, shrink_buffers
 
     plan = Plan(batch_size=32)

@@ -28,7 +28,7 @@ from resilient._errors import TrainingFailedError, UserCodeError
 from resilient._plan import Plan
 from resilient._rundir import ObjectData, RunDir, RunSpec
 from resilient._status import summarize
-from resilient.policy.policy import Policy, StepContext
+from resilient.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support

@@ -32,7 +32,62 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._plan import Plan
-from .policy import ProbeSettings, next_probe, probe_below
+from .policy import ProbeSettings
+
+# ------------------------------------------------------------------------------------------- bisection
+
+
+def next_probe(working: Plan, failed: Plan) -> Plan | None:
+    """The plan to try between a working batch size and a failed one (bisection), or None.
+
+    Only the batch size is probed; every other knob stays as in ``working``. When ``working``
+    accumulates gradients, the probe keeps its effective batch exactly (batch * accumulation), so
+    only divisors of that effective batch are candidates. None when the gap is small
+    (``failed - working <= max(1, working // 8)``) or no candidate lies strictly between.
+
+    ``PlanSearch`` uses it for the probe up (``failed``: the smallest batch known to
+    fail or to be slower) and ``probe_below`` for the probe down.
+    """
+    low, high = working.batch_size, failed.batch_size
+    if high - low <= max(1, low // 8):
+        return None
+    middle = (low + high) // 2
+    if working.grad_accum_steps == 1:
+        return working.replace(batch_size=middle)
+    effective = working.effective_batch
+    candidates = [batch for batch in range(low + 1, high) if effective % batch == 0]
+    if not candidates:
+        return None
+    batch = min(candidates, key=lambda b: (abs(b - middle), -b))
+    return working.replace(batch_size=batch, grad_accum_steps=effective // batch)
+
+
+def probe_below(working: Plan, below: Plan | None, min_batch: int) -> Plan | None:
+    """A smaller micro-batch with the same effective batch (more accumulation), or None.
+
+    The effective batch (batch * accumulation) is kept exactly, so the training's math does not
+    change, and only divisors of it are candidates. Without a lower bound the candidate is the
+    largest divisor at or below half the working batch; with one (``below``: measured slower), the
+    divisor nearest the middle, strictly between. Never below ``min_batch``; None when the gap is
+    small (``working - below <= max(1, below // 8)``) or no divisor qualifies.
+    """
+    effective = working.effective_batch
+    floor = max(min_batch, below.batch_size + 1 if below is not None else 1)
+    if below is None:
+        candidates = [b for b in range(floor, working.batch_size // 2 + 1) if effective % b == 0]
+        target = working.batch_size // 2
+    else:
+        if working.batch_size - below.batch_size <= max(1, below.batch_size // 8):
+            return None
+        candidates = [b for b in range(floor, working.batch_size) if effective % b == 0]
+        target = (below.batch_size + working.batch_size) // 2
+    if not candidates:
+        return None
+    batch = min(candidates, key=lambda b: (abs(b - target), -b))
+    return working.replace(batch_size=batch, grad_accum_steps=effective // batch)
+
+
+# ---------------------------------------------------------------------------------------------- search
 
 
 @dataclass

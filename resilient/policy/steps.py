@@ -16,7 +16,7 @@ from pydantic import Field
 
 from .._incident import Incident
 from .._plan import Plan
-from .policy import Step, StepContext, register_step
+from .step import Step, StepContext, register_step
 
 __all__ = [
     "drop_cache",
