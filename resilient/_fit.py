@@ -21,7 +21,8 @@ from ._history import History
 from ._plan import Plan
 from ._rundir import Journal, RunDir, RunSpec, atomic_file, atomic_path
 from ._units import parse_duration, parse_size
-from .data.inputs import ModelFacts, prepare_inputs
+from .data.checks import ModelFacts
+from .data.dispatch import prepare_inputs
 
 DEFAULT_RUNS_DIR = "resilient_runs"
 

@@ -18,8 +18,11 @@ import resilient
 from resilient._fit import _fingerprint
 from resilient._plan import Plan
 from resilient._rundir import ArraysData, ObjectData, RunDir, RunSpec
-from resilient.data.inputs import prepare_inputs, store_array
-from resilient.data.pipelines import FactorySource, ImageFolderSource, PyDatasetSource, make_source
+from resilient.data.arrays import store_array
+from resilient.data.dispatch import make_source, prepare_inputs
+from resilient.data.factory import FactorySource
+from resilient.data.folder import ImageFolderSource
+from resilient.data.pydataset import PyDatasetSource
 from tests.conftest import make_data, make_model
 from tests.input_helpers import make_image_model, snapshot, write_image_folder
 
