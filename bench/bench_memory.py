@@ -266,7 +266,7 @@ def main() -> int:
         return 0
     sizes = args.sizes or ([0.3, 0.9] if args.quick else [0.5, 1.5])
     import resilient  # noqa: F401  (before TensorFlow)
-    from resilient.data.pipelines import IN_MEMORY_LIMIT
+    from resilient.data.arrays import IN_MEMORY_LIMIT
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_", dir=args.tmp))
     print(f"bench_memory: sizes {sizes} GB, batch {BATCH}, {args.epochs} epoch(s) each; files in {tmp}", flush=True)

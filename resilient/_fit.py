@@ -22,7 +22,8 @@ from ._history import History
 from ._plan import Plan
 from ._rundir import Journal, RunDir, RunSpec, atomic_file, atomic_path
 from ._units import parse_duration, parse_size
-from .data.inputs import ModelFacts, prepare_inputs
+from .data.checks import ModelFacts
+from .data.dispatch import prepare_inputs
 
 if TYPE_CHECKING:  # imported where used: the policy and the supervisor load only when fit runs
     from .data.inputs import Inputs

@@ -14,7 +14,8 @@ import resilient
 from resilient._fit import default_batch_size
 from resilient._plan import Plan
 from resilient._rundir import ArraysData, RunDir, RunSpec
-from resilient.data.pipelines import ArraysSource, epoch_span
+from resilient.data.arrays import ArraysSource
+from resilient.data.base import epoch_span
 from tests.conftest import make_data
 from tests.input_helpers import write_image_folder
 from tests.test_inputs import pydataset, refused
@@ -194,7 +195,7 @@ def test_arrays_source_yields_sample_weights_in_the_epochs_order_and_resumes_at_
 def test_class_weight_becomes_sample_weights_as_in_keras(tmp_path):
     import tensorflow as tf
 
-    from resilient.data.pipelines import class_weight_fn
+    from resilient.data.base import class_weight_fn
 
     y = np.array([0, 1, 2, 1], dtype="int32")
     ds = tf.data.Dataset.from_tensor_slices((np.zeros((4, 2), "float32"), y)).batch(4)

@@ -18,8 +18,11 @@ import resilient
 from resilient._fit import _fingerprint
 from resilient._plan import Plan
 from resilient._rundir import ArraysData, ObjectData, RunDir, RunSpec
-from resilient.data.inputs import prepare_inputs, store_array
-from resilient.data.pipelines import FactorySource, ImageFolderSource, PyDatasetSource, make_source
+from resilient.data.arrays import store_array
+from resilient.data.dispatch import make_source, prepare_inputs
+from resilient.data.factory import FactorySource
+from resilient.data.folder import ImageFolderSource
+from resilient.data.pydataset import PyDatasetSource
 from tests.conftest import make_data, make_model
 from tests.input_helpers import make_image_model, snapshot, write_image_folder
 
@@ -416,3 +419,39 @@ def test_pydataset_source_orders_batches_by_seed_and_epoch_and_replays_epoch_end
     tail, steps = PyDatasetSource(spec, pyds, None).epoch(Plan(), 2, 3)
     assert steps == 2
     np.testing.assert_array_equal(_concat(_batches(tail))[0], full[0][48:])
+
+
+def test_make_source_pairs_each_training_input_with_its_validation_input(tmp_path):
+    """Arrays with a validation factory (carried in objects.pkl); a factory with validation arrays (stored)."""
+    x, y = make_data(n=64)
+    vx, vy = make_data(n=24, seed=2)
+
+    def make_validation(plan):
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices((vx, vy)).batch(plan.batch_size)
+
+    model = make_model()
+    inputs = prepare_inputs(x, y, make_validation, model=model, plan=Plan())
+    run = RunDir(tmp_path / "arrays")
+    run.path.mkdir()
+    data = inputs.write(run, seed=1)
+    assert isinstance(data, ArraysData) and data.val_x is None and inputs.objects["val_data"] is make_validation
+    val = _concat(_batches(make_source(_spec_for(data), run, inputs.objects).validation(Plan(batch_size=10))))
+    np.testing.assert_array_equal(val[0], vx)
+
+    def make_train(plan):
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(plan.batch_size)
+
+    inputs = prepare_inputs(make_train, None, (vx, vy), model=model, plan=Plan())
+    run = RunDir(tmp_path / "factory")
+    run.path.mkdir()
+    data = inputs.write(run, seed=1)
+    assert data.val_key == "data/val_x.npy" and (run.data_dir / "val_y.npy").exists()
+    source = make_source(_spec_for(data), run, inputs.objects)
+    assert isinstance(source, FactorySource)
+    val = _concat(_batches(source.validation(Plan(batch_size=10))))
+    np.testing.assert_array_equal(val[0], vx)
+    np.testing.assert_array_equal(val[1], vy)

@@ -52,6 +52,8 @@ def test_the_caller_side_never_imports_tensorflow_or_keras():
         "import sys, resilient, resilient.supervisor.loop, resilient.supervisor.classify, resilient.policy, "
         "resilient.policy.step, resilient.policy.steps, resilient.policy.policy, resilient.policy.search, "
         "resilient.steps, resilient._status, resilient._cli\n"
+        "import resilient.data.dispatch, resilient.data.base, resilient.data.checks, resilient.data.arrays, "
+        "resilient.data.folder, resilient.data.factory, resilient.data.pydataset\n"
         "resilient.load_policy('default')\n"
         "bad = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
         "print('IMPORTED', bad)\n"

@@ -601,7 +601,7 @@ class Attempt:
             self.channel.send(Notice(event="tensorboard_log_failed", fields={"error": repr(exc)}))
         self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from))
 
-        from ..data.pipelines import make_source
+        from ..data.dispatch import make_source
 
         source = make_source(self.spec, self.run, objects)
         self.samples_per_step = source.samples_per_step(self.plan)  # a PyDataset counts batches
