@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from resilient.worker.attempt import optimizer_state, per_update_schedule, restore_optimizer_state
+from resilient.worker.model import per_update_schedule
+from resilient.worker.state import optimizer_state, restore_optimizer_state
 from tests.conftest import make_data, make_model
 
 
@@ -44,7 +45,7 @@ def test_optimizer_state_carries_across_gradient_accumulation_by_meaning():
 
 
 def test_carry_window_maps_a_partial_window_onto_another_micro_batch():
-    from resilient.worker.attempt import carry_window
+    from resilient.worker.state import carry_window
 
     assert carry_window(2, 0, 32, 4, 16) == (0, 1.0)  # at an update: nothing to carry
     assert carry_window(4, 3, 16, 4, 16) == (3, 1.0)  # same plan
