@@ -380,12 +380,11 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
 
 
 def _read_result(run: RunDir) -> dict[str, Any]:
-    """The worker's result.json ({} when absent or unreadable); fields added later may be missing."""
-    try:
-        result = json.loads(run.result_json.read_text())
-    except (OSError, ValueError):
-        return {}
-    return result if isinstance(result, dict) else {}
+    """The worker's result.json as a dict ({} when absent or unreadable); fields added later have defaults."""
+    from .worker.state import read_result
+
+    result = read_result(run)
+    return {} if result is None else result.model_dump()
 
 
 def _finished_result(run: RunDir, epochs: int) -> dict[str, Any] | None:
@@ -416,6 +415,8 @@ def _trained_text(result: dict[str, Any]) -> str:
 def _trained_history(run: RunDir, model: Any, is_builder: bool, callbacks: Sequence[Any] | None,
                      result: dict[str, Any], incidents: list[Any], plan: Plan, params: dict[str, Any]) -> History:
     """What fit returns for a completed run: the caller's model and callbacks left as after model.fit."""
+    from .worker.state import load_callbacks_into, load_into
+
     params = {**params, "steps": result.get("steps")}
     if not is_builder:
         load_into(model, run)
@@ -427,80 +428,15 @@ def _trained_history(run: RunDir, model: Any, is_builder: bool, callbacks: Seque
     return history
 
 
-def load_into(model: Any, run: RunDir) -> None:
-    """Load the newest verified checkpoint's weights and optimizer state into ``model``."""
-    from ._checkpoint import CheckpointStore
-    from .worker.attempt import restore_optimizer_state, restore_seed_generator_states
-
-    ckpt = CheckpointStore(run.checkpoints).latest()
-    if ckpt is None:
-        return
-    with np.load(ckpt.file("weights.npz")) as z:
-        weights = [z[f"arr_{i}"] for i in range(len(z.files))]
-    for var, value in zip(model.weights, weights):
-        var.assign(value)
-    with np.load(ckpt.file("optimizer.npz")) as z:
-        restore_optimizer_state(model, {k: z[k] for k in z.files})
-    if ckpt.file("rng.npz").exists():
-        with np.load(ckpt.file("rng.npz")) as z:
-            states = [z[f"arr_{i}"] for i in range(len(z.files))]
-        restore_seed_generator_states(model, states)
-
-
 def _seed_generator_states(model: Any) -> list[Any]:
-    from .worker.attempt import seed_generator_states
+    from .worker.state import seed_generator_states
 
     return seed_generator_states(model)
 
 
-def load_callbacks_into(callbacks: Sequence[Any] | None, run: RunDir, model: Any = None,
-                        params: dict[str, Any] | None = None) -> None:
-    """Give the caller's callback objects the state they ended the training with (the newest checkpoint's).
-
-    As after ``model.fit``: their attributes as the worker's callbacks left them, ``model`` (when given)
-    and ``params``. Lists, dicts and sets already on a callback are filled in place, so a list the caller
-    handed to a callback holds the values too.
-    """
-    cbs = list(callbacks or [])
-    if not cbs:
-        return
-    from ._checkpoint import CheckpointStore
-
-    states: list[dict[str, Any]] = []
-    ckpt = CheckpointStore(run.checkpoints).latest()
-    if ckpt is not None and ckpt.file("callbacks.pkl").exists():
-        try:
-            import cloudpickle
-
-            with open(ckpt.file("callbacks.pkl"), "rb") as f:
-                states = list(cloudpickle.load(f))
-        except Exception as e:
-            import warnings
-
-            warnings.warn(f"resilient: the callbacks' state in {ckpt.path} could not be read back ({e!r}); the "
-                          "callback objects keep the state they had before fit.", stacklevel=3)
-    for cb, state in zip(cbs, states):
-        _update_state(cb, state)
-    for cb in cbs:
-        if params is not None:
-            cb.set_params(params)
-        if model is not None:
-            cb.set_model(model)
-
-
-def _update_state(obj: Any, state: dict[str, Any]) -> None:
-    for key, value in state.items():
-        old = obj.__dict__.get(key)
-        if type(old) is type(value) and isinstance(old, list):
-            old[:] = value
-        elif type(old) is type(value) and isinstance(old, (dict, set)):
-            old.clear()
-            old.update(value)
-        else:
-            obj.__dict__[key] = value
-
-
 def _load_trained(run: RunDir, builder: Callable[[], Any]) -> Any:
+    from .worker.state import load_into
+
     model = builder()
     load_into(model, run)
     return model

@@ -251,7 +251,7 @@ class TrainingResult(_File):
 
     history: dict[str, list[float]]
     epochs_done: list[int]
-    global_step: int
+    global_step: int = 0  # fit reads only history, epochs_done, stopped_early and steps
     attempt: int | None = None
     stopped_early: bool = False
     #: Steps per epoch under the final plan (History.params["steps"]); absent before 0.2.

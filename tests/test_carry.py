@@ -180,7 +180,7 @@ def test_what_is_proven_also_rebuilds_as_a_degradation_rebuilds_it(layer):
     # worker's rebuild for another precision or gradient accumulation, which therefore needs no check of its own
     # (the rebuild deserializes as the worker loads, safe_mode=False, so a Lambda's Python function rebuilds too).
     from resilient._plan import Plan
-    from resilient.worker.attempt import _rebuild
+    from resilient.worker.model import _rebuild
 
     model = _model_with(layer())
     custom = custom_objects_of(model)

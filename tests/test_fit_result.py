@@ -8,8 +8,9 @@ import cloudpickle
 import pytest
 
 from resilient._checkpoint import CheckpointStore
-from resilient._fit import _finished_result, _read_result, load_callbacks_into
+from resilient._fit import _finished_result, _read_result
 from resilient._rundir import RunDir
+from resilient.worker.state import load_callbacks_into
 
 
 def _result(run: RunDir, **fields) -> None:

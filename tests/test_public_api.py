@@ -47,11 +47,12 @@ def test_step_is_public_so_users_can_subclass_it():
 
 
 def test_the_caller_side_never_imports_tensorflow_or_keras():
-    """The supervisor, the policies and the public face load without TensorFlow (a fresh interpreter)."""
+    """The supervisor, the policies, the public face and the worker modules fit uses (state, reshape) load
+    without TensorFlow (a fresh interpreter)."""
     code = (
         "import sys, resilient, resilient.supervisor.loop, resilient.supervisor.classify, resilient.policy, "
         "resilient.policy.step, resilient.policy.steps, resilient.policy.policy, resilient.policy.search, "
-        "resilient.steps, resilient._status, resilient._cli\n"
+        "resilient.steps, resilient._status, resilient._cli, resilient.worker.state, resilient.worker.reshape\n"
         "import resilient.data.dispatch, resilient.data.base, resilient.data.checks, resilient.data.arrays, "
         "resilient.data.folder, resilient.data.factory, resilient.data.pydataset\n"
         "resilient.load_policy('default')\n"

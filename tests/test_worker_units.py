@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from resilient.worker.attempt import optimizer_state, per_update_schedule, restore_optimizer_state
+from resilient.worker.model import per_update_schedule
+from resilient.worker.state import optimizer_state, restore_optimizer_state
 from tests.conftest import make_data, make_model
 
 
@@ -44,7 +45,7 @@ def test_optimizer_state_carries_across_gradient_accumulation_by_meaning():
 
 
 def test_carry_window_maps_a_partial_window_onto_another_micro_batch():
-    from resilient.worker.attempt import carry_window
+    from resilient.worker.state import carry_window
 
     assert carry_window(2, 0, 32, 4, 16) == (0, 1.0)  # at an update: nothing to carry
     assert carry_window(4, 3, 16, 4, 16) == (3, 1.0)  # same plan
@@ -85,3 +86,108 @@ def test_a_partial_window_continues_under_a_smaller_micro_batch_with_the_same_up
     assert int(after.optimizer.iterations.numpy()) == 1
     for a, b in zip(reference.get_weights(), after.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_a_checkpoint_round_trips_model_optimizer_metrics_and_callbacks_with_its_meta(tmp_path):
+    import keras
+
+    from resilient._checkpoint import CheckpointStore
+    from resilient._protocol import CheckpointMeta
+    from resilient.worker import state
+
+    x, y = make_data(n=64)
+    model = make_model()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    stopper = keras.callbacks.EarlyStopping(patience=3)
+    stopper.wait, stopper.best = 2, 0.25
+    meta = CheckpointMeta(epoch=1, offset=32, global_step=6, epochs_done=[0], history={"loss": [0.5]},
+                          plan={"batch_size": 16}, attempt=0, reason="interval", weight_paths=[w.path for w in model.weights])
+    metrics = [np.asarray(v.numpy()) for v in model.metrics_variables]
+    store = CheckpointStore(tmp_path / "checkpoints")
+    state.save(store, model, meta, metrics, [stopper])
+
+    fresh = make_model(seed=1)
+    restored = state.restore(store.latest(), fresh, batch_size=16)
+    assert restored.step == 6 and restored.meta == meta
+    assert store.latest().meta == meta.model_dump(mode="json")  # the manifest holds the meta as plain JSON
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert int(fresh.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy())
+    assert restored.skipped == []
+    assert [m.shape for m in restored.metric_values] == [m.shape for m in metrics]  # mid-epoch: metrics continue
+    assert restored.callback_states[0]["wait"] == 2 and restored.callback_states[0]["best"] == 0.25
+    assert "model" not in restored.callback_states[0]
+
+
+def test_the_continuing_callback_list_begins_and_ends_one_training_across_fit_calls():
+    import keras
+
+    from resilient.worker.callbacks import ContinuingCallbackList
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.events, self.restored = [], None
+
+        def on_train_begin(self, logs=None):
+            self.events.append("begin")
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.events.append(f"epoch{epoch}")
+
+        def on_train_end(self, logs=None):
+            self.events.append("end")
+
+    x, y = make_data(n=32)
+    model = make_model()
+    rec = Recorder()
+    cbl = ContinuingCallbackList([rec], resume_states=[(rec, {"restored": "yes"})], add_history=True, model=model,
+                                 epochs=2, verbose=0)
+    assert isinstance(cbl, keras.callbacks.CallbackList) and type(cbl) is ContinuingCallbackList
+    cbl.begin_training()
+    assert rec.restored == "yes"  # the saved state lands after on_train_begin, which would reset it
+    for epoch in range(2):
+        model.fit(x, y, batch_size=16, epochs=epoch + 1, initial_epoch=epoch, callbacks=cbl, verbose=0)
+    cbl.end_training()
+    assert rec.events == ["begin", "epoch0", "epoch1", "end"]
+
+
+def test_a_rehearsed_fault_fires_once_and_is_recorded_before_it_fires(tmp_path):
+    import threading
+
+    from resilient._faults import FiredFaults, parse_faults
+    from resilient._protocol import ChannelWriter
+    from resilient.worker.faults import FaultSchedule
+
+    model = make_model()
+    fired = FiredFaults(tmp_path / "faults_fired.json")
+    schedule = FaultSchedule(parse_faults("nan@3"), fired, ChannelWriter(None), threading.Event())
+    schedule.at(2, model)
+    assert fired.load() == set() and np.isfinite(model.trainable_variables[0].numpy()).all()
+    schedule.at(3, model)
+    assert fired.load() == {"nan@3"} and np.isnan(model.trainable_variables[0].numpy()).all()
+    model.trainable_variables[0].assign(np.zeros(model.trainable_variables[0].shape, dtype="float32"))
+    schedule.at(3, model)  # a later attempt at the same step: already met
+    assert np.isfinite(model.trainable_variables[0].numpy()).all()
+
+
+def test_the_worker_reports_what_was_raised_and_leaves_the_judging_to_the_supervisor(tmp_path):
+    from resilient._protocol import ErrorReport
+    from resilient.worker.__main__ import _write_report
+
+    try:
+        try:
+            raise MemoryError("no room")
+        except MemoryError as inner:
+            raise RuntimeError("the input pipeline failed") from inner
+    except RuntimeError as exc:
+        _write_report(tmp_path, exc, None)
+    report = ErrorReport.model_validate_json((tmp_path / "error.json").read_text())
+    assert report.kind is None  # classified by the supervisor from the facts below
+    assert (report.type, report.message) == ("RuntimeError", "the input pipeline failed")
+    assert [c.type for c in report.causes] == ["MemoryError"]
+    assert "raise RuntimeError" in report.traceback
+
+    _write_report(tmp_path, None, None, kind="preempted")
+    report = ErrorReport.model_validate_json((tmp_path / "error.json").read_text())
+    assert (report.kind, report.type, report.traceback) == ("preempted", None, "")

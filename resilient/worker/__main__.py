@@ -1,9 +1,116 @@
-"""``python -m resilient.worker``: one training attempt in a fresh process."""
+"""``python -m resilient.worker``: one training attempt in a fresh process.
 
+The process is armed before anything slow: it dies with the supervisor (``PR_SET_PDEATHSIG`` and a
+parent watch), is the kernel's first choice when the machine runs out of RAM, dumps a Python stack
+on a segfault, and turns SIGTERM into a flag the training honours at the next optimizer update.
+
+Exit codes (``resilient._protocol``): 0 the training completed; ``EXIT_REPORTED`` an exception ended
+it and ``attempts/NNN/error.json`` (an ``ErrorReport``) says what was raised; ``EXIT_PREEMPTED``
+SIGTERM honoured after a checkpoint; ``EXIT_ORPHANED`` the supervisor went away. The worker does
+not judge its exception: the supervisor classifies the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import faulthandler
 import os
+import signal
 import sys
+import threading
+import time
+import traceback
+from pathlib import Path
 
-from .attempt import main
+from .._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED, ChannelWriter, ErrorReport, Heartbeat
+from .._rundir import RunDir, atomic_write_text
+from .attempt import Attempt, Preempted
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(supervisor_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent watch below still ends us
+    if os.getppid() != supervisor_pid:  # the supervisor died before PDEATHSIG was armed
+        os._exit(EXIT_ORPHANED)
+
+
+def _watch_parent(supervisor_pid: int) -> None:
+    """Exit once the supervisor is gone (a backstop where PDEATHSIG is missing or was reset)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != supervisor_pid:
+                os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="resilient-parent-watch", daemon=True).start()
+
+
+def _volunteer_for_oom_kill() -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # if the machine runs out of RAM, the kernel takes us, not the notebook
+    except OSError:
+        pass
+
+
+def setup_process(supervisor_pid: int, sigterm: threading.Event) -> None:
+    """Arm the process before TensorFlow loads; SIGTERM sets ``sigterm``."""
+    _die_with_parent(supervisor_pid)
+    _volunteer_for_oom_kill()
+    _watch_parent(supervisor_pid)
+    signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
+    faulthandler.enable()  # a segfault still leaves a Python stack in worker.log
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m resilient.worker")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--channel-fd", type=int, default=None)
+    parser.add_argument("--supervisor-pid", type=int, required=True)
+    parser.add_argument("--plan", default=None, help="this attempt's plan (JSON); default: run_dir/plan.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one attempt; the exit code says how it ended."""
+    args = _parse_args(argv)
+    sigterm = threading.Event()
+    setup_process(args.supervisor_pid, sigterm)
+    channel = ChannelWriter(args.channel_fd)
+    run = RunDir(args.run_dir)
+    attempt_dir = run.attempt_dir(args.attempt)
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    channel.send(Heartbeat(phase="startup", epoch=0, step=0))
+    attempt: Attempt | None = None
+    try:
+        attempt = Attempt(run, args.attempt, channel, plan_file=args.plan, sigterm=sigterm)
+        attempt.run_training()
+    except Preempted:
+        _write_report(attempt_dir, None, attempt, kind="preempted")
+        return EXIT_PREEMPTED
+    except BaseException as exc:
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        _write_report(attempt_dir, exc, attempt)
+        traceback.print_exc()
+        return EXIT_REPORTED
+    return 0
+
+
+def _write_report(attempt_dir: Path, exc: BaseException | None, attempt: Attempt | None,
+                  kind: str | None = None) -> None:
+    report = ErrorReport.of(exc, kind=kind, epoch=attempt.epoch if attempt else None,
+                            step=attempt.global_step if attempt else None)
+    atomic_write_text(attempt_dir / "error.json", report.model_dump_json())
+
 
 if __name__ == "__main__":
     code = main()

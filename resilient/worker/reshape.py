@@ -4,6 +4,9 @@ A Sequential or functional model declared with a fixed image size (``keras.Input
 can take another size when its layers allow it: convolutions and pooling are size-agnostic, and a
 global pooling layer before the head makes the weights independent of the size. ``Flatten`` before
 a Dense layer does not, and then the model cannot be resized (the step reports itself not applicable).
+
+Apart from model.py because the caller's ``fit`` runs ``can_flex`` too: this module imports Keras only
+inside it, while model.py (worker only) imports Keras at module level.
 """
 
 from __future__ import annotations

@@ -1,0 +1,92 @@
+"""Fault rehearsal in the worker: each fault of the run met once, at its step, through the real mechanism.
+
+``resilient._faults`` parses the specs and remembers which fired; this module makes them happen: a
+real ``ResourceExhaustedError``, a real SIGSEGV, a real allocation until the memory limit kills us.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from .._faults import Fault, FiredFaults
+from .._protocol import ChannelWriter, FaultFired
+
+
+class FaultSchedule:
+    """The run's faults, fired at their global step unless an earlier attempt already met them."""
+
+    def __init__(self, faults: tuple[Fault, ...], fired: FiredFaults, channel: ChannelWriter,
+                 sigterm: threading.Event) -> None:
+        self.faults = faults
+        self.fired = fired
+        self.channel = channel
+        self.sigterm = sigterm
+        self._steps = {f.step for f in faults}
+
+    def at(self, step: int, model: Any) -> None:
+        """Meet every fault due at ``step`` that has not fired yet (recorded first: it never fires twice)."""
+        if step not in self._steps:
+            return  # the common case: one set lookup per step
+        fired = self.fired.load()
+        for fault in self.faults:
+            if fault.step == step and fault.key not in fired:
+                self.fired.record(fault)
+                self.channel.send(FaultFired(kind=fault.kind, step=step, key=fault.key))
+                inject(fault, model, self.sigterm)
+
+
+def inject(fault: Fault, model: Any, sigterm: threading.Event) -> None:
+    """Meet ``fault`` through the real mechanism (``sigterm``: set when the supervisor's SIGTERM arrives)."""
+    kind = fault.kind
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if kind == "gpu_oom":
+        import tensorflow as tf
+
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"OOM when allocating tensor (rehearsed fault {fault.key})"
+        )
+    if kind == "host_oom":
+        _eat_memory()
+    elif kind == "segfault":
+        ctypes.string_at(0)
+    elif kind == "abort":
+        os.abort()
+    elif kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif kind == "preempt":
+        # The supervisor sends SIGTERM on this fault's message; wait for it, bounded. Polled, not
+        # sigterm.wait(): the handler sets the event on this same thread, inside whatever it interrupts.
+        deadline = time.monotonic() + 30
+        while not sigterm.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    elif kind == "nan":
+        import numpy as np
+
+        var = model.trainable_variables[0]
+        var.assign(np.full(var.shape, np.nan, dtype=var.dtype))
+
+
+def _eat_memory() -> None:
+    """Allocate and touch memory until the memory limit kills us (bounded; MemoryError past the bound)."""
+    import numpy as np
+    import psutil
+
+    time.sleep(0.5)  # let the supervisor arm a rehearsal limit when the run has none
+    chunks = []
+    bound = psutil.virtual_memory().available - (1 << 30)
+    total = 0
+    while total < bound:
+        chunks.append(np.ones(32 << 20, dtype=np.uint8))
+        total += 32 << 20
+        time.sleep(0.002)
+    raise MemoryError(f"allocated {total} bytes without reaching a memory limit")
