@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from resilient._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED
+from resilient._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED, ErrorReport
 from resilient.supervisor.classify import (
     RSS_NEAR_LIMIT,
     AttemptOutcome,
@@ -22,9 +22,10 @@ SIGTERM = -signal.SIGTERM
 SIGSEGV = -signal.SIGSEGV
 
 
-def report(kind: str, message: str = "boom", type_: str = "SomeError", **extra: object) -> dict[str, object]:
-    return {"kind": kind, "type": type_, "message": message, "traceback": "Traceback ...", "epoch": 0, "step": 7,
-            **extra}
+def report(kind: str, message: str = "boom", type_: str = "SomeError", **extra: object) -> ErrorReport:
+    """An error.json as a worker that still classifies writes it (and as 0.1.0 wrote it): ``kind`` set."""
+    return ErrorReport.model_validate({"kind": kind, "type": type_, "message": message, "traceback": "Traceback ...",
+                                       "epoch": 0, "step": 7, **extra})
 
 
 # ------------------------------------------------------------------------------------------ signal_name
@@ -281,4 +282,3 @@ def test_orphaned_worker_is_killed():
 def test_classify_is_pure_and_deterministic():
     outcome = AttemptOutcome(returncode=SIGKILL, last_rss=GiB, memory_limit=GiB, report=None)
     assert classify(outcome) == classify(outcome)
-    assert outcome.extra == {}

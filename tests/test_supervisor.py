@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-import resilient.supervisor.loop as supervisor_module
+import resilient.supervisor.process as supervisor_module
 from resilient._checkpoint import CheckpointStore
 from resilient._errors import TrainingFailedError, UserCodeError
 from resilient._plan import Plan
@@ -32,6 +32,7 @@ from resilient.policy.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support
+from resilient.supervisor.process import worker_env
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 MB = 1 << 20
@@ -492,9 +493,9 @@ def test_largest_objective_never_probes_down(supervise):
 
 def test_the_worker_gets_two_malloc_arenas_unless_the_caller_chose(supervise, monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert supervise({"default": COMPLETE}).supervisor._env()["MALLOC_ARENA_MAX"] == "2"
+    assert worker_env(supervise({"default": COMPLETE}).supervisor.cfg.extra_env)["MALLOC_ARENA_MAX"] == "2"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
-    assert supervise({"default": COMPLETE}).supervisor._env()["MALLOC_ARENA_MAX"] == "8"
+    assert worker_env(supervise({"default": COMPLETE}).supervisor.cfg.extra_env)["MALLOC_ARENA_MAX"] == "8"
 
 
 def test_a_measurement_covers_measure_seconds_of_training(supervise):
@@ -972,18 +973,15 @@ def test_a_hang_kill_takes_the_workers_children_too(supervise):
 def test_backoff_grows_while_crashes_repeat_without_progress():
     from resilient._incident import Incident
     from resilient._plan import Plan
-    from resilient.supervisor.loop import Supervisor, _AttemptFailed
+    from resilient.supervisor.decide import RestartRules
 
     plan = Plan(batch_size=32)
-    sup = Supervisor.__new__(Supervisor)
-    sup.cfg = type("Cfg", (), {"backoff_base": 1.0, "backoff_max": 60.0})()
+    rules = RestartRules.of(max_restarts=10, backoff_base=1.0, backoff_max=60.0)
 
     def wait_after(checkpoints):
-        sup.incidents = [Incident(kind="crash", attempt=i, plan_before=plan, plan_after=plan, checkpoint_step=c)
-                         for i, c in enumerate(checkpoints)]
-        exc = _AttemptFailed(sup.incidents[-1], no_progress=False)
-        state = type("State", (), {"outcome": type("O", (), {"exception": lambda self: exc})()})()
-        return sup._wait(state)
+        incidents = [Incident(kind="crash", attempt=i, plan_before=plan, plan_after=plan, checkpoint_step=c)
+                     for i, c in enumerate(checkpoints)]
+        return rules.wait_after(incidents)
 
     assert wait_after([4]) == 1.0
     assert wait_after([4, 4]) == 2.0
