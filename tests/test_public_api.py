@@ -50,6 +50,8 @@ def test_the_caller_side_never_imports_tensorflow_or_keras():
     """The supervisor, the policies and the public face load without TensorFlow (a fresh interpreter)."""
     code = (
         "import sys, resilient, resilient.supervisor.loop, resilient.policy.policy, resilient.policy.search, resilient.supervisor.classify, "
+        "resilient.supervisor.config, resilient.supervisor.decide, resilient.supervisor.process, "
+        "resilient.supervisor.report, resilient.supervisor.memory, "
         "resilient.steps, resilient._status, resilient._cli\n"
         "resilient.load_policy('default')\n"
         "bad = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
