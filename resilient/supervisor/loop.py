@@ -92,6 +92,7 @@ class Supervisor:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> RunResult:
+        """Attempt after attempt until FINISH (returns the result) or GIVE_UP (raises)."""
         state = State.START
         try:
             while True:
@@ -107,7 +108,7 @@ class Supervisor:
                     state = self._restart()
                 elif state is State.FINISH:
                     return self._finish()
-                else:
+                else:  # State.GIVE_UP
                     raise self._give_up()
         except KeyboardInterrupt:
             self._interrupted(state)
@@ -116,6 +117,7 @@ class Supervisor:
     # ------------------------------------------------------------------ the states
 
     def _start(self) -> State:
+        self._worker = None
         attempt = self._attempt_base + self._attempts_started
         self._attempts_started += 1
         adir = self.rundir.attempt_dir(attempt)
