@@ -327,6 +327,42 @@ def test_exit_zero_without_a_result_is_a_crash(supervise):
     assert "without finishing" in incident.detail
 
 
+class _FakeGpu:
+    """NVML as the supervisor sees it on a GPU machine: this much GPU memory used by the worker."""
+
+    available = True
+
+    def __init__(self, used: int) -> None:
+        self.used = used
+
+    def used_by(self, pids: set[int]) -> int | None:
+        return self.used
+
+
+def test_the_gpu_memory_peak_is_journaled_reported_and_shown_in_the_status(supervise):
+    h = supervise({"default": [HELLO, beat(5, interval=0.05), {"do": "exit", "code": 1}]}, max_restarts=0)
+    h.supervisor.gpu = _FakeGpu(3 << 30)
+    err = failed_run(h)
+    incident, = err.incidents
+    assert incident.gpu_memory_peak_bytes == 3 << 30
+    ended, = h.events("attempt_ended")
+    assert ended["gpu_memory_peak_bytes"] == 3 << 30
+    assert h.events("incident")[0]["gpu_memory_peak_bytes"] == 3 << 30
+    row, = [line for line in str(err).splitlines() if re.match(r"^\s+0  batch=", line)]
+    assert re.search(r"\d+\.\d MiB, GPU 3\.0 GiB", row), row
+    assert re.search(r"peak \d+\.\d MiB, GPU 3\.0 GiB", status_of(h, Plan(batch_size=32)))
+
+
+def test_without_a_gpu_nothing_about_gpu_memory_is_written(supervise):
+    h = supervise({"default": [HELLO, beat(2), {"do": "exit", "code": 1}]}, max_restarts=0)
+    h.supervisor.gpu = _FakeGpu(0)
+    h.supervisor.gpu.available = False
+    err = failed_run(h)
+    assert err.incidents[0].gpu_memory_peak_bytes is None
+    assert "gpu_memory_peak_bytes" not in h.events("attempt_ended")[0]
+    assert "GPU" not in str(err)
+
+
 # ------------------------------------------------------------------------------------------------ hangs
 
 
