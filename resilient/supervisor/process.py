@@ -213,7 +213,7 @@ class WorkerProcess:
         os.close(write_fd)
         self._proc, self._log = proc, log
         if group is not None:
-            group, note = self._join_cgroup(group, proc.pid, note)
+            group, note = self._join_cgroup(group, proc.pid)
         if note:
             self.cfg.say(note)
         self._group = group
@@ -224,6 +224,7 @@ class WorkerProcess:
             thread.start()
 
     def _open_cgroup(self) -> tuple[MemoryCgroup | None, str | None]:
+        """(the attempt's memory cgroup, or None with the note that says why the watchdog enforces the limit)."""
         limit = self.cfg.host_memory_limit
         if limit is None and not self.cfg.rehearse_host_oom:
             return None, None
@@ -234,7 +235,7 @@ class WorkerProcess:
                 self.journal.write("memory_enforcement", attempt=self.attempt, mechanism="watchdog", reason=str(e))
             return None, f"memory cgroup unavailable ({e}); the psutil watchdog enforces the limit"
 
-    def _join_cgroup(self, group: MemoryCgroup, pid: int, note: str | None) -> tuple[MemoryCgroup | None, str | None]:
+    def _join_cgroup(self, group: MemoryCgroup, pid: int) -> tuple[MemoryCgroup | None, str | None]:
         try:
             group.add(pid)
         except OSError as e:
@@ -242,7 +243,7 @@ class WorkerProcess:
             return None, f"could not move the worker into {group.path} ({e}); the watchdog enforces the limit"
         self.journal.write("memory_enforcement", attempt=self.attempt, mechanism=f"cgroup v{group.version}",
                            limit=group.limit, requested_limit=self.cfg.host_memory_limit, path=str(group.path))
-        return group, note
+        return group, None
 
     # ------------------------------------------------------------------ MONITOR
 
