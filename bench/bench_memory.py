@@ -222,7 +222,7 @@ def watchdog_check(xp: Path, yp: Path, limit: int, run_dir: Path) -> dict:
     import numpy as np
 
     import resilient
-    import resilient.supervisor.loop as sup
+    import resilient.supervisor.process as sup
 
     def no_cgroup(cls, *a, **k):
         raise OSError("memory cgroups switched off by bench_memory --watchdog")

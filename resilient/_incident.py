@@ -30,6 +30,8 @@ class Incident(BaseModel):
     returncode: int | None = None
     signal: str | None = None
     memory_peak_bytes: int | None = None
+    #: The worker's peak GPU memory (NVML, sampled with the host memory); None without a GPU.
+    gpu_memory_peak_bytes: int | None = None
     checkpoint_step: int | None = Field(None, description="Step of the checkpoint the next attempt resumes from.")
     action: str = ""
     plan_before: Plan

@@ -13,7 +13,6 @@ The worker reports facts (what was raised, where); the supervisor decides what t
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -47,7 +46,6 @@ class Heartbeat(_Msg):
     epoch: int
     step: int
     step_seconds: float | None = None
-    rss_bytes: int | None = None
     # This attempt's training steps timed so far and their wall time (batch begin to the next batch
     # begin: checkpoints, validation and epoch boundaries excluded); the supervisor's throughput.
     timed_steps: int | None = Field(None, ge=0)
@@ -151,7 +149,6 @@ class ChannelReader(threading.Thread):
         self.fd = fd
         self.on_message = on_message
         self.bad_lines = 0
-        self.failed_messages = 0
 
     def run(self) -> None:
         buf = b""
@@ -173,13 +170,9 @@ class ChannelReader(threading.Thread):
                         self.on_message(msg)
                     except Exception:
                         # One message we could not handle must not cut the channel (that would read as a hang).
-                        self.failed_messages += 1
+                        pass
         finally:
             os.close(self.fd)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
 
 
 # ---------------------------------------------------------------------------------------------- files

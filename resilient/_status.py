@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._checkpoint import CheckpointStore
 from ._plan import Plan
 from ._rundir import RunDir
 from ._units import format_bytes
+from .supervisor.report import latest_checkpoint
 
 
 def summarize(path: str | Path) -> str:
@@ -41,8 +41,11 @@ def summarize(path: str | Path) -> str:
             what = f"probe; {what}" if what else "probe"
         if rates.get(a) is not None:
             what = f"{what}; {rates[a]:.1f} samples/s" if what else f"{rates[a]:.1f} samples/s"
+        peak = format_bytes(end.get("memory_peak_bytes"))
+        if end.get("gpu_memory_peak_bytes") is not None:
+            peak += f", GPU {format_bytes(end['gpu_memory_peak_bytes'])}"
         lines.append(f"    {a:>3}  {Plan.model_validate(e['plan']).describe():<30} {status:<14} "
-                     f"peak {format_bytes(end.get('memory_peak_bytes')):<10} {what}")
+                     f"peak {peak:<10} {what}")
         if inc and inc.get("action"):
             lines.append(f"         -> {inc['action']}")
         verdict = verdicts.get(a)
@@ -60,9 +63,9 @@ def summarize(path: str | Path) -> str:
         last = epochs[-1]
         logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.get("logs", {}).items()))
         lines.append(f"  last epoch finished: {last['epoch']} (step {last['step']}) {logs}")
-    meta = CheckpointStore(run.checkpoints).latest_meta()
-    lines.append(f"  last checkpoint: step {meta['step']}, epoch {meta.get('epoch')}, sample {meta.get('offset')}"
-                 if meta else "  last checkpoint: none")
+    ckpt = latest_checkpoint(run)
+    lines.append(f"  last checkpoint: step {ckpt.step}, epoch {ckpt.epoch}, sample {ckpt.offset}"
+                 if ckpt else "  last checkpoint: none")
     finished = [e for e in events if e["event"] == "run_finished"]
     lines.append(f"  status: {finished[-1]['status'] if finished else 'not finished (running, or its session died)'}")
     return "\n".join(lines)

@@ -133,7 +133,7 @@ def main() -> int:
                 if pace is not None:
                     timed_steps, timed_seconds = timed_steps + 1, timed_seconds + float(pace)
                     timing = {"timed_steps": timed_steps, "timed_seconds": timed_seconds}
-                channel.send(Heartbeat(epoch=0, step=step, step_seconds=interval, rss_bytes=None, **timing))
+                channel.send(Heartbeat(epoch=0, step=step, step_seconds=interval, **timing))
         elif do == "checkpoint":
             started = time.monotonic()
             saved = store.save(step, {"epoch": 0, "offset": step * 32},

@@ -6,11 +6,12 @@ import signal
 
 import pytest
 
-from resilient._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED
+from resilient._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED, ErrorReport
 from resilient.supervisor.classify import (
     RSS_NEAR_LIMIT,
     AttemptOutcome,
     classify,
+    report_kind,
     signal_name,
 )
 
@@ -22,9 +23,10 @@ SIGTERM = -signal.SIGTERM
 SIGSEGV = -signal.SIGSEGV
 
 
-def report(kind: str, message: str = "boom", type_: str = "SomeError", **extra: object) -> dict[str, object]:
-    return {"kind": kind, "type": type_, "message": message, "traceback": "Traceback ...", "epoch": 0, "step": 7,
-            **extra}
+def report(kind: str, message: str = "boom", type_: str = "SomeError", **extra: object) -> ErrorReport:
+    """An error.json as a worker that still classifies writes it (and as 0.1.0 wrote it): ``kind`` set."""
+    return ErrorReport.model_validate({"kind": kind, "type": type_, "message": message, "traceback": "Traceback ...",
+                                       "epoch": 0, "step": 7, **extra})
 
 
 # ------------------------------------------------------------------------------------------ signal_name
@@ -281,4 +283,116 @@ def test_orphaned_worker_is_killed():
 def test_classify_is_pure_and_deterministic():
     outcome = AttemptOutcome(returncode=SIGKILL, last_rss=GiB, memory_limit=GiB, report=None)
     assert classify(outcome) == classify(outcome)
-    assert outcome.extra == {}
+
+
+# ------------------------------------------------------------------- what the worker raised, from its facts
+
+
+def raised(exc: BaseException) -> ErrorReport:
+    """The report a worker that only reports writes: the facts of the exception, no kind."""
+    return ErrorReport.of(exc, epoch=0, step=7)
+
+
+def chained(outer: BaseException, inner: BaseException) -> BaseException:
+    try:
+        try:
+            raise inner
+        except BaseException as e:
+            raise outer from e
+    except BaseException as e:
+        return e
+
+
+class ResourceExhaustedError(Exception):
+    """Named like tf.errors.ResourceExhaustedError: classification reads type names, not classes."""
+
+
+class NanLoss(Exception):
+    """Named like the worker's own exception for a diverged loss."""
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (ResourceExhaustedError("failed to allocate memory"), "gpu_oom"),
+        (RuntimeError("OOM when allocating tensor with shape[1024,1024]"), "gpu_oom"),
+        (RuntimeError("CUDA error: out of memory"), "gpu_oom"),
+        (RuntimeError("GPU ran Out Of Memory while compiling"), "gpu_oom"),
+        (MemoryError("Unable to allocate 8.0 GiB"), "host_oom"),
+        (NanLoss("loss became nan at global step 12 (epoch 0)"), "nan_loss"),
+        (ValueError("shapes (32, 10) and (32, 1) not aligned"), "user_error"),
+        (RuntimeError("out of memory"), "user_error"),  # no device named: not a GPU OOM
+        (KeyError("label"), "user_error"),
+        (OSError(28, "No space left on device"), "user_error"),
+    ],
+)
+def test_report_kind_from_the_exception(exc, kind):
+    report = raised(exc)
+    assert report.kind is None
+    assert report_kind(report) == kind
+
+
+def test_numpy_allocation_failure_is_host_oom():
+    np = pytest.importorskip("numpy")
+    with pytest.raises(MemoryError) as info:  # numpy's _ArrayMemoryError, which calls itself MemoryError
+        np.empty(1 << 62, dtype=np.uint8)
+    assert report_kind(raised(info.value)) == "host_oom"
+
+
+@pytest.mark.parametrize(
+    ("inner", "kind"),
+    [(ResourceExhaustedError("OOM"), "gpu_oom"), (MemoryError(), "host_oom"), (ValueError("bad"), "user_error")],
+)
+def test_a_memory_failure_anywhere_in_the_chain_decides(inner, kind):
+    exc = chained(RuntimeError("Graph execution error"), inner)
+    assert report_kind(raised(exc)) == kind
+
+
+def test_the_outermost_memory_failure_wins():
+    exc = chained(MemoryError("host"), ResourceExhaustedError("gpu"))
+    assert report_kind(raised(exc)) == "host_oom"
+
+
+def test_a_nan_loss_only_counts_when_raised_itself():
+    assert report_kind(raised(chained(ValueError("wrapped"), NanLoss("nan")))) == "user_error"
+
+
+def test_a_set_kind_is_honoured_over_the_facts():
+    # A worker that still classifies (and every 0.1.0 error.json) says what it thinks; that word wins.
+    report = ErrorReport(kind="gpu_oom", type="ValueError", message="not about memory")
+    assert report_kind(report) == "gpu_oom"
+    assert report_kind(ErrorReport(kind="preempted")) == "preempted"
+
+
+def test_a_report_without_an_exception_or_a_kind_names_nothing():
+    assert report_kind(ErrorReport()) is None
+    kind, _, evidence = classify(AttemptOutcome(returncode=EXIT_REPORTED, report=ErrorReport()))
+    assert kind == "crash"
+    assert evidence["report"] is None and "source" not in evidence
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind", "detail"),
+    [
+        (chained(RuntimeError("Graph execution error:\ndetails"), ResourceExhaustedError("OOM")), "gpu_oom",
+         "RuntimeError: Graph execution error:"),
+        (ValueError("bad shape"), "user_error", "ValueError: bad shape"),
+        (NanLoss("loss became nan"), "nan_loss", "NanLoss: loss became nan"),
+    ],
+)
+def test_classify_reads_a_facts_only_report(exc, kind, detail):
+    got, got_detail, evidence = classify(AttemptOutcome(returncode=EXIT_REPORTED, report=raised(exc)))
+    assert (got, got_detail) == (kind, detail)
+    assert evidence == {"exit": "exit code 3", "report": kind, "source": "worker report"}
+
+
+def test_a_preempted_report_from_the_new_worker():
+    report = ErrorReport.of(None, kind="preempted", epoch=0, step=7)
+    kind, detail, _ = classify(AttemptOutcome(returncode=EXIT_PREEMPTED, report=report))
+    assert kind == "preempted" and "SIGTERM" in detail
+
+
+def test_an_error_json_of_release_0_1_0_still_classifies():
+    old = '{"kind": "gpu_oom", "type": "ResourceExhaustedError", "message": "OOM", "traceback": "", "epoch": 0, "step": 3}'
+    kind, detail, _ = classify(AttemptOutcome(returncode=EXIT_REPORTED, report=ErrorReport.model_validate_json(old)))
+    assert (kind, detail) == ("gpu_oom", "ResourceExhaustedError: OOM")

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-import resilient.supervisor.loop as supervisor_module
+import resilient.supervisor.process as supervisor_module
 from resilient._checkpoint import CheckpointStore
 from resilient._errors import TrainingFailedError, UserCodeError
 from resilient._plan import Plan
@@ -32,6 +32,7 @@ from resilient.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support
+from resilient.supervisor.process import worker_env
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 MB = 1 << 20
@@ -326,6 +327,42 @@ def test_exit_zero_without_a_result_is_a_crash(supervise):
     assert "without finishing" in incident.detail
 
 
+class _FakeGpu:
+    """NVML as the supervisor sees it on a GPU machine: this much GPU memory used by the worker."""
+
+    available = True
+
+    def __init__(self, used: int) -> None:
+        self.used = used
+
+    def used_by(self, pids: set[int]) -> int | None:
+        return self.used
+
+
+def test_the_gpu_memory_peak_is_journaled_reported_and_shown_in_the_status(supervise):
+    h = supervise({"default": [HELLO, beat(5, interval=0.05), {"do": "exit", "code": 1}]}, max_restarts=0)
+    h.supervisor.gpu = _FakeGpu(3 << 30)
+    err = failed_run(h)
+    incident, = err.incidents
+    assert incident.gpu_memory_peak_bytes == 3 << 30
+    ended, = h.events("attempt_ended")
+    assert ended["gpu_memory_peak_bytes"] == 3 << 30
+    assert h.events("incident")[0]["gpu_memory_peak_bytes"] == 3 << 30
+    row, = [line for line in str(err).splitlines() if re.match(r"^\s+0  batch=", line)]
+    assert re.search(r"\d+\.\d MiB, GPU 3\.0 GiB", row), row
+    assert re.search(r"peak \d+\.\d MiB, GPU 3\.0 GiB", status_of(h, Plan(batch_size=32)))
+
+
+def test_without_a_gpu_nothing_about_gpu_memory_is_written(supervise):
+    h = supervise({"default": [HELLO, beat(2), {"do": "exit", "code": 1}]}, max_restarts=0)
+    h.supervisor.gpu = _FakeGpu(0)
+    h.supervisor.gpu.available = False
+    err = failed_run(h)
+    assert err.incidents[0].gpu_memory_peak_bytes is None
+    assert "gpu_memory_peak_bytes" not in h.events("attempt_ended")[0]
+    assert "GPU" not in str(err)
+
+
 # ------------------------------------------------------------------------------------------------ hangs
 
 
@@ -492,9 +529,9 @@ def test_largest_objective_never_probes_down(supervise):
 
 def test_the_worker_gets_two_malloc_arenas_unless_the_caller_chose(supervise, monkeypatch):
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert supervise({"default": COMPLETE}).supervisor._env()["MALLOC_ARENA_MAX"] == "2"
+    assert worker_env(supervise({"default": COMPLETE}).supervisor.cfg.extra_env)["MALLOC_ARENA_MAX"] == "2"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
-    assert supervise({"default": COMPLETE}).supervisor._env()["MALLOC_ARENA_MAX"] == "8"
+    assert worker_env(supervise({"default": COMPLETE}).supervisor.cfg.extra_env)["MALLOC_ARENA_MAX"] == "8"
 
 
 def test_a_measurement_covers_measure_seconds_of_training(supervise):
@@ -972,18 +1009,15 @@ def test_a_hang_kill_takes_the_workers_children_too(supervise):
 def test_backoff_grows_while_crashes_repeat_without_progress():
     from resilient._incident import Incident
     from resilient._plan import Plan
-    from resilient.supervisor.loop import Supervisor, _AttemptFailed
+    from resilient.supervisor.decide import RestartRules
 
     plan = Plan(batch_size=32)
-    sup = Supervisor.__new__(Supervisor)
-    sup.cfg = type("Cfg", (), {"backoff_base": 1.0, "backoff_max": 60.0})()
+    rules = RestartRules.of(max_restarts=10, backoff_base=1.0, backoff_max=60.0)
 
     def wait_after(checkpoints):
-        sup.incidents = [Incident(kind="crash", attempt=i, plan_before=plan, plan_after=plan, checkpoint_step=c)
-                         for i, c in enumerate(checkpoints)]
-        exc = _AttemptFailed(sup.incidents[-1], no_progress=False)
-        state = type("State", (), {"outcome": type("O", (), {"exception": lambda self: exc})()})()
-        return sup._wait(state)
+        incidents = [Incident(kind="crash", attempt=i, plan_before=plan, plan_after=plan, checkpoint_step=c)
+                     for i, c in enumerate(checkpoints)]
+        return rules.wait_after(incidents)
 
     assert wait_after([4]) == 1.0
     assert wait_after([4, 4]) == 2.0

@@ -5,8 +5,11 @@ Pure and deterministic, so every rule is tested on hand-built evidence. Rules, f
 1. the supervisor's own decision: it killed a silent worker (``hang``) or its watchdog killed
    one over the memory budget (``host_oom``);
 2. the kernel's word: the memory cgroup's ``oom_kill`` counter went up (``host_oom``);
-3. the worker's structured error report (``gpu_oom``, ``host_oom`` for MemoryError, ``nan_loss``,
-   ``preempted``, ``user_error``);
+3. the worker's error report (``ErrorReport``): ``preempted`` is the worker's own word (it honoured
+   SIGTERM); what it raised is classified here from the facts (``report_kind``): ``gpu_oom`` for a
+   ``ResourceExhaustedError``, "OOM when allocating" or a CUDA/GPU "out of memory" anywhere in the
+   exception's chain, ``host_oom`` for a ``MemoryError`` in the chain, ``nan_loss`` for the worker's
+   ``NanLoss``, ``user_error`` for anything else;
 4. the exit status: SIGKILL with RSS near the limit at the last sample is ``host_oom``, without
    memory evidence ``killed``; SIGTERM is ``preempted``; other signals and non-zero exits ``crash``.
 """
@@ -14,10 +17,10 @@ Pure and deterministic, so every rule is tested on hand-built evidence. Rules, f
 from __future__ import annotations
 
 import signal as _signal
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from .._protocol import EXIT_ORPHANED, EXIT_PREEMPTED
+from .._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, ErrorReport, ExceptionFacts
 
 #: RSS at the last sample at or above this fraction of the limit counts as memory evidence.
 RSS_NEAR_LIMIT = 0.9
@@ -33,19 +36,23 @@ def signal_name(returncode: int | None) -> str | None:
         return f"signal {-returncode}"
 
 
+#: What the supervisor did to a worker: killed it as silent ("hang") or over the memory budget
+#: ("watchdog"), or sent it SIGTERM for a rehearsed preemption ("preempt") or to switch plans ("probe").
+Intervention = Literal["hang", "watchdog", "preempt", "probe"]
+
+
 @dataclass(frozen=True)
 class AttemptOutcome:
     """The evidence about one finished attempt."""
 
     returncode: int | None
-    report: dict[str, Any] | None = None  # the worker's error.json, if it wrote one
-    decision: str | None = None  # "hang" | "watchdog" | "preempt" (SIGTERM sent by the supervisor)
+    report: ErrorReport | None = None  # the worker's error.json, if it wrote one
+    decision: Intervention | None = None
     oom_kills: int = 0  # increase of the cgroup's oom_kill counter during the attempt
     last_rss: int | None = None
     memory_limit: int | None = None
     heartbeat_age: float | None = None
     completed: bool = False  # the worker wrote result.json
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def signal(self) -> str | None:
@@ -57,8 +64,10 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
     sig = outcome.signal
     status = sig or f"exit code {outcome.returncode}"
     evidence: dict[str, Any] = {"exit": status}
-    if outcome.report:
-        evidence["report"] = outcome.report.get("kind")
+    report = outcome.report
+    reported = report_kind(report) if report is not None else None
+    if report is not None:
+        evidence["report"] = reported
 
     if outcome.completed and outcome.returncode == 0:
         return None, "completed", evidence
@@ -78,15 +87,12 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
             f"the kernel's OOM killer ended the worker in its memory cgroup (limit {_gb(outcome.memory_limit)}, "
             f"oom_kill +{outcome.oom_kills}, {status})"
         ), evidence
-    report = outcome.report or {}
-    kind = report.get("kind")
-    if kind in {"gpu_oom", "host_oom", "nan_loss", "preempted", "user_error"}:
+    if report is not None and reported in REPORTED_KINDS:
         evidence["source"] = "worker report"
-        message = str(report.get("message", "")).strip().splitlines()
-        detail = f"{report.get('type', 'error')}: {message[0] if message else ''}".strip()
-        if kind == "preempted":
-            detail = "SIGTERM received; the worker saved a checkpoint and exited"
-        return kind, detail, evidence
+        if reported == "preempted":
+            return reported, "SIGTERM received; the worker saved a checkpoint and exited", evidence
+        message = report.message.strip().splitlines()
+        return reported, f"{report.type or 'error'}: {message[0] if message else ''}".strip(), evidence
     if outcome.returncode == EXIT_PREEMPTED or sig == "SIGTERM" or outcome.decision == "preempt":
         return "preempted", f"terminated ({status})", evidence
     if sig == "SIGKILL":
@@ -106,8 +112,43 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
         return "crash", f"the worker died from {sig}", evidence
     if outcome.returncode == 0:
         return "crash", "the worker exited 0 without finishing the training", evidence
-    tail = report.get("message") if report else None
+    tail = report.message if report is not None else None
     return "crash", f"the worker exited with code {outcome.returncode}" + (f": {tail}" if tail else ""), evidence
+
+
+#: Kinds a worker's error report can establish; any other (a newer worker's word) falls through to the exit status.
+REPORTED_KINDS = frozenset({"gpu_oom", "host_oom", "nan_loss", "preempted", "user_error"})
+
+
+def report_kind(report: ErrorReport) -> str | None:
+    """The incident kind of the worker's report: its own ``kind`` when set (only ``preempted`` from
+    this release on; every kind in a report written by 0.1.0 or by a worker that still classifies),
+    else classified from what was raised. None: the report names neither (no exception)."""
+    if report.kind is not None:
+        return report.kind
+    if report.type is None:
+        return None
+    if report.type == "NanLoss":  # resilient.worker's own exception for a diverged loss
+        return "nan_loss"
+    # The outermost exception that names a memory failure decides: Keras and tf.data wrap
+    # ResourceExhaustedError and MemoryError in errors of their own.
+    for facts in report.chain:
+        kind = _memory_kind(facts)
+        if kind is not None:
+            return kind
+    return "user_error"
+
+
+def _memory_kind(facts: ExceptionFacts) -> str | None:
+    # numpy's _ArrayMemoryError reports its class name as MemoryError.
+    if facts.type == "MemoryError":
+        return "host_oom"
+    text = facts.message
+    if facts.type == "ResourceExhaustedError" or "OOM when allocating" in text:
+        return "gpu_oom"
+    if "out of memory" in text.lower() and ("CUDA" in text or "GPU" in text):
+        return "gpu_oom"
+    return None
 
 
 def _gb(n: int | None) -> str:

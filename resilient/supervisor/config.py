@@ -1,0 +1,51 @@
+"""How the supervisor runs a training: the policy, the restart budget, the timeouts, and the seams for tests."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+from .._rundir import RunDir
+from ..policy.policy import Policy, StepContext
+
+
+@dataclass
+class SupervisorConfig:
+    run: RunDir
+    policy: Policy
+    context: StepContext
+    max_restarts: int
+    hang_timeout: float | None = None  # None: calibrated from observed step times
+    startup_timeout: float = 600.0
+    host_memory_limit: int | None = None
+    rehearse_host_oom: bool = False
+    kill_grace: float = 5.0
+    preempt_grace: float = 120.0
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    poll_interval: float = 0.05
+    sample_interval: float = 0.25
+    worker_cmd: Callable[[int, int], list[str]] | None = None  # (attempt, channel_fd) -> argv; a seam for tests
+    extra_env: dict[str, str] = field(default_factory=dict)
+    stream: IO[str] | None = None  # where worker output goes; None: sys.stdout at write time
+    sleep: Callable[[float], None] = time.sleep
+    echo: bool = True
+
+    def say(self, text: str) -> None:
+        """One ``resilient: ...`` line on the stream (unless echo is off); a closed stream is not an error."""
+        if not self.echo:
+            return
+        write_quietly(self.stream, f"resilient: {text}\n")
+
+
+def write_quietly(stream: IO[str] | None, text: str) -> None:
+    """Write and flush ``text`` to ``stream`` (None: sys.stdout at write time), ignoring a closed stream."""
+    target = stream or sys.stdout
+    try:
+        target.write(text)
+        target.flush()
+    except (OSError, ValueError):
+        pass
