@@ -1,4 +1,4 @@
-"""A scripted stand-in for ``python -m resilient.worker.attempt``: speaks the channel protocol, no TensorFlow.
+"""A scripted stand-in for ``python -m resilient.worker``: speaks the channel protocol, no TensorFlow.
 
 Used by tests/test_supervisor.py through ``SupervisorConfig.worker_cmd``::
 
