@@ -72,8 +72,11 @@ def inject(fault: Fault, model: Any, sigterm: threading.Event) -> None:
     elif kind == "nan":
         import numpy as np
 
-        var = model.trainable_variables[0]
-        var.assign(np.full(var.shape, np.nan, dtype=var.dtype))
+        # Every trainable variable, not only the first: an activation after a poisoned layer may
+        # turn NaN into a number (ReLU's max(NaN, 0) is 0 on some CPUs), so the loss would stay
+        # finite. With the output layer poisoned too, the loss is NaN on any hardware.
+        for var in model.trainable_variables:
+            var.assign(np.full(var.shape, np.nan, dtype=var.dtype))
 
 
 def _eat_memory() -> None:
