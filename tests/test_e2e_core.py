@@ -138,6 +138,37 @@ def test_exact_resume_after_kill_mid_epoch(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == int(ref_model.optimizer.iterations.numpy()) == 24
 
 
+@pytest.mark.fault("kill_during_save", "checkpoint save", incident="killed",
+                   outcome="completed; weights, History, iterations exact", lost="steps since the previous checkpoint",
+                   corrupted="no (previous generation kept; a .tmp-* dir may remain)")
+def test_a_kill_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous_generation(tmp_path):
+    from resilient._checkpoint import CheckpointStore
+
+    ref_model, ref = _train(tmp_path, "reference")
+    # save_kill@4: the first save at or after step 4 is the one at step 6 (every 3 steps); the worker
+    # dies after writing the weights and optimizer files of ckpt-6, before its manifest and rename.
+    model, hist = _train(tmp_path, "killed", faults="save_kill@4")
+
+    [incident] = hist.incidents
+    assert incident.kind == "killed" and incident.signal == "SIGKILL"
+    assert incident.checkpoint_step == 3  # the previous generation, intact
+    [fired] = events(tmp_path / "killed", "fault_fired")
+    assert fired["fault"] == "save_kill@4" and fired["step"] == 6
+    ready = events(tmp_path / "killed", "worker_ready")
+    assert ready[-1]["resumed_from_step"] == 3
+    for a, b in zip(ref_model.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    for key in ref.history:
+        np.testing.assert_allclose(hist.history[key], ref.history[key], rtol=1e-6, atol=1e-7)
+    assert int(model.optimizer.iterations.numpy()) == int(ref_model.optimizer.iterations.numpy()) == 24
+    # Every committed generation verifies; the half-written one never became a generation.
+    store = CheckpointStore(tmp_path / "killed" / "checkpoints")
+    assert store.generations()
+    for path in store.generations():
+        store.verify(path)
+    assert not [e for e in events(tmp_path / "killed") if "corrupt" in e["event"]]
+
+
 def test_user_bug_raises_promptly_without_restart(tmp_path):
     import keras
 
