@@ -169,6 +169,51 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous_ge
     assert not [e for e in events(tmp_path / "killed") if "corrupt" in e["event"]]
 
 
+@pytest.mark.fault("concurrent_fit", "mid-epoch", incident="none (refused: RunDirError)",
+                   outcome="second call refused in < 5 s, no second run started; the first completes", lost="0 steps",
+                   corrupted="no")
+def test_a_second_fit_on_a_run_dir_in_training_is_refused_and_the_first_completes(tmp_path):
+    import threading
+
+    import keras
+
+    class Slow(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                time.sleep(4)  # holds the first call mid-epoch while the second one is made
+
+    x, y = make_data()
+    run_dir = tmp_path / "run"
+    first: dict = {}
+
+    def train() -> None:
+        try:
+            first["history"] = resilient.fit(make_model(), x, y, epochs=1, batch_size=BATCH, seed=1, run_dir=run_dir,
+                                             verbose=0, callbacks=[Slow()], hang_timeout=60)
+        except BaseException as e:  # handed to the test thread
+            first["error"] = e
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run_dir.exists() and events(run_dir, "worker_ready")):
+            time.sleep(0.1)
+        assert events(run_dir, "worker_ready"), "the first call never started its worker"
+        before = len(events(run_dir))
+        start = time.monotonic()
+        with pytest.raises(resilient.RunDirError, match="Another live process is training in"):
+            resilient.fit(make_model(), x, y, epochs=1, batch_size=BATCH, seed=1, run_dir=run_dir, verbose=0)
+        assert time.monotonic() - start < 5
+        assert len([e for e in events(run_dir) if e["event"] == "run_started"]) == 1
+    finally:
+        thread.join(timeout=120)
+    assert "error" not in first, first.get("error")
+    assert first["history"].epoch == [0] and first["history"].incidents == []
+    assert len(events(run_dir)) > before
+    assert events(run_dir, "run_finished")[-1]["status"] == "completed"
+
+
 def test_user_bug_raises_promptly_without_restart(tmp_path):
     import keras
 
