@@ -59,16 +59,24 @@ def test_clean_run_completes_and_caller_model_holds_trained_weights(tmp_path):
             np.testing.assert_array_equal(z[f"arr_{i}"], w)
 
 
+def _healed(fault: str, kind: str, outcome: str = "completed; fired once", lost: str = "1 step (since the "
+            "checkpoint at step 4)") -> object:
+    """A case of test_rehearsed_fault_heals: ``fault`` at step 5 (checkpoints every 2 steps), mid-epoch 0."""
+    return pytest.param(f"{fault}@5", kind, id=f"{fault}@5", marks=pytest.mark.fault(
+        fault, "mid-epoch", incident=kind, outcome=outcome, lost=lost,
+        corrupted="no"))
+
+
 @pytest.mark.parametrize(
     ("fault", "kind"),
     [
-        ("gpu_oom@5", "gpu_oom"),
-        ("host_oom@5", "host_oom"),
-        ("segfault@5", "crash"),
-        ("abort@5", "crash"),
-        ("sigkill@5", "killed"),
-        ("hang@5", "hang"),
-        ("preempt@5", "preempted"),
+        _healed("gpu_oom", "gpu_oom", "completed; plan degraded (mixed precision, else half batch)"),
+        _healed("host_oom", "host_oom", "completed; plan degraded (cgroup or watchdog kill)"),
+        _healed("segfault", "crash"),
+        _healed("abort", "crash"),
+        _healed("sigkill", "killed"),
+        _healed("hang", "hang", "completed; killed after hang_timeout (SIGTERM, then SIGKILL)"),
+        _healed("preempt", "preempted", lost="0 steps (saved at step 6 on SIGTERM)"),
     ],
 )
 def test_rehearsed_fault_heals(tmp_path, fault, kind):
@@ -123,6 +131,9 @@ def _train(tmp_path: Path, name: str, **kwargs):
     return model, history
 
 
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
+                   outcome="completed; weights, History, iterations exact",
+                   lost="1 step (since the checkpoints at steps 3 and 12)", corrupted="no")
 def test_exact_resume_after_kill_mid_epoch(tmp_path):
     ref_model, ref = _train(tmp_path, "reference")
     # Killed mid-epoch 0 (step 4, last checkpoint at step 3) and mid-epoch 1 (step 13, checkpoint at 12).
@@ -214,6 +225,9 @@ def test_a_second_fit_on_a_run_dir_in_training_is_refused_and_the_first_complete
     assert events(run_dir, "run_finished")[-1]["status"] == "completed"
 
 
+@pytest.mark.fault("user_bug", "mid-epoch", incident="user_error",
+                   outcome="UserCodeError with the traceback, no restart; the last checkpoint kept",
+                   lost="no restart", corrupted="no")
 def test_user_bug_raises_promptly_without_restart(tmp_path):
     import keras
 
@@ -237,6 +251,9 @@ def test_user_bug_raises_promptly_without_restart(tmp_path):
     assert list((run_dir / "checkpoints").glob("ckpt-*")), "the last checkpoint is kept"
 
 
+@pytest.mark.fault("abort", "mid-epoch", incident="crash",
+                   outcome="TrainingFailedError with a root-cause report (restarts exhausted)",
+                   lost="the run stops at its last checkpoint", corrupted="no")
 def test_restarts_exhausted_raise_a_root_cause_report(tmp_path):
     x, y = make_data()
     run_dir = tmp_path / "run"
@@ -267,6 +284,9 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.fault("caller_sigkill", "mid-epoch", incident="none (the supervisor is gone)",
+                   outcome="the worker dies with its supervisor, no orphan",
+                   lost="the steps since the last checkpoint, kept for a later fit", corrupted="no")
 def test_killing_the_supervisor_leaves_no_worker(tmp_path):
     run_dir = tmp_path / "run"
     script = SUPERVISOR_SCRIPT.format(root=str(Path(__file__).resolve().parent.parent), run_dir=str(run_dir))
@@ -302,6 +322,9 @@ def test_killing_the_supervisor_leaves_no_worker(tmp_path):
 
 
 @pytest.mark.cgroup
+@pytest.mark.fault("host_oom", "mid-epoch", incident="host_oom",
+                   outcome="completed after a real kernel OOM kill in the cgroup (evidence: cgroup oom_kills)",
+                   lost="the steps since the last checkpoint", corrupted="no")
 def test_real_kernel_oom_kill_in_memory_cgroup(tmp_path):
     ok, why = cgroup_support()
     if not ok:

@@ -133,10 +133,19 @@ def test_epoch_end_checkpoints_hold_the_training_metrics_not_the_validation(resi
     [
         # Killed right after the epoch-end checkpoint (after validation), then mid-epoch: both resume at
         # the epoch boundary, where the metrics must start fresh.
-        ("sigkill@8,segfault@12", NEVER, [STEPS, STEPS]),
+        pytest.param("sigkill@8,segfault@12", NEVER, [STEPS, STEPS], marks=[
+            pytest.mark.fault("sigkill", "epoch end", incident="killed", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="0 steps (right after the epoch-end checkpoint)",
+                              corrupted="no"),
+            pytest.mark.fault("segfault", "mid-epoch", incident="crash", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="4 steps (since the epoch-end checkpoint)", corrupted="no")]),
         # Resumed inside epochs: after the first step of the run, after the first step of an epoch,
         # mid-epoch, and before the last step; the running metrics continue from the checkpoint.
-        ("sigkill@1,sigkill@9,segfault@12,sigkill@15", 1, [1, 9, 12, 15]),
+        pytest.param("sigkill@1,sigkill@9,segfault@12,sigkill@15", 1, [1, 9, 12, 15], marks=[
+            pytest.mark.fault("sigkill", "last step", incident="killed", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="0 steps (checkpoint every step)", corrupted="no"),
+            pytest.mark.fault("sigkill", "mid-epoch", incident="killed", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="0 steps (checkpoint every step)", corrupted="no")]),
     ],
     ids=["epoch-boundary", "mid-epoch"],
 )
@@ -202,8 +211,14 @@ def _kill_at_train_end(marker):
 @pytest.mark.parametrize(
     ("faults", "kill_at_end", "kinds"),
     [
-        (f"preempt@{EPOCHS * STEPS - 1}", False, ["preempted"]),  # SIGTERM in the last step: saved at the end
-        (None, True, ["killed"]),  # SIGKILL after the last epoch-end checkpoint, before the final one
+        # SIGTERM in the last step: saved at the end
+        pytest.param(f"preempt@{EPOCHS * STEPS - 1}", False, ["preempted"], marks=pytest.mark.fault(
+            "preempt", "last step", incident="preempted", outcome="completed by an attempt with nothing left to "
+            "train; = model.fit", lost="0 steps", corrupted="no")),
+        # SIGKILL after the last epoch-end checkpoint, before the final one
+        pytest.param(None, True, ["killed"], marks=pytest.mark.fault(
+            "sigkill", "epoch end", incident="killed", outcome="completed by an attempt with nothing left to train; "
+            "= model.fit", lost="0 steps (after the last epoch-end checkpoint)", corrupted="no")),
     ],
     ids=["preempt-last-step", "sigkill-after-last-checkpoint"],
 )
