@@ -254,6 +254,45 @@ def test_user_bug_raises_promptly_without_restart(tmp_path):
 @pytest.mark.fault("abort", "mid-epoch", incident="crash",
                    outcome="TrainingFailedError with a root-cause report (restarts exhausted)",
                    lost="the run stops at its last checkpoint", corrupted="no")
+def _user_bug(phase: str, hook: str) -> object:
+    return pytest.param(hook, id=hook, marks=pytest.mark.fault(
+        "user_bug", phase, incident="user_error", outcome="UserCodeError with the traceback, no restart",
+        lost="no restart", corrupted="no"))
+
+
+@pytest.mark.parametrize("hook", [_user_bug("first step", "on_train_begin_batch_0"),
+                                  _user_bug("validation", "on_test_batch_begin"),
+                                  _user_bug("epoch end", "on_epoch_end")])
+def test_a_user_bug_at_the_first_step_in_validation_or_at_epoch_end_raises_without_restart(tmp_path, hook):
+    import keras
+
+    class Buggy(keras.callbacks.Callback):
+        def __init__(self, where: str) -> None:
+            super().__init__()
+            self.where = where
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.where == "on_train_begin_batch_0":
+                raise ValueError(f"user bug in {self.where}")
+
+        def on_test_batch_begin(self, batch, logs=None):
+            if self.where == "on_test_batch_begin":
+                raise ValueError(f"user bug in {self.where}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.where == "on_epoch_end":
+                raise ValueError(f"user bug in {self.where}")
+
+    x, y = make_data()
+    run_dir = tmp_path / "run"
+    with pytest.raises(resilient.UserCodeError) as info:
+        resilient.fit(make_model(), x[:192], y[:192], epochs=EPOCHS, batch_size=BATCH, seed=1, run_dir=run_dir,
+                      verbose=0, validation_data=(x[192:], y[192:]), callbacks=[Buggy(hook)], checkpoint_every=2)
+    assert f"user bug in {hook}" in str(info.value) and "Traceback" in str(info.value)
+    assert len(events(run_dir, "attempt_started")) == 1
+    assert events(run_dir, "run_finished")[-1]["status"] == "user_error"
+
+
 def test_restarts_exhausted_raise_a_root_cause_report(tmp_path):
     x, y = make_data()
     run_dir = tmp_path / "run"
