@@ -307,10 +307,9 @@ def test_the_callers_callbacks_hold_their_state_as_after_model_fit(tmp_path):
     assert_same_weights(again_model, model)
 
 
-def _kill_in_validation(marker):
-    """A callback that SIGKILLs its worker at the first validation batch, once (epoch 0's validation)."""
+def _kill_in_validation(marker, signum):
+    """A callback that sends its worker ``signum`` at the first validation batch, once (epoch 0's validation)."""
     import os
-    import signal
 
     import keras
 
@@ -318,7 +317,7 @@ def _kill_in_validation(marker):
         def on_test_batch_begin(self, batch, logs=None):
             if not os.path.exists(marker):
                 open(marker, "w").close()
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signum)
 
     return KillInValidation()
 
@@ -327,22 +326,26 @@ def _kill_in_validation(marker):
     ("faults", "every", "in_validation", "kinds", "resumed_from"),
     [
         # Before the first compiled step of the run: nothing saved yet, the run starts over.
-        pytest.param("segfault@0", NEVER, False, ["crash"], [None], id="segfault-first-step", marks=pytest.mark.fault(
+        pytest.param("segfault@0", NEVER, None, ["crash"], [None], id="segfault-first-step", marks=pytest.mark.fault(
             "segfault", "first step", incident="crash", outcome="completed; weights, History, logs = model.fit",
             lost="0 steps (nothing trained yet)", corrupted="no")),
         # SIGTERM in the first step: it finishes, is saved, and the run resumes after it.
-        pytest.param("preempt@0", NEVER, False, ["preempted"], [1], id="preempt-first-step", marks=pytest.mark.fault(
+        pytest.param("preempt@0", NEVER, None, ["preempted"], [1], id="preempt-first-step", marks=pytest.mark.fault(
             "preempt", "first step", incident="preempted", outcome="completed; weights, History, logs = model.fit",
             lost="0 steps (saved on SIGTERM)", corrupted="no")),
         # In the last step of the run, 3 steps after the last step checkpoint.
-        pytest.param(f"abort@{EPOCHS * STEPS - 1}", 4, False, ["crash"], [12], id="abort-last-step",
+        pytest.param(f"abort@{EPOCHS * STEPS - 1}", 4, None, ["crash"], [12], id="abort-last-step",
                      marks=pytest.mark.fault(
                          "abort", "last step", incident="crash", outcome="completed; weights, History, logs = "
                          "model.fit", lost="3 steps (since the checkpoint at step 12)", corrupted="no")),
         # During epoch 0's validation, after its 8 steps, before the epoch-end checkpoint.
-        pytest.param(None, 3, True, ["killed"], [6], id="sigkill-in-validation", marks=pytest.mark.fault(
+        pytest.param(None, 3, "SIGKILL", ["killed"], [6], id="sigkill-in-validation", marks=pytest.mark.fault(
             "sigkill", "validation", incident="killed", outcome="completed; weights, History, logs = model.fit",
             lost="2 steps and the validation (since the checkpoint at step 6)", corrupted="no")),
+        # SIGTERM during epoch 0's validation: the validation finishes, the epoch-end checkpoint is saved.
+        pytest.param(None, 3, "SIGTERM", ["preempted"], [STEPS], id="sigterm-in-validation", marks=pytest.mark.fault(
+            "preempt", "validation", incident="preempted", outcome="completed; weights, History, logs = model.fit",
+            lost="0 steps (the epoch-end checkpoint is written before the exit)", corrupted="no")),
     ],
 )
 def test_a_fault_at_the_first_or_last_step_or_in_validation_still_equals_model_fit(
@@ -350,7 +353,10 @@ def test_a_fault_at_the_first_or_last_step_or_in_validation_still_equals_model_f
 ):
     k_model, k_hist, k_rec = keras_reference
     rec = _recorder()
-    cbs = [rec] + ([_kill_in_validation(str(tmp_path / "killed"))] if in_validation else [])
+    import signal
+
+    cbs = [rec] + ([_kill_in_validation(str(tmp_path / "killed"), getattr(signal, in_validation))]
+                   if in_validation else [])
     model, hist = _resilient_fit(tmp_path / "run", callbacks=cbs, faults=faults, checkpoint_every=every)
     assert [i.kind for i in hist.incidents] == kinds
     assert [i.checkpoint_step for i in hist.incidents] == resumed_from
