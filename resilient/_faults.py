@@ -10,7 +10,9 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FaultKind = Literal["gpu_oom", "host_oom", "segfault", "abort", "sigkill", "hang", "preempt", "nan"]
+#: ``save_kill`` is met at the first checkpoint save at or after its step, not at the step itself:
+#: the worker SIGKILLs itself halfway through writing the generation (see ``worker.faults``).
+FaultKind = Literal["gpu_oom", "host_oom", "segfault", "abort", "sigkill", "hang", "preempt", "nan", "save_kill"]
 FAULT_KINDS: tuple[str, ...] = get_args(FaultKind)
 
 

@@ -106,7 +106,10 @@ def fit(
         host_memory_limit: a RAM budget for the worker such as ``"12.7GB"``, enforced by a memory
             cgroup where the machine allows it, by a watchdog otherwise.
         gpu_memory_limit: caps TensorFlow's GPU memory in the worker (e.g. ``"15GB"`` to emulate a T4).
-        faults: fault rehearsal, e.g. ``"gpu_oom@40,segfault@90"``; each fires once per run.
+        faults: fault rehearsal, e.g. ``"gpu_oom@40,segfault@90"``; each fires once per run. Kinds:
+            ``gpu_oom``, ``host_oom``, ``segfault``, ``abort``, ``sigkill``, ``hang``, ``preempt``,
+            ``nan``, and ``save_kill`` (SIGKILL halfway through the first checkpoint write at or after
+            its step: the previous generation stays valid and the run resumes from it).
 
     Returns:
         A History with ``history``, ``epoch``, ``params``, ``model``, ``incidents``, ``plan`` and ``run_dir``.

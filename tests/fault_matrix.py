@@ -16,6 +16,8 @@ and writes the table, leaving a cell that no test covers visibly empty.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -59,12 +61,39 @@ class _Collector:
 
 def collect() -> _Collector:
     collector = _Collector()
-    code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")], plugins=[collector])
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):  # the list of every test id: shown only when collection fails
+        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")],
+                           plugins=[collector])
     if code not in (0, 5):
+        print(listing.getvalue()[-5000:])
         raise SystemExit(f"collecting the tests failed (pytest exit {code})")
     if collector.errors:
         raise SystemExit("bad fault markers:\n" + "\n".join(collector.errors))
     return collector
+
+
+_CLAIMS = ("outcome", "incident", "lost", "corrupted")
+
+
+def _grouped(entries: list[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """The cell's tests grouped by what they claim (in collection order): one line per distinct claim."""
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for e in entries:
+        groups.setdefault(tuple(e.get(k, "") for k in _CLAIMS), []).append(e)
+    return list(groups.values())
+
+
+def _claims(group: list[dict[str, str]]) -> str:
+    e = group[0]
+    parts = [e.get("outcome", "?")]
+    if e.get("incident"):
+        parts.append(f"`{e['incident']}`")
+    if e.get("lost"):
+        parts.append(f"lost: {e['lost']}")
+    parts.append(f"corrupted: {e.get('corrupted', 'no')}")
+    tests = ", ".join(f"`{x['test']}`" for x in group)
+    return "; ".join(parts) + f" ({tests})"
 
 
 def render(cells: dict[tuple[str, str], list[dict[str, str]]]) -> str:
@@ -87,15 +116,7 @@ def render(cells: dict[tuple[str, str], list[dict[str, str]]]) -> str:
             if not entries:
                 row.append("·")
                 continue
-            e = entries[0]
-            parts = [e.get("outcome", "?")]
-            if e.get("incident"):
-                parts.append(f"`{e['incident']}`")
-            if e.get("lost"):
-                parts.append(f"lost: {e['lost']}")
-            parts.append(f"corrupted: {e.get('corrupted', 'no')}")
-            tests = ", ".join(f"`{x['test']}`" for x in entries)
-            row.append("; ".join(parts) + f" ({tests})")
+            row.append("<br>".join(_claims(group) for group in _grouped(entries)))
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -20,6 +20,9 @@ def _peaks(run_dir, key="cgroup_peak_bytes"):
     return [e.get(key) for e in RunDir(run_dir).read_events() if e["event"] == "attempt_ended"]
 
 
+@pytest.mark.fault("host_oom", "mid-epoch", incident="host_oom",
+                   outcome="completed after a real cgroup OOM kill, healed by drop_cache",
+                   lost="the steps since the last checkpoint", corrupted="no")
 def test_cached_image_folder_over_the_limit_is_healed_by_drop_cache(tmp_path):
     ok, why = cgroup_support()
     if not ok:

@@ -17,6 +17,9 @@ def _early_stopping():
     return keras.callbacks.EarlyStopping(monitor="loss", min_delta=0.05, patience=2)
 
 
+@pytest.mark.fault("segfault", "mid-epoch", incident="crash",
+                   outcome="completed; EarlyStopping stops at the same epoch, loss equal",
+                   lost="1 step", corrupted="no")
 def test_early_stopping_state_survives_a_crash(tmp_path):
     x, y = make_data()
     steps_per_epoch = 256 // 32

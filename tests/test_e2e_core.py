@@ -59,16 +59,24 @@ def test_clean_run_completes_and_caller_model_holds_trained_weights(tmp_path):
             np.testing.assert_array_equal(z[f"arr_{i}"], w)
 
 
+def _healed(fault: str, kind: str, outcome: str = "completed; fired once", lost: str = "1 step (since the "
+            "checkpoint at step 4)") -> object:
+    """A case of test_rehearsed_fault_heals: ``fault`` at step 5 (checkpoints every 2 steps), mid-epoch 0."""
+    return pytest.param(f"{fault}@5", kind, id=f"{fault}@5", marks=pytest.mark.fault(
+        fault, "mid-epoch", incident=kind, outcome=outcome, lost=lost,
+        corrupted="no"))
+
+
 @pytest.mark.parametrize(
     ("fault", "kind"),
     [
-        ("gpu_oom@5", "gpu_oom"),
-        ("host_oom@5", "host_oom"),
-        ("segfault@5", "crash"),
-        ("abort@5", "crash"),
-        ("sigkill@5", "killed"),
-        ("hang@5", "hang"),
-        ("preempt@5", "preempted"),
+        _healed("gpu_oom", "gpu_oom", "completed; plan degraded (mixed precision, else half batch)"),
+        _healed("host_oom", "host_oom", "completed; plan degraded (cgroup or watchdog kill)"),
+        _healed("segfault", "crash"),
+        _healed("abort", "crash"),
+        _healed("sigkill", "killed"),
+        _healed("hang", "hang", "completed; killed after hang_timeout (SIGTERM, then SIGKILL)"),
+        _healed("preempt", "preempted", lost="0 steps (saved at step 6 on SIGTERM)"),
     ],
 )
 def test_rehearsed_fault_heals(tmp_path, fault, kind):
@@ -123,6 +131,9 @@ def _train(tmp_path: Path, name: str, **kwargs):
     return model, history
 
 
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
+                   outcome="completed; weights, History, iterations exact",
+                   lost="1 step (since the checkpoints at steps 3 and 12)", corrupted="no")
 def test_exact_resume_after_kill_mid_epoch(tmp_path):
     ref_model, ref = _train(tmp_path, "reference")
     # Killed mid-epoch 0 (step 4, last checkpoint at step 3) and mid-epoch 1 (step 13, checkpoint at 12).
@@ -138,6 +149,85 @@ def test_exact_resume_after_kill_mid_epoch(tmp_path):
     assert int(model.optimizer.iterations.numpy()) == int(ref_model.optimizer.iterations.numpy()) == 24
 
 
+@pytest.mark.fault("kill_during_save", "checkpoint save", incident="killed",
+                   outcome="completed; weights, History, iterations exact", lost="steps since the previous checkpoint",
+                   corrupted="no (previous generation kept; a .tmp-* dir may remain)")
+def test_a_kill_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous_generation(tmp_path):
+    from resilient._checkpoint import CheckpointStore
+
+    ref_model, ref = _train(tmp_path, "reference")
+    # save_kill@4: the first save at or after step 4 is the one at step 6 (every 3 steps); the worker
+    # dies after writing the weights and optimizer files of ckpt-6, before its manifest and rename.
+    model, hist = _train(tmp_path, "killed", faults="save_kill@4")
+
+    [incident] = hist.incidents
+    assert incident.kind == "killed" and incident.signal == "SIGKILL"
+    assert incident.checkpoint_step == 3  # the previous generation, intact
+    [fired] = events(tmp_path / "killed", "fault_fired")
+    assert fired["fault"] == "save_kill@4" and fired["step"] == 6
+    ready = events(tmp_path / "killed", "worker_ready")
+    assert ready[-1]["resumed_from_step"] == 3
+    for a, b in zip(ref_model.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    for key in ref.history:
+        np.testing.assert_allclose(hist.history[key], ref.history[key], rtol=1e-6, atol=1e-7)
+    assert int(model.optimizer.iterations.numpy()) == int(ref_model.optimizer.iterations.numpy()) == 24
+    # Every committed generation verifies; the half-written one never became a generation.
+    store = CheckpointStore(tmp_path / "killed" / "checkpoints")
+    assert store.generations()
+    for path in store.generations():
+        store.verify(path)
+    assert not [e for e in events(tmp_path / "killed") if "corrupt" in e["event"]]
+
+
+@pytest.mark.fault("concurrent_fit", "mid-epoch", incident="none (refused: RunDirError)",
+                   outcome="second call refused in < 5 s, no second run started; the first completes", lost="0 steps",
+                   corrupted="no")
+def test_a_second_fit_on_a_run_dir_in_training_is_refused_and_the_first_completes(tmp_path):
+    import threading
+
+    import keras
+
+    class Slow(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                time.sleep(4)  # holds the first call mid-epoch while the second one is made
+
+    x, y = make_data()
+    run_dir = tmp_path / "run"
+    first: dict = {}
+
+    def train() -> None:
+        try:
+            first["history"] = resilient.fit(make_model(), x, y, epochs=1, batch_size=BATCH, seed=1, run_dir=run_dir,
+                                             verbose=0, callbacks=[Slow()], hang_timeout=60)
+        except BaseException as e:  # handed to the test thread
+            first["error"] = e
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run_dir.exists() and events(run_dir, "worker_ready")):
+            time.sleep(0.1)
+        assert events(run_dir, "worker_ready"), "the first call never started its worker"
+        before = len(events(run_dir))
+        start = time.monotonic()
+        with pytest.raises(resilient.RunDirError, match="Another live process is training in"):
+            resilient.fit(make_model(), x, y, epochs=1, batch_size=BATCH, seed=1, run_dir=run_dir, verbose=0)
+        assert time.monotonic() - start < 5
+        assert len([e for e in events(run_dir) if e["event"] == "run_started"]) == 1
+    finally:
+        thread.join(timeout=120)
+    assert "error" not in first, first.get("error")
+    assert first["history"].epoch == [0] and first["history"].incidents == []
+    assert len(events(run_dir)) > before
+    assert events(run_dir, "run_finished")[-1]["status"] == "completed"
+
+
+@pytest.mark.fault("user_bug", "mid-epoch", incident="user_error",
+                   outcome="UserCodeError with the traceback, no restart; the last checkpoint kept",
+                   lost="no restart", corrupted="no")
 def test_user_bug_raises_promptly_without_restart(tmp_path):
     import keras
 
@@ -159,6 +249,48 @@ def test_user_bug_raises_promptly_without_restart(tmp_path):
     assert events(run_dir, "run_finished")[-1]["status"] == "user_error"
     assert events(run_dir, "incident")[0]["kind"] == "user_error"
     assert list((run_dir / "checkpoints").glob("ckpt-*")), "the last checkpoint is kept"
+
+
+@pytest.mark.fault("abort", "mid-epoch", incident="crash",
+                   outcome="TrainingFailedError with a root-cause report (restarts exhausted)",
+                   lost="the run stops at its last checkpoint", corrupted="no")
+def _user_bug(phase: str, hook: str) -> object:
+    return pytest.param(hook, id=hook, marks=pytest.mark.fault(
+        "user_bug", phase, incident="user_error", outcome="UserCodeError with the traceback, no restart",
+        lost="no restart", corrupted="no"))
+
+
+@pytest.mark.parametrize("hook", [_user_bug("first step", "on_train_begin_batch_0"),
+                                  _user_bug("validation", "on_test_batch_begin"),
+                                  _user_bug("epoch end", "on_epoch_end")])
+def test_a_user_bug_at_the_first_step_in_validation_or_at_epoch_end_raises_without_restart(tmp_path, hook):
+    import keras
+
+    class Buggy(keras.callbacks.Callback):
+        def __init__(self, where: str) -> None:
+            super().__init__()
+            self.where = where
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.where == "on_train_begin_batch_0":
+                raise ValueError(f"user bug in {self.where}")
+
+        def on_test_batch_begin(self, batch, logs=None):
+            if self.where == "on_test_batch_begin":
+                raise ValueError(f"user bug in {self.where}")
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.where == "on_epoch_end":
+                raise ValueError(f"user bug in {self.where}")
+
+    x, y = make_data()
+    run_dir = tmp_path / "run"
+    with pytest.raises(resilient.UserCodeError) as info:
+        resilient.fit(make_model(), x[:192], y[:192], epochs=EPOCHS, batch_size=BATCH, seed=1, run_dir=run_dir,
+                      verbose=0, validation_data=(x[192:], y[192:]), callbacks=[Buggy(hook)], checkpoint_every=2)
+    assert f"user bug in {hook}" in str(info.value) and "Traceback" in str(info.value)
+    assert len(events(run_dir, "attempt_started")) == 1
+    assert events(run_dir, "run_finished")[-1]["status"] == "user_error"
 
 
 def test_restarts_exhausted_raise_a_root_cause_report(tmp_path):
@@ -191,6 +323,9 @@ SUPERVISOR_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.fault("caller_sigkill", "mid-epoch", incident="none (the supervisor is gone)",
+                   outcome="the worker dies with its supervisor, no orphan",
+                   lost="the steps since the last checkpoint, kept for a later fit", corrupted="no")
 def test_killing_the_supervisor_leaves_no_worker(tmp_path):
     run_dir = tmp_path / "run"
     script = SUPERVISOR_SCRIPT.format(root=str(Path(__file__).resolve().parent.parent), run_dir=str(run_dir))
@@ -226,6 +361,9 @@ def test_killing_the_supervisor_leaves_no_worker(tmp_path):
 
 
 @pytest.mark.cgroup
+@pytest.mark.fault("host_oom", "mid-epoch", incident="host_oom",
+                   outcome="completed after a real kernel OOM kill in the cgroup (evidence: cgroup oom_kills)",
+                   lost="the steps since the last checkpoint", corrupted="no")
 def test_real_kernel_oom_kill_in_memory_cgroup(tmp_path):
     ok, why = cgroup_support()
     if not ok:

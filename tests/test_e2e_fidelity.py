@@ -133,10 +133,19 @@ def test_epoch_end_checkpoints_hold_the_training_metrics_not_the_validation(resi
     [
         # Killed right after the epoch-end checkpoint (after validation), then mid-epoch: both resume at
         # the epoch boundary, where the metrics must start fresh.
-        ("sigkill@8,segfault@12", NEVER, [STEPS, STEPS]),
+        pytest.param("sigkill@8,segfault@12", NEVER, [STEPS, STEPS], marks=[
+            pytest.mark.fault("sigkill", "epoch end", incident="killed", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="0 steps (right after the epoch-end checkpoint)",
+                              corrupted="no"),
+            pytest.mark.fault("segfault", "mid-epoch", incident="crash", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="4 steps (since the epoch-end checkpoint)", corrupted="no")]),
         # Resumed inside epochs: after the first step of the run, after the first step of an epoch,
         # mid-epoch, and before the last step; the running metrics continue from the checkpoint.
-        ("sigkill@1,sigkill@9,segfault@12,sigkill@15", 1, [1, 9, 12, 15]),
+        pytest.param("sigkill@1,sigkill@9,segfault@12,sigkill@15", 1, [1, 9, 12, 15], marks=[
+            pytest.mark.fault("sigkill", "last step", incident="killed", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="0 steps (checkpoint every step)", corrupted="no"),
+            pytest.mark.fault("sigkill", "mid-epoch", incident="killed", outcome="completed; weights, History, "
+                              "logs = model.fit", lost="0 steps (checkpoint every step)", corrupted="no")]),
     ],
     ids=["epoch-boundary", "mid-epoch"],
 )
@@ -202,8 +211,14 @@ def _kill_at_train_end(marker):
 @pytest.mark.parametrize(
     ("faults", "kill_at_end", "kinds"),
     [
-        (f"preempt@{EPOCHS * STEPS - 1}", False, ["preempted"]),  # SIGTERM in the last step: saved at the end
-        (None, True, ["killed"]),  # SIGKILL after the last epoch-end checkpoint, before the final one
+        # SIGTERM in the last step: saved at the end
+        pytest.param(f"preempt@{EPOCHS * STEPS - 1}", False, ["preempted"], marks=pytest.mark.fault(
+            "preempt", "last step", incident="preempted", outcome="completed by an attempt with nothing left to "
+            "train; = model.fit", lost="0 steps", corrupted="no")),
+        # SIGKILL after the last epoch-end checkpoint, before the final one
+        pytest.param(None, True, ["killed"], marks=pytest.mark.fault(
+            "sigkill", "epoch end", incident="killed", outcome="completed by an attempt with nothing left to train; "
+            "= model.fit", lost="0 steps (after the last epoch-end checkpoint)", corrupted="no")),
     ],
     ids=["preempt-last-step", "sigkill-after-last-checkpoint"],
 )
@@ -290,3 +305,62 @@ def test_the_callers_callbacks_hold_their_state_as_after_model_fit(tmp_path):
     assert again.history == hist.history and again.epoch == hist.epoch
     assert cbs2[0].stopped_epoch == es.stopped_epoch and cbs2[2].logs == rec.logs
     assert_same_weights(again_model, model)
+
+
+def _kill_in_validation(marker, signum):
+    """A callback that sends its worker ``signum`` at the first validation batch, once (epoch 0's validation)."""
+    import os
+
+    import keras
+
+    class KillInValidation(keras.callbacks.Callback):
+        def on_test_batch_begin(self, batch, logs=None):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signum)
+
+    return KillInValidation()
+
+
+@pytest.mark.parametrize(
+    ("faults", "every", "in_validation", "kinds", "resumed_from"),
+    [
+        # Before the first compiled step of the run: nothing saved yet, the run starts over.
+        pytest.param("segfault@0", NEVER, None, ["crash"], [None], id="segfault-first-step", marks=pytest.mark.fault(
+            "segfault", "first step", incident="crash", outcome="completed; weights, History, logs = model.fit",
+            lost="0 steps (nothing trained yet)", corrupted="no")),
+        # SIGTERM in the first step: it finishes, is saved, and the run resumes after it.
+        pytest.param("preempt@0", NEVER, None, ["preempted"], [1], id="preempt-first-step", marks=pytest.mark.fault(
+            "preempt", "first step", incident="preempted", outcome="completed; weights, History, logs = model.fit",
+            lost="0 steps (saved on SIGTERM)", corrupted="no")),
+        # In the last step of the run, 3 steps after the last step checkpoint.
+        pytest.param(f"abort@{EPOCHS * STEPS - 1}", 4, None, ["crash"], [12], id="abort-last-step",
+                     marks=pytest.mark.fault(
+                         "abort", "last step", incident="crash", outcome="completed; weights, History, logs = "
+                         "model.fit", lost="3 steps (since the checkpoint at step 12)", corrupted="no")),
+        # During epoch 0's validation, after its 8 steps, before the epoch-end checkpoint.
+        pytest.param(None, 3, "SIGKILL", ["killed"], [6], id="sigkill-in-validation", marks=pytest.mark.fault(
+            "sigkill", "validation", incident="killed", outcome="completed; weights, History, logs = model.fit",
+            lost="2 steps and the validation (since the checkpoint at step 6)", corrupted="no")),
+        # SIGTERM during epoch 0's validation: the validation finishes, the epoch-end checkpoint is saved.
+        pytest.param(None, 3, "SIGTERM", ["preempted"], [STEPS], id="sigterm-in-validation", marks=pytest.mark.fault(
+            "preempt", "validation", incident="preempted", outcome="completed; weights, History, logs = model.fit",
+            lost="0 steps (the epoch-end checkpoint is written before the exit)", corrupted="no")),
+    ],
+)
+def test_a_fault_at_the_first_or_last_step_or_in_validation_still_equals_model_fit(
+    tmp_path, keras_reference, faults, every, in_validation, kinds, resumed_from
+):
+    k_model, k_hist, k_rec = keras_reference
+    rec = _recorder()
+    import signal
+
+    cbs = [rec] + ([_kill_in_validation(str(tmp_path / "killed"), getattr(signal, in_validation))]
+                   if in_validation else [])
+    model, hist = _resilient_fit(tmp_path / "run", callbacks=cbs, faults=faults, checkpoint_every=every)
+    assert [i.kind for i in hist.incidents] == kinds
+    assert [i.checkpoint_step for i in hist.incidents] == resumed_from
+    assert_same_history(hist, k_hist)
+    assert_same_weights(model, k_model)
+    assert_same_logs(rec, k_rec)
+    assert int(model.optimizer.iterations.numpy()) == EPOCHS * STEPS

@@ -84,6 +84,9 @@ def test_steps_per_epoch_continues_through_the_data_like_model_fit(tmp_path):
     assert int(ours[0].optimizer.iterations.numpy()) == 3 + 3 + 1 + 3
 
 
+@pytest.mark.fault("segfault", "mid-epoch", incident="crash",
+                   outcome="completed; weights and History as the clean shuffled run",
+                   lost="1 step (since the checkpoint at step 8)", corrupted="no")
 def test_faults_resume_sample_weight_validation_split_and_steps_exactly(tmp_path):
     # Shuffled, so the resumed order must be the run's own: the same as a run without faults.
     x, y = make_data(256)

@@ -31,6 +31,9 @@ def assert_same_training(model, hist, ref_model, ref):
 # ----------------------------------------------------------------------------------------- image folder
 
 
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
+                   outcome="completed; weights and History exact (image folder)",
+                   lost="1 step (since the checkpoint at step 4)", corrupted="no")
 def test_image_folder_trains_with_a_validation_split_and_resumes_exactly(tmp_path):
     folder = write_image_folder(tmp_path / "imgs")  # 60 PNGs, 3 classes; 48 train, 12 validation
     spec = resilient.data.image_folder(folder, image_size=(8, 8), validation_split=0.2)
@@ -51,6 +54,9 @@ def test_image_folder_trains_with_a_validation_split_and_resumes_exactly(tmp_pat
     assert_same_training(model, hist, ref_model, ref)
 
 
+@pytest.mark.fault("gpu_oom", "mid-epoch", incident="gpu_oom",
+                   outcome="completed at a lower resolution",
+                   lost="1 step", corrupted="no")
 def test_image_folder_lower_resolution_heals_a_gpu_oom(tmp_path):
     folder = write_image_folder(tmp_path / "imgs", per_class=8)
     spec = resilient.data.image_folder(folder, image_size=(12, 10), validation_split=0.25)
@@ -82,6 +88,9 @@ def make_validation(plan):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(plan.batch_size)
 
 
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
+                   outcome="completed; weights and History exact (dataset factory)",
+                   lost="1 step (since the checkpoint at step 9)", corrupted="no")
 def test_factory_trains_with_a_validation_factory_and_resumes_exactly(tmp_path):
     common = dict(validation_data=make_validation, epochs=2, batch_size=32, seed=3, verbose=0, checkpoint_every=3)
     ref_model = make_model()
@@ -126,6 +135,9 @@ def _pydataset_class():
     return Batches
 
 
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
+                   outcome="completed; weights and History exact (PyDataset)",
+                   lost="1 step (since the checkpoint at step 12)", corrupted="no")
 def test_pydataset_trains_and_resumes_exactly(tmp_path):
     batches = _pydataset_class()
     common = dict(epochs=3, seed=9, verbose=0, checkpoint_every=3)

@@ -16,6 +16,9 @@ from tests.conftest import make_data, make_model
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
 
 
+@pytest.mark.fault("gpu_oom", "mid-epoch", incident="gpu_oom",
+                   outcome="completed; batch halved per OOM",
+                   lost="the steps since the last checkpoint", corrupted="no")
 def test_two_gpu_ooms_under_halve_batch_leave_a_quarter_of_the_batch(tmp_path):
     x, y = make_data()
     policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=4)]})
@@ -28,6 +31,9 @@ def test_two_gpu_ooms_under_halve_batch_leave_a_quarter_of_the_batch(tmp_path):
     assert history.epoch == [0, 1]
 
 
+@pytest.mark.fault("gpu_oom", "mid-epoch", incident="gpu_oom",
+                   outcome="completed; half batch with accumulation, weights as the uninterrupted run",
+                   lost="1 step (since the checkpoint at step 4)", corrupted="no")
 def test_keep_effective_batch_matches_the_uninterrupted_run(tmp_path):
     x, y = make_data()
     ref_model = make_model(metrics=False)
@@ -44,6 +50,9 @@ def test_keep_effective_batch_matches_the_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.fault("nan_loss", "mid-epoch", incident="nan_loss",
+                   outcome="completed; rolled back to the last good checkpoint, learning rate lowered, weights finite",
+                   lost="1 step (since the checkpoint at step 4)", corrupted="no")
 def test_nan_loss_rolls_back_and_lowers_the_learning_rate(tmp_path):
     x, y = make_data()
     model = make_model()
@@ -59,6 +68,9 @@ def test_nan_loss_rolls_back_and_lowers_the_learning_rate(tmp_path):
     assert lr == pytest.approx(1e-2 * history.plan.learning_rate_scale, rel=1e-5)
 
 
+@pytest.mark.fault("bad_policy", "before start", incident="none (InvalidPolicyError)",
+                   outcome="refused in < 5 s with the file, key, received and expected; no worker, run_dir untouched",
+                   lost="nothing started", corrupted="no")
 def test_invalid_policy_file_fails_fast_without_starting_a_worker(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('max_restarts = 3\n[ladders]\ngpu_oom = [{ step = "halve_batch", min_batch = 0 }]\n')
@@ -74,6 +86,9 @@ def test_invalid_policy_file_fails_fast_without_starting_a_worker(tmp_path):
     assert not run_dir.exists(), "a refused call must not touch the run directory"
 
 
+@pytest.mark.fault("bad_policy", "before start", incident="none (CLI exit code)",
+                   outcome="`policies check` rejects the file quickly, naming it",
+                   lost="nothing started", corrupted="no")
 def test_cli_rejects_a_bad_policy_file_quickly(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[ladders]\ngpu_oom = ["no_such_step"]\n')

@@ -12,6 +12,9 @@ from tests.conftest import make_data, make_model
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
 
 
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
+                   outcome="TrainingFailedError (max_restarts=0); a new fit call resumes; weights and History exact",
+                   lost="2 steps (since the checkpoint at step 9)", corrupted="no")
 def test_a_second_fit_call_resumes_the_run_and_matches_the_uninterrupted_one(tmp_path):
     x, y = make_data()
     ref_model = make_model()

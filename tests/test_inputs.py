@@ -78,6 +78,9 @@ def test_tf_dataset_is_refused_with_how_to_wrap_it(tmp_path):
     assert "make_dataset" in message
 
 
+@pytest.mark.fault("bad_data", "before start", incident="none (InvalidArgumentError)",
+                   outcome="refused in < 10 s before any worker, with what was received and expected; run_dir unchanged",
+                   lost="nothing started", corrupted="no")
 def test_shapes_that_do_not_fit_the_model_are_refused(tmp_path):
     x, y = make_data(features=5)
     message = refused(tmp_path, x=x, y=y, match="x does not fit the model's input")
@@ -90,6 +93,9 @@ def test_shapes_that_do_not_fit_the_model_are_refused(tmp_path):
     refused(tmp_path, x="some/folder", y=None, match="image_folder")
 
 
+@pytest.mark.fault("bad_data", "before start", incident="none (InvalidArgumentError)",
+                   outcome="refused in < 10 s before any worker, with what was received and expected; run_dir unchanged",
+                   lost="nothing started", corrupted="no")
 def test_labels_out_of_range_for_the_loss_are_refused(tmp_path):
     x, y = make_data()
     y = y.copy()
@@ -115,6 +121,9 @@ def test_ignore_class_labels_are_accepted(tmp_path):
     prepare_inputs(x, y, None, model=model, plan=Plan())  # no error
 
 
+@pytest.mark.fault("bad_data", "before start", incident="none (InvalidArgumentError)",
+                   outcome="refused in < 10 s before any worker, with what was received and expected; run_dir unchanged",
+                   lost="nothing started", corrupted="no")
 def test_one_hot_and_integer_labels_must_match_the_loss(tmp_path):
     x, y = make_data()
     model = make_model()
@@ -298,6 +307,9 @@ def _two_arguments(plan, other):
     return _unbatched(plan).batch(plan.batch_size)
 
 
+@pytest.mark.fault("bad_data", "before start", incident="none (InvalidArgumentError)",
+                   outcome="refused in < 10 s before any worker, with what was received and expected; run_dir unchanged",
+                   lost="nothing started", corrupted="no")
 def test_bad_factories_are_refused(tmp_path):
     assert ".batch(plan.batch_size)" in refused(tmp_path, x=_unbatched)
     assert "infinite" in refused(tmp_path, x=_infinite)
@@ -317,6 +329,9 @@ def test_bad_factories_are_refused(tmp_path):
     assert "cannot be carried" in refused(tmp_path, x=holds_a_lock)
 
 
+@pytest.mark.fault("bad_data", "before start", incident="none (InvalidArgumentError)",
+                   outcome="refused in < 10 s before any worker, with what was received and expected; run_dir unchanged",
+                   lost="nothing started", corrupted="no")
 def test_bad_pydatasets_are_refused(tmp_path):
     x, y = make_data()
     refused(tmp_path, x=pydataset(x, y), y=y, match="Expected y=None")

@@ -166,9 +166,29 @@ def test_a_rehearsed_fault_fires_once_and_is_recorded_before_it_fires(tmp_path):
     assert fired.load() == set() and np.isfinite(model.trainable_variables[0].numpy()).all()
     schedule.at(3, model)
     assert fired.load() == {"nan@3"} and np.isnan(model.trainable_variables[0].numpy()).all()
+    # Every trainable variable: the output layer's too, so no activation can turn the loss finite again.
+    assert all(np.isnan(v.numpy()).all() for v in model.trainable_variables)
     model.trainable_variables[0].assign(np.zeros(model.trainable_variables[0].shape, dtype="float32"))
     schedule.at(3, model)  # a later attempt at the same step: already met
     assert np.isfinite(model.trainable_variables[0].numpy()).all()
+
+
+def test_a_save_kill_is_due_at_the_first_save_at_or_after_its_step_and_never_at_a_step(tmp_path):
+    import threading
+
+    from resilient._faults import FiredFaults, parse_faults
+    from resilient._protocol import ChannelWriter
+    from resilient.worker.faults import FaultSchedule
+
+    fired = FiredFaults(tmp_path / "faults_fired.json")
+    schedule = FaultSchedule(parse_faults("save_kill@4"), fired, ChannelWriter(None), threading.Event())
+    schedule.at(4, model=None)  # met by a save, not by the step: nothing happens here
+    assert fired.load() == set()
+    assert schedule.during_save(3) is None
+    assert callable(schedule.during_save(6))  # the first save at or after step 4
+    fired.record(parse_faults("save_kill@4")[0])
+    assert schedule.during_save(9) is None  # fired once, never again
+    assert FaultSchedule((), fired, ChannelWriter(None), threading.Event()).during_save(6) is None
 
 
 def test_the_worker_reports_what_was_raised_and_leaves_the_judging_to_the_supervisor(tmp_path):

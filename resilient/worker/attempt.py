@@ -296,7 +296,8 @@ class Attempt:
             import numpy as np
 
             metrics = [np.asarray(v.numpy()) for v in model.metrics_variables]
-        ckpt = state.save(self.store, model, meta, metrics, self.user_callbacks)
+        ckpt = state.save(self.store, model, meta, metrics, self.user_callbacks,
+                          midway=self.faults.during_save(self.global_step))
         self.last_save_seconds = time.monotonic() - t0
         self.last_save_time = time.monotonic()
         self.channel.send(CheckpointSaved(epoch=self.epoch, step=self.global_step, seconds=self.last_save_seconds,

@@ -1,7 +1,8 @@
 """Fault rehearsal in the worker: each fault of the run met once, at its step, through the real mechanism.
 
 ``resilient._faults`` parses the specs and remembers which fired; this module makes them happen: a
-real ``ResourceExhaustedError``, a real SIGSEGV, a real allocation until the memory limit kills us.
+real ``ResourceExhaustedError``, a real SIGSEGV, a real allocation until the memory limit kills us,
+a real SIGKILL in the middle of a checkpoint write (``save_kill``, met by the save, not the step).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._faults import Fault, FiredFaults
@@ -27,7 +29,8 @@ class FaultSchedule:
         self.fired = fired
         self.channel = channel
         self.sigterm = sigterm
-        self._steps = {f.step for f in faults}
+        self._steps = {f.step for f in faults if f.kind != "save_kill"}
+        self._save_kills = [f for f in faults if f.kind == "save_kill"]
 
     def at(self, step: int, model: Any) -> None:
         """Meet every fault due at ``step`` that has not fired yet (recorded first: it never fires twice)."""
@@ -35,10 +38,35 @@ class FaultSchedule:
             return  # the common case: one set lookup per step
         fired = self.fired.load()
         for fault in self.faults:
-            if fault.step == step and fault.key not in fired:
-                self.fired.record(fault)
-                self.channel.send(FaultFired(kind=fault.kind, step=step, key=fault.key))
+            if fault.step == step and fault.kind != "save_kill" and fault.key not in fired:
+                self._fire(fault, step)
                 inject(fault, model, self.sigterm)
+
+    def during_save(self, step: int) -> Callable[[], None] | None:
+        """What a checkpoint save at ``step`` calls halfway through its write: a due ``save_kill``, or None.
+
+        A ``save_kill`` is due at the first save at or after its step; called between payload
+        files, it leaves a generation half written (before the commit rename) and the process dead.
+        """
+        if not self._save_kills:
+            return None  # the common case
+        fired = self.fired.load()
+        due = [f for f in self._save_kills if f.step <= step and f.key not in fired]
+        if not due:
+            return None
+
+        def kill() -> None:
+            self._fire(due[0], step)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return kill
+
+    def _fire(self, fault: Fault, step: int) -> None:
+        """Record ``fault`` as fired (durably, first: it never fires twice), then tell the supervisor."""
+        self.fired.record(fault)
+        self.channel.send(FaultFired(kind=fault.kind, step=step, key=fault.key))
 
 
 def inject(fault: Fault, model: Any, sigterm: threading.Event) -> None:
@@ -72,8 +100,11 @@ def inject(fault: Fault, model: Any, sigterm: threading.Event) -> None:
     elif kind == "nan":
         import numpy as np
 
-        var = model.trainable_variables[0]
-        var.assign(np.full(var.shape, np.nan, dtype=var.dtype))
+        # Every trainable variable, not only the first: an activation after a poisoned layer may
+        # turn NaN into a number (ReLU's max(NaN, 0) is 0 on some CPUs), so the loss would stay
+        # finite. With the output layer poisoned too, the loss is NaN on any hardware.
+        for var in model.trainable_variables:
+            var.assign(np.full(var.shape, np.nan, dtype=var.dtype))
 
 
 def _eat_memory() -> None:

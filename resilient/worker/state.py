@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,8 +225,12 @@ def _assign_weights(ckpt: Checkpoint, model: Any, *, strict: bool) -> None:
 
 
 def save(store: CheckpointStore, model: Any, meta: CheckpointMeta, metric_values: Sequence[Any],
-         callbacks: Sequence[Any]) -> Checkpoint:
-    """Write one checkpoint of ``model`` (at ``meta.global_step``) with the training state around it."""
+         callbacks: Sequence[Any], midway: Callable[[], None] | None = None) -> Checkpoint:
+    """Write one checkpoint of ``model`` (at ``meta.global_step``) with the training state around it.
+
+    ``midway``: called after the first payload files are written, before the rest and the commit
+    (a rehearsed ``save_kill`` dies there, leaving a half-written generation behind).
+    """
     import cloudpickle
 
     opt_state = optimizer_state(model)
@@ -234,6 +238,8 @@ def save(store: CheckpointStore, model: Any, meta: CheckpointMeta, metric_values
     def write(tmp: Path) -> None:
         np.savez(tmp / "weights.npz", *[np.asarray(w.numpy()) for w in model.weights])
         np.savez(tmp / "optimizer.npz", **opt_state)
+        if midway is not None:
+            midway()
         np.savez(tmp / "metrics.npz", *metric_values)
         np.savez(tmp / "rng.npz", *seed_generator_states(model))
         with open(tmp / "callbacks.pkl", "wb") as f:

@@ -43,7 +43,9 @@ def _convnet():
     return model
 
 
-@pytest.mark.parametrize("faults", [None, "segfault@11"])
+@pytest.mark.parametrize("faults", [None, pytest.param("segfault@11", marks=pytest.mark.fault(
+    "segfault", "mid-epoch", incident="crash", outcome="completed; weights and History = model.fit (Dropout)",
+    lost="5 steps (since the epoch-end checkpoint at step 6)", corrupted="no"))])
 def test_convnet_with_dropout(tmp_path, faults):
     x, y = _digits()
     xv, yv = x[-96:], y[-96:]
@@ -78,6 +80,8 @@ def _batchnorm():
     return model
 
 
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed", outcome="completed; weights and History = model.fit "
+                   "(BatchNorm)", lost="5 steps (since the epoch-end checkpoint at step 12)", corrupted="no")
 def test_batchnorm_model_killed_after_an_epoch_end(tmp_path):
     x, y = _digits()
     x = x.reshape(len(x), 64)
