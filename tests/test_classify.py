@@ -323,7 +323,10 @@ class NanLoss(Exception):
         (ValueError("shapes (32, 10) and (32, 1) not aligned"), "user_error"),
         (RuntimeError("out of memory"), "user_error"),  # no device named: not a GPU OOM
         (KeyError("label"), "user_error"),
-        (OSError(28, "No space left on device"), "user_error"),
+        (OSError(28, "No space left on device"), "disk_full"),
+        (OSError(122, "Disk quota exceeded"), "disk_full"),
+        (ResourceExhaustedError("/run/ckpt/weights.npz; No space left on device"), "disk_full"),
+        (RuntimeError("write failed: No space left on device"), "disk_full"),
     ],
 )
 def test_report_kind_from_the_exception(exc, kind):
