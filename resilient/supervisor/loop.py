@@ -237,10 +237,11 @@ class Supervisor:
         with ``cgroups``, the memory cgroups of supervisors killed with SIGKILL. Called only where no worker
         of this run is alive (before an attempt starts, at the end), so none of them is being written."""
         removed = CheckpointStore(self.rundir.checkpoints).remove_leftovers()
-        reaped = reap_stale_cgroups() if cgroups else []
-        if removed or reaped:
-            self._journal_quietly("leftovers_removed", checkpoints=[p.name for p in removed],
-                                  cgroups=[str(p) for p in reaped])
+        if removed:
+            self._journal_quietly("leftovers_removed", checkpoints=[p.name for p in removed])
+        # Said, not journaled: the groups belong to other runs, whose journals this one does not write.
+        for path in reap_stale_cgroups() if cgroups else []:
+            self.cfg.say(f"removed the memory cgroup {path} left by a supervisor that was killed")
 
     def _disk_space(self) -> DiskSpace:
         """The run directory's free space against what the next checkpoint needs."""
