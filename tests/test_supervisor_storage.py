@@ -103,7 +103,7 @@ def test_the_worker_sends_its_report_when_error_json_cannot_be_written(tmp_path)
 
     read_fd, write_fd = os.pipe()
     missing = tmp_path / "gone" / "attempts" / "000"  # writing error.json there raises an OSError
-    _write_report(missing, OSError(errno.ENOSPC, "No space left on device"), None, ChannelWriter(write_fd))
+    _write_report(missing, OSError(errno.ENOSPC, "No space left on device"), None, channel=ChannelWriter(write_fd))
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as f:
         msg = parse_message(f.readline())

@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         attempt = Attempt(run, args.attempt, channel, plan_file=args.plan, sigterm=sigterm)
         attempt.run_training()
     except Preempted:
-        _write_report(attempt_dir, None, attempt, channel, kind="preempted")
+        _write_report(attempt_dir, None, attempt, kind="preempted", channel=channel)
         return EXIT_PREEMPTED
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
-        _write_report(attempt_dir, exc, attempt, channel)
+        _write_report(attempt_dir, exc, attempt, channel=channel)
         traceback.print_exc()
         return EXIT_REPORTED
     return 0
@@ -117,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
 _SENT_TRACEBACK = 8000
 
 
-def _write_report(attempt_dir: Path, exc: BaseException | None, attempt: Attempt | None, channel: ChannelWriter,
-                  kind: str | None = None) -> None:
+def _write_report(attempt_dir: Path, exc: BaseException | None, attempt: Attempt | None,
+                  kind: str | None = None, channel: ChannelWriter | None = None) -> None:
     """error.json; where the disk cannot take it (full), the same report over the channel."""
     report = ErrorReport.of(exc, kind=kind, epoch=attempt.epoch if attempt else None,
                             step=attempt.global_step if attempt else None)
     try:
         atomic_write_text(attempt_dir / "error.json", report.model_dump_json())
     except OSError as write_error:
+        if channel is None:
+            raise
         sent = report.model_copy(update={"traceback": report.traceback[-_SENT_TRACEBACK:]})
         channel.send(Notice(event="error_report", fields={"report": sent.model_dump(mode="json"),
                                                           "unwritten": f"error.json: {write_error}"}))
