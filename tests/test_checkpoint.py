@@ -391,8 +391,8 @@ def fill(disk: Path, leave: int = 0) -> Path:
     return filler
 
 
-@pytest.mark.fault("disk_full", "checkpoint save", incident="disk_full", outcome="the save fails with ENOSPC; the "
-                   "older generations verify and no temp dir is left", corrupted="no")
+@pytest.mark.fault("disk_full", "checkpoint save", outcome="the store's save fails with ENOSPC; the older "
+                   "generations verify and no temp dir is left", corrupted="no")
 def test_a_save_on_a_full_disk_keeps_the_older_generations_and_no_temp_dir(tiny_disk):
     store = CheckpointStore(tiny_disk("1m") / "ckpt")
     save(store, 1)

@@ -67,7 +67,8 @@ def disk_filler(run_dir: Path, at_step: int, marker: Path):
 
 @pytest.mark.fault("disk_full", "checkpoint save", incident="disk_full",
                    outcome="DiskFullError naming the path and free space; a second fit after freeing space "
-                           "completes with model.fit's weights", lost="steps since the last checkpoint", corrupted="no")
+                           "completes with model.fit's weights", lost="4 steps (the save at step 8 failed; resumed "
+                   "from step 4)", corrupted="no")
 def test_a_disk_that_fills_up_mid_run_stops_clearly_and_resumes_once_freed(tmp_path, tiny_disk):
     x, y = make_data()
     disk = tiny_disk("4m")
@@ -80,7 +81,7 @@ def test_a_disk_that_fills_up_mid_run_stops_clearly_and_resumes_once_freed(tmp_p
     err, text = info.value, str(info.value)
     assert isinstance(err, resilient.TrainingFailedError)
     assert [i.kind for i in err.incidents] == ["disk_full"]  # the save at step 8 found no space; not retried
-    assert err.incidents[0].checkpoint_step == 4
+    assert (err.incidents[0].step, err.incidents[0].checkpoint_step) == (8, 4)
     assert err.path == str(run_dir) and err.free_bytes < err.needed_bytes
     assert f"disk full: {err.free_bytes / 1024:.1f} KiB free on {disk}" in text
     assert "No space left on device" in text and "call fit again with the same run_dir" in text
@@ -152,7 +153,7 @@ def test_a_run_whose_every_checkpoint_is_damaged_is_refused(finished_run, tmp_pa
 
 @pytest.mark.fault("corrupt_checkpoint", "worker start-up",
                    outcome="the newest generation damaged: resumed from the older one, said on the console and in "
-                           "status; leftovers of killed saves removed", lost="steps since the older checkpoint",
+                           "status; leftovers of killed saves removed", lost="4 steps (resumed from 12, not 16)",
                    corrupted="the damaged generation only (skipped)")
 def test_a_damaged_newest_checkpoint_resumes_from_the_older_one_and_says_so(finished_run, tmp_path, capfd):
     run_dir = copy_run(finished_run, tmp_path)

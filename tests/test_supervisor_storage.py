@@ -45,7 +45,7 @@ def free_space(free: int):
 
 @pytest.mark.fault("disk_full", "checkpoint save", incident="disk_full",
                    outcome="stopped at once with DiskFullError (free space, path, what to do); no retry loop",
-                   lost="steps since the last checkpoint", corrupted="no")
+                   lost="2 steps (back to the checkpoint at step 4)", corrupted="no")
 def test_a_full_disk_stops_the_run_while_it_stays_full(supervise):
     h = supervise({"default": [HELLO, beat(4), {"do": "checkpoint"}, beat(2), ENOSPC_REPORT]},
                   disk_usage=free_space(4096))
@@ -55,7 +55,7 @@ def test_a_full_disk_stops_the_run_while_it_stays_full(supervise):
     text = str(err)
 
     assert isinstance(err, TrainingFailedError)
-    assert [i.kind for i in err.incidents] == ["disk_full"]
+    assert [(i.kind, i.step, i.checkpoint_step) for i in err.incidents] == [("disk_full", 6, 4)]
     ckpt_bytes = CheckpointStore(h.run.checkpoints).newest_bytes()
     assert (err.path, err.free_bytes, err.needed_bytes) == (str(h.run.path), 4096, ckpt_bytes + DISK_MARGIN)
     assert "training failed after 1 attempt(s): disk full: 4.0 KiB free on " in text
@@ -74,13 +74,13 @@ def test_a_full_disk_stops_the_run_while_it_stays_full(supervise):
 
 
 @pytest.mark.fault("disk_full", "checkpoint save", incident="disk_full",
-                   outcome="restarted once space came back; completed", lost="steps since the last checkpoint",
-                   corrupted="no")
+                   outcome="restarted once space came back; completed", lost="2 steps (back to the checkpoint "
+                   "at step 4)", corrupted="no")
 def test_a_full_disk_restarts_once_space_came_back(supervise):
     h = supervise({"attempts": {"0": [HELLO, beat(4), {"do": "checkpoint"}, beat(2), ENOSPC_REPORT]},
                    "default": COMPLETE}, disk_usage=free_space(1 << 40))
     result = h.supervisor.run()
-    assert [i.kind for i in result.incidents] == ["disk_full"]
+    assert [(i.kind, i.step, i.checkpoint_step) for i in result.incidents] == [("disk_full", 6, 4)]
     assert result.incidents[0].action == "restart with the same plan"
     assert h.events("worker_ready")[-1]["resumed_from_step"] == 4
     h.assert_workers_gone()
@@ -113,7 +113,7 @@ def test_the_worker_sends_its_report_when_error_json_cannot_be_written(tmp_path)
 
 @pytest.mark.fault("disk_full", "mid-epoch",
                    outcome="DiskFullError from the supervisor's own write, never a bare OSError; no torn journal line",
-                   lost="steps since the last checkpoint", corrupted="no")
+                   lost="none (checkpoint at step 3)", corrupted="no")
 def test_the_supervisors_own_writes_on_a_full_disk_end_with_a_clear_error(supervise, tiny_disk):
     disk = tiny_disk("1m")
     # The worker fills the disk and crashes: the supervisor's next write (the journal, or the next
@@ -137,8 +137,8 @@ def test_the_supervisors_own_writes_on_a_full_disk_end_with_a_clear_error(superv
 
 
 @pytest.mark.fault("corrupt_checkpoint", "worker start-up",
-                   outcome="said on the console and journaled; resumed from an older generation",
-                   lost="steps since the older checkpoint", corrupted="the damaged generation only (skipped)")
+                   outcome="the worker's report of a damaged generation said on the console and journaled",
+                   corrupted="the damaged generation only (skipped)")
 def test_a_damaged_checkpoint_found_by_the_worker_is_said_on_the_console(supervise):
     h = supervise({"default": [HELLO, {"do": "notice", "event": "checkpoint_corrupt",
                                        "fields": {"path": "/r/checkpoints/ckpt-000000000009",
@@ -154,7 +154,7 @@ def test_a_damaged_checkpoint_found_by_the_worker_is_said_on_the_console(supervi
 
 @pytest.mark.fault("kill_during_save", "checkpoint save", incident="killed",
                    outcome="completed; the .tmp-/.old- dirs of the killed save removed at the next start and the end",
-                   lost="steps since the last checkpoint", corrupted="no")
+                   corrupted="no")
 def test_leftovers_of_interrupted_saves_are_removed_between_attempts_and_at_the_end(supervise):
     ckpts = "checkpoints"
     h = supervise({"attempts": {"0": [HELLO, beat(2), {"do": "checkpoint"}, {"do": "plant", "path": f"{ckpts}/.tmp-a"},
@@ -163,8 +163,9 @@ def test_leftovers_of_interrupted_saves_are_removed_between_attempts_and_at_the_
                                       {"do": "epoch_end"}, RESULT]}})
     planted = h.run.checkpoints / ".old-before"
     planted.mkdir(parents=True)
-    h.supervisor.run()
+    result = h.supervisor.run()
 
+    assert [i.kind for i in result.incidents] == ["killed"]
     assert sorted(p.name for p in h.run.checkpoints.iterdir()) == ["ckpt-000000000002", "ckpt-000000000004"]
     removed = [e["checkpoints"] for e in h.events("leftovers_removed")]
     assert removed == [[".old-before"], [".tmp-a", ".old-b"], [".tmp-c"]]  # first start, between, end
