@@ -223,8 +223,9 @@ class Supervisor:
 
     def _out_of_disk(self, exc: OSError) -> DiskFullError:
         """The supervisor's own write (plan.json, the journal, a log) found the disk full: stop cleanly."""
-        if self._worker is not None:
+        if self._worker is not None:  # the write may have failed while it ran (START journals after the spawn)
             self._worker.stop(grace=self.cfg.kill_grace)
+            self._worker._leave_cgroup()
         space = self._disk_space()
         self._journal_quietly("run_finished", status="failed", reason=f"disk full: {space.text()}")
         return DiskFullError(own_write_text(exc, space), incidents=list(self.incidents), run_dir=str(self.rundir.path),
@@ -255,7 +256,6 @@ class Supervisor:
         except OSError as exc:
             if not is_disk_full_error(exc):
                 raise
-
 
     def _facts_of_attempt(self) -> AttemptFacts:
         """The attempt's evidence, classified into an incident (None when it completed the training)."""
