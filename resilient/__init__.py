@@ -12,6 +12,7 @@ _os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
 
 from . import data, steps
 from ._errors import (
+    DiskFullError,
     InvalidArgumentError,
     InvalidPolicyError,
     ResilientError,
@@ -28,6 +29,7 @@ from .policy import Policy, Step, StepContext, load_policy, register_step
 __version__ = "0.1.0"
 
 __all__ = [
+    "DiskFullError",
     "History",
     "Incident",
     "InvalidArgumentError",

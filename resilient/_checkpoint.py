@@ -13,10 +13,12 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._errors import RunDirError
 from ._rundir import DIR_MODE, FILE_MODE, fsync_dir, utcnow
 
 MANIFEST = "manifest.json"
@@ -143,6 +145,15 @@ class CheckpointStore:
                 continue
         return None
 
+    def newest_bytes(self) -> int:
+        """Bytes on disk of the newest generation (0 before the first): what the next save needs free."""
+        for path in self.generations():
+            try:
+                return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+            except OSError:
+                continue  # pruned or damaged while we looked
+        return 0
+
     def survey(self) -> tuple[Checkpoint | None, list[tuple[Path, str]]]:
         """The newest generation that verifies, and every newer one that did not (path, why)."""
         damaged: list[tuple[Path, str]] = []
@@ -169,6 +180,31 @@ class CheckpointStore:
                     shutil.rmtree(tmp, ignore_errors=True)
             except OSError:
                 pass
+
+
+def check_resumable(run_path: Path) -> Checkpoint | None:
+    """Before a run resumes: the newest checkpoint that verifies, with a warning for each newer damaged one.
+
+    A run whose generations are all damaged is refused (``RunDirError``): resuming it would silently
+    start the training over from step 0 and, as new checkpoints were saved, discard what was trained.
+    """
+    run_path = Path(run_path)
+    ckpt, damaged = CheckpointStore(run_path / "checkpoints").survey()
+    if ckpt is None and damaged:
+        found = "\n".join(f"  {path.name}: {why}" for path, why in damaged)
+        result = run_path / "result.json"
+        also = f" and {result}" if result.exists() else ""
+        raise RunDirError(
+            f"Refusing to resume {run_path}: it holds {len(damaged)} checkpoint generation(s) and none verifies:\n"
+            f"{found}\nResuming would start the training over from step 0 and discard the run's progress. "
+            f"Restore a copy of the checkpoints (a backup or mirror of {run_path / 'checkpoints'}) and call fit "
+            f"again; or, to start over on purpose, delete {run_path / 'checkpoints'}{also}, or pass a new run_dir."
+        )
+    for path, why in damaged:
+        assert ckpt is not None
+        warnings.warn(f"resilient: checkpoint {path.name} in {run_path} is damaged ({why}); the run resumes from "
+                      f"the older {ckpt.path.name} (step {ckpt.step}).", UserWarning, stacklevel=4)
+    return ckpt
 
 
 def _now() -> float:

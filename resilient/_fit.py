@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from ._carry import ProvenModel, custom_objects_of, prove_carriable
+from ._checkpoint import check_resumable
 from ._errors import InvalidArgumentError, RunDirError
 from ._faults import Fault, parse_faults
 from ._history import History
@@ -300,6 +301,7 @@ def _open_run(prepared: _Prepared, run_dir: str | os.PathLike[str] | None) -> _T
                 "resume."
             )
         prepared.inputs.check_resume(run, old)
+        check_resumable(run.path)  # refuses a run whose every checkpoint is damaged; warns of each damaged one
         seed = old.seed
     return _Target(run=run, resuming=resuming, seed=seed, versions=versions)
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ._plan import Plan
 
 IncidentKind = Literal[
-    "gpu_oom", "host_oom", "crash", "killed", "hang", "preempted", "nan_loss", "user_error"
+    "gpu_oom", "host_oom", "crash", "killed", "hang", "preempted", "nan_loss", "disk_full", "user_error"
 ]
 INCIDENT_KINDS: tuple[str, ...] = get_args(IncidentKind)
 #: Kinds a policy may hold a ladder for (``user_error`` always ends the run).

@@ -59,8 +59,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed flush names no file: say which
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     fsync_dir(path.parent)
 
@@ -241,11 +243,23 @@ class Journal:
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"time": utcnow(), "event": event, **fields}
-        line = json.dumps(record, default=_json_default, separators=(",", ":")) + "\n"
-        with self._lock, os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        data = (json.dumps(record, default=_json_default, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            try:
+                size = os.fstat(fd).st_size
+                try:
+                    written = 0
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+                    os.fsync(fd)
+                except OSError as e:
+                    # A full disk can take part of a line; cut it off, or the next line would be glued to it.
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise OSError(e.errno, e.strerror, str(self.path)) from e  # os.write's error names no file
+            finally:
+                os.close(fd)
         return record
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, TextIO
 
+from ._checkpoint import CheckpointStore
 from ._plan import Plan
 from ._rundir import RunDir
 from ._units import format_bytes
@@ -66,9 +67,28 @@ def summarize(path: str | Path) -> str:
     ckpt = latest_checkpoint(run)
     lines.append(f"  last checkpoint: step {ckpt.step}, epoch {ckpt.epoch}, sample {ckpt.offset}"
                  if ckpt else "  last checkpoint: none")
+    lines += _damage_lines(run, events)
     finished = [e for e in events if e["event"] == "run_finished"]
     lines.append(f"  status: {finished[-1]['status'] if finished else 'not finished (running, or its session died)'}")
     return "\n".join(lines)
+
+
+def _damage_lines(run: RunDir, events: list[dict[str, Any]]) -> list[str]:
+    """Damaged checkpoints: the generations that do not verify now, and those attempts found and skipped."""
+    good, damaged = CheckpointStore(run.checkpoints).survey()
+    lines = [f"  damaged checkpoint: {path.name} ({why}); a resume skips it" for path, why in damaged]
+    if damaged and good is not None:
+        lines.append(f"  a resume starts from: step {good.step} ({good.path.name}, verified)")
+    elif damaged:
+        lines.append("  no checkpoint verifies: fit refuses to resume this run; restore a copy of checkpoints/, or "
+                     "delete it (or pass a new run_dir) to start over")
+    seen = {path.name for path, _ in damaged}
+    for e in events:
+        name = Path(str(e.get("path", ""))).name
+        if e["event"] == "checkpoint_corrupt" and name not in seen:
+            seen.add(name)
+            lines.append(f"  damaged checkpoint skipped by attempt {e.get('attempt')}: {name} ({e.get('reason', '')})")
+    return lines
 
 
 def add_command(subparsers: Any) -> None:

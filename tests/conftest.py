@@ -50,3 +50,26 @@ def no_leftover_processes():
     for p in alive:
         p.kill()
     pytest.fail(f"processes left behind: {[(p.pid, p.cmdline()[:4]) for p in alive]}")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """``tiny_disk(size) -> Path``: a real file system of ``size`` (tmpfs, e.g. "4m") that can fill up; skipped,
+    with the reason, where mounting is not permitted (it needs root or CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted: list[str] = []
+
+    def mount(size: str):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(point)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up ({out.stderr.strip() or out.returncode}); needs root")
+        mounted.append(str(point))
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", point], capture_output=True)

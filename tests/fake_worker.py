@@ -29,8 +29,10 @@ its own list, or ``default``. An action is ``{"do": name, ...}``:
                                    (then=report) or just exit 4 (then=exit4)
     spawn_child seconds=...        start a grandchild that sleeps; its pid goes to attempts/N/child_pid
     signal name=SIGSEGV            kill ourselves with that signal
-    report kind=... type= message= traceback= exit=3
-                                   write attempts/N/error.json, exit
+    report kind=... type= message= traceback= errno= exit=3
+                                   write attempts/N/error.json, exit (kind null: a report of facts only)
+    fill name=...                  write zeros to run_dir/<name> until the disk is full
+    plant path=...                 a directory run_dir/<path> holding one file (what a killed save leaves)
     result epochs=1                write result.json (history carries plan.json's batch size), exit 0
     exit code=...                  exit with that code
 
@@ -193,9 +195,24 @@ def main() -> int:
             atomic_write_text(adir / "error.json", json.dumps({
                 "kind": action["kind"], "type": action.get("type", "RuntimeError"),
                 "message": action.get("message", ""), "traceback": action.get("traceback", ""),
-                "epoch": 0, "step": step,
+                "epoch": 0, "step": step, "errno": action.get("errno"),
             }))
             return int(action.get("exit", 3))
+        elif do == "fill":
+            with open(run.path / action["name"], "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                except OSError:
+                    pass
+                try:
+                    while True:
+                        f.write(b"\0" * 512)  # the last blocks
+                except OSError:
+                    pass
+        elif do == "plant":
+            (run.path / action["path"]).mkdir(parents=True)
+            (run.path / action["path"] / "weights.bin").write_bytes(b"partial")
         elif do == "result":
             plan = json.loads(run.plan_json.read_text())
             epochs = int(action.get("epochs", 1))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from resilient._checkpoint import MANIFEST, CheckpointStore, CorruptCheckpoint
+from resilient._checkpoint import MANIFEST, CheckpointStore, CorruptCheckpoint, check_resumable
+from resilient._errors import RunDirError
 from resilient._rundir import Journal, RunDir, atomic_write_text
 
 
@@ -368,3 +370,87 @@ def test_atomic_file_replaces_only_when_the_block_completes(tmp_path):
         assert tmp.suffix == ".keras" and tmp.parent == tmp_path  # Keras checks the suffix
         tmp.write_bytes(b"m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.keras", "x.npy"]
+
+
+# ------------------------------------------------------------------------------------- on a full disk
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill ``disk`` until at most ``leave`` bytes are free; the filler file."""
+    import shutil
+
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while shutil.disk_usage(disk).free > leave + 65536:
+                f.write(b"\0" * 65536)
+            while shutil.disk_usage(disk).free > leave:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.fault("disk_full", "checkpoint save", outcome="the store's save fails with ENOSPC; the older "
+                   "generations verify and no temp dir is left", corrupted="no")
+def test_a_save_on_a_full_disk_keeps_the_older_generations_and_no_temp_dir(tiny_disk):
+    store = CheckpointStore(tiny_disk("1m") / "ckpt")
+    save(store, 1)
+    save(store, 2)
+    fill(store.root.parent, leave=8192)
+    with pytest.raises(OSError) as info:
+        store.save(3, {}, writer_for(3, extra=b"x" * 65536))
+    assert info.value.errno == errno.ENOSPC
+    assert [store.verify(p).step for p in store.generations()] == [2, 1]
+    assert leftovers(store.root) == []
+
+
+def test_a_journal_line_the_full_disk_cut_short_is_removed(tiny_disk):
+    disk = tiny_disk("1m")
+    journal = Journal(disk / "events.jsonl")
+    journal.write("run_started")
+    fill(disk)
+    with pytest.raises(OSError) as info:
+        journal.write("incident", detail="x" * 20000)  # more than the slack of the journal's last page
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(disk / "events.jsonl")
+    assert [e["event"] for e in RunDir(disk).read_events()] == ["run_started"]
+    assert (disk / "events.jsonl").read_text().endswith("}\n")
+
+
+# ------------------------------------------------------------------------------- resuming (check_resumable)
+
+
+def damage(path: Path) -> None:
+    (path / "weights.bin").write_bytes(b"damaged")
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_is_refused_untouched(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    for step in (4, 8):
+        save(store, step)
+        damage(store.generations()[0])
+    (tmp_path / "result.json").write_text("{}")
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(RunDirError) as info:
+        check_resumable(tmp_path)
+    text = str(info.value)
+    assert f"Refusing to resume {tmp_path}: it holds 2 checkpoint generation(s) and none verifies" in text
+    assert "ckpt-000000000008: weights.bin has 7 bytes" in text and "ckpt-000000000004:" in text
+    assert "start the training over from step 0" in text
+    assert f"delete {tmp_path / 'checkpoints'} and {tmp_path / 'result.json'}, or pass a new run_dir" in text
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_a_damaged_newest_checkpoint_is_warned_about_and_the_older_one_resumes(tmp_path):
+    store = CheckpointStore(tmp_path / "checkpoints")
+    save(store, 4)
+    save(store, 8)
+    damage(store.generations()[0])
+    with pytest.warns(UserWarning, match=r"checkpoint ckpt-000000000008 in .* is damaged .*; the run resumes from "
+                                         r"the older ckpt-000000000004 \(step 4\)"):
+        assert check_resumable(tmp_path).step == 4
+
+
+def test_a_run_without_checkpoints_resumes_from_the_start(tmp_path, recwarn):
+    assert check_resumable(tmp_path) is None
+    assert not recwarn.list

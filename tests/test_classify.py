@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 
 import pytest
@@ -11,6 +12,7 @@ from resilient.supervisor.classify import (
     RSS_NEAR_LIMIT,
     AttemptOutcome,
     classify,
+    is_disk_full,
     report_kind,
     signal_name,
 )
@@ -323,7 +325,10 @@ class NanLoss(Exception):
         (ValueError("shapes (32, 10) and (32, 1) not aligned"), "user_error"),
         (RuntimeError("out of memory"), "user_error"),  # no device named: not a GPU OOM
         (KeyError("label"), "user_error"),
-        (OSError(28, "No space left on device"), "user_error"),
+        (OSError(28, "No space left on device"), "disk_full"),
+        (OSError(122, "Disk quota exceeded"), "disk_full"),
+        (ResourceExhaustedError("/run/ckpt/weights.npz; No space left on device"), "disk_full"),
+        (RuntimeError("write failed: No space left on device"), "disk_full"),
     ],
 )
 def test_report_kind_from_the_exception(exc, kind):
@@ -396,3 +401,25 @@ def test_an_error_json_of_release_0_1_0_still_classifies():
     old = '{"kind": "gpu_oom", "type": "ResourceExhaustedError", "message": "OOM", "traceback": "", "epoch": 0, "step": 3}'
     kind, detail, _ = classify(AttemptOutcome(returncode=EXIT_REPORTED, report=ErrorReport.model_validate_json(old)))
     assert (kind, detail) == ("gpu_oom", "ResourceExhaustedError: OOM")
+
+
+# ------------------------------------------------------------------------------------------- disk full
+
+
+def test_a_full_disk_anywhere_in_the_chain_is_disk_full():
+    exc = chained(RuntimeError("saving the checkpoint failed"), OSError(28, "No space left on device"))
+    got, detail, evidence = classify(AttemptOutcome(returncode=EXIT_REPORTED, report=raised(exc)))
+    assert (got, detail) == ("disk_full", "RuntimeError: saving the checkpoint failed")
+    assert evidence == {"exit": "exit code 3", "report": "disk_full", "source": "worker report"}
+
+
+def test_a_full_disk_beats_tensorflows_resource_exhausted():
+    # TensorFlow reports ENOSPC as ResourceExhaustedError: it is not a GPU OOM.
+    exc = chained(ResourceExhaustedError("/run/ckpt/variables.data; No space left on device"), ValueError("x"))
+    assert report_kind(raised(exc)) == "disk_full"
+
+
+def test_the_errno_alone_is_enough():
+    report = ErrorReport(type="OSError", message="write failed", errno=errno.EDQUOT)
+    assert report_kind(report) == "disk_full"
+    assert is_disk_full(errno.ENOSPC) and not is_disk_full(errno.EIO, "Input/output error")

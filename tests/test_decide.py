@@ -31,6 +31,7 @@ from resilient.supervisor.decide import (
     stop_without_progress,
     wait_repeats_exponential,
 )
+from resilient.supervisor.disk import DISK_MARGIN, DiskSpace
 from resilient.supervisor.report import SavedCheckpoint
 
 WORKING, FAILED, PROBE = Plan(batch_size=32), Plan(batch_size=64), Plan(batch_size=48)
@@ -355,3 +356,46 @@ def test_decisions_are_frozen():
     decision = run_decide(incident("crash", WORKING), WORKING)
     with pytest.raises(dataclasses.FrozenInstanceError):
         decision.wait = 3.0  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------------------------- disk full
+
+
+def disk(free: int | None, checkpoint_bytes: int = 3 << 20) -> DiskSpace:
+    return DiskSpace(path="/mnt/runs/a", mount="/mnt/runs", free=free, checkpoint_bytes=checkpoint_bytes)
+
+
+def test_a_disk_still_too_full_for_a_checkpoint_stops_with_the_figures():
+    inc = incident("disk_full", WORKING, detail="OSError: [Errno 28] No space left on device",
+                   evidence={"source": "worker report"})
+    decision = run_decide(inc, WORKING, disk=disk(12 << 10))
+    assert decision.kind == "give_up" and decision.wait == 0.0 and decision.settle is None
+    assert decision.reason == ("disk full: 12.0 KiB free on /mnt/runs (the file system of run_dir /mnt/runs/a); the "
+                               "next checkpoint needs about 3.0 MiB plus 16.0 MiB for logs")
+    assert decision.incident.action == decision.action == "stop: the disk is still full; free space and call fit again to resume"
+    assert decision.incident.evidence == {"source": "worker report", "path": "/mnt/runs/a", "mount": "/mnt/runs",
+                                          "free_bytes": 12 << 10, "needed_bytes": (3 << 20) + DISK_MARGIN}
+    assert [event for event, _ in decision.journal] == ["incident"]
+    assert decision.messages == ("attempt 9 ended: disk_full (OSError: [Errno 28] No space left on device) after 4 "
+                                 "steps (at step 7), checkpoint at step 5; not restarted: " + disk(12 << 10).text(),)
+
+
+@pytest.mark.parametrize("free", [None, (3 << 20) + DISK_MARGIN, 1 << 40])
+def test_a_disk_full_incident_with_the_space_back_restarts(free):
+    decision = run_decide(incident("disk_full", WORKING), WORKING, disk=disk(free))
+    assert decision.kind == "restart" and decision.incident.action == "restart with the same plan"
+    assert decision.wait == 1.0
+
+
+def test_no_retry_loop_on_a_disk_that_fills_again_at_the_same_step():
+    earlier = history("disk_full", WORKING, "repeat")
+    decision = run_decide(incident("disk_full", WORKING), WORKING, earlier=earlier, disk=disk(1 << 40))
+    assert (decision.kind, decision.reason) == ("give_up", NO_PROGRESS)
+
+
+def test_the_space_a_run_needs_is_one_checkpoint_and_a_margin():
+    assert disk(None).short is False  # not measured: no reason to stop
+    assert disk((3 << 20) + DISK_MARGIN - 1).short and not disk((3 << 20) + DISK_MARGIN).short
+    assert "at least 16.0 MiB for its first checkpoint" in disk(0, checkpoint_bytes=0).text()
+    assert disk(0).advice().startswith("free at least 19.0 MiB on /mnt/runs")
+    assert "call fit again with run_dir='/mnt/runs/a': it resumes from the last checkpoint" in disk(0).advice()

@@ -10,7 +10,7 @@ import types
 import resilient
 
 EXPECTED = [
-    "History", "Incident", "InvalidArgumentError", "InvalidPolicyError", "Plan", "Policy", "ResilientError",
+    "DiskFullError", "History", "Incident", "InvalidArgumentError", "InvalidPolicyError", "Plan", "Policy", "ResilientError",
     "RunDirError", "Step", "StepContext", "TrainingFailedError", "UserCodeError", "data", "fit", "load_policy",
     "register_step", "steps",
 ]

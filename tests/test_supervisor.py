@@ -129,9 +129,10 @@ def supervise(tmp_path):
         max_restarts: int = 3,
         plan: Plan | None = None,
         max_life: float = 20.0,
+        run_path: Path | None = None,
         **overrides: Any,
     ) -> Harness:
-        run_path = tmp_path / "run"
+        run_path = run_path or tmp_path / "run"
         run_path.mkdir(exist_ok=True)
         run = RunDir(run_path)
         plan = plan or Plan(batch_size=32)

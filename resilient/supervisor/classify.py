@@ -6,16 +6,19 @@ Pure and deterministic, so every rule is tested on hand-built evidence. Rules, f
    one over the memory budget (``host_oom``);
 2. the kernel's word: the memory cgroup's ``oom_kill`` counter went up (``host_oom``);
 3. the worker's error report (``ErrorReport``): ``preempted`` is the worker's own word (it honoured
-   SIGTERM); what it raised is classified here from the facts (``report_kind``): ``gpu_oom`` for a
-   ``ResourceExhaustedError``, "OOM when allocating" or a CUDA/GPU "out of memory" anywhere in the
-   exception's chain, ``host_oom`` for a ``MemoryError`` in the chain, ``nan_loss`` for the worker's
-   ``NanLoss``, ``user_error`` for anything else;
+   SIGTERM); what it raised is classified here from the facts (``report_kind``): ``disk_full`` for
+   ``ENOSPC`` / ``EDQUOT`` or "No space left on device" / "Disk quota exceeded" anywhere in the
+   exception's chain (checked first: TensorFlow reports a full disk as ``ResourceExhaustedError``),
+   ``gpu_oom`` for a ``ResourceExhaustedError``, "OOM when allocating" or a CUDA/GPU "out of memory"
+   anywhere in the chain, ``host_oom`` for a ``MemoryError`` in the chain, ``nan_loss`` for the
+   worker's ``NanLoss``, ``user_error`` for anything else;
 4. the exit status: SIGKILL with RSS near the limit at the last sample is ``host_oom``, without
    memory evidence ``killed``; SIGTERM is ``preempted``; other signals and non-zero exits ``crash``.
 """
 
 from __future__ import annotations
 
+import errno as _errno
 import signal as _signal
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -117,7 +120,12 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
 
 
 #: Kinds a worker's error report can establish; any other (a newer worker's word) falls through to the exit status.
-REPORTED_KINDS = frozenset({"gpu_oom", "host_oom", "nan_loss", "preempted", "user_error"})
+REPORTED_KINDS = frozenset({"gpu_oom", "host_oom", "nan_loss", "disk_full", "preempted", "user_error"})
+
+#: errno values of a full file system: no space left, or the user's quota spent.
+DISK_FULL_ERRNOS = frozenset({_errno.ENOSPC, _errno.EDQUOT})
+#: Their texts, for errors that carry only a message (TensorFlow's, or an errno lost in re-raising).
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
 
 
 def report_kind(report: ErrorReport) -> str | None:
@@ -130,6 +138,9 @@ def report_kind(report: ErrorReport) -> str | None:
         return None
     if report.type == "NanLoss":  # resilient.worker's own exception for a diverged loss
         return "nan_loss"
+    # A full disk anywhere in the chain decides first: TensorFlow maps ENOSPC to ResourceExhaustedError.
+    if any(is_disk_full(facts.errno, facts.message) for facts in report.chain):
+        return "disk_full"
     # The outermost exception that names a memory failure decides: Keras and tf.data wrap
     # ResourceExhaustedError and MemoryError in errors of their own.
     for facts in report.chain:
@@ -137,6 +148,11 @@ def report_kind(report: ErrorReport) -> str | None:
         if kind is not None:
             return kind
     return "user_error"
+
+
+def is_disk_full(errno: int | None, message: str = "") -> bool:
+    """An error's errno or text says the file system is full or over quota."""
+    return errno in DISK_FULL_ERRNOS or any(text in message for text in DISK_FULL_TEXTS)
 
 
 def _memory_kind(facts: ExceptionFacts) -> str | None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from .._rundir import RunDir
 from ..policy.policy import Policy, StepContext
@@ -32,6 +33,7 @@ class SupervisorConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     stream: IO[str] | None = None  # where worker output goes; None: sys.stdout at write time
     sleep: Callable[[float], None] = time.sleep
+    disk_usage: Callable[[str], Any] = shutil.disk_usage  # free space of the run's file system; a seam for tests
     echo: bool = True
 
     def say(self, text: str) -> None:

@@ -8,7 +8,9 @@ changes none of them. The loop executes the decision: it records ``incident``, j
 
 1. the attempt completed the training: ``finish``. A probe still running was never judged, so
    plan.json keeps the settled plan (``unjudged_probe``);
-2. ``user_error``: ``give_up`` at once, not retried;
+2. ``user_error``: ``give_up`` at once, not retried; ``disk_full`` while the run's file system still
+   lacks the space for another checkpoint (``facts.disk``, disk.py): ``give_up`` rather than a retry
+   loop (with the space back it is treated as any other kind, below);
 3. the supervisor stopped a healthy worker to switch plans and it stopped politely (``preempted``):
    ``probe``, which is not an incident. A worker that ended otherwise cancels the switch;
 4. a probe ran out of memory: it bounds the search from above; ``probe`` back to the working plan;
@@ -37,6 +39,7 @@ from .._plan import Plan
 from .._protocol import ErrorReport
 from ..policy.policy import Policy, StepContext
 from ..policy.search import PlanSearch
+from .disk import DiskSpace
 from .report import SavedCheckpoint, saved_text
 
 DecisionKind = Literal["finish", "give_up", "degrade", "probe", "restart"]
@@ -61,6 +64,7 @@ class AttemptFacts:
     switch_to: Plan | None = None  # the supervisor stopped the worker to switch to this plan
     report: ErrorReport | None = None  # the worker's error report
     settled: Plan | None = None  # plan.json after the attempt (None: the plan in force)
+    disk: DiskSpace | None = None  # after a disk_full incident: the free space measured
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,8 @@ def decide(facts: AttemptFacts, plan: Plan, policy: Policy, search: PlanSearch, 
         return Decision("give_up", plan, search, action=action, incident=incident, journal=(incident_entry(incident),),
                         messages=(_ended(facts, plan, incident, "not retried"),),
                         reason="the training code raised an error")
+    if incident.kind == "disk_full" and facts.disk is not None and facts.disk.short:
+        return _disk_still_full(facts, plan, incident, search)
     if facts.switch_to is not None:
         if incident.kind == "preempted":
             return _switch(facts, plan, facts.switch_to, search)
@@ -212,6 +218,19 @@ def _finish(facts: AttemptFacts, plan: Plan, search: PlanSearch) -> Decision:
                         f"plan.json keeps {settled.describe()}")
     return Decision("finish", settled, search, action="finish", journal=tuple(journal), messages=tuple(messages),
                     unjudged_probe=unjudged_probe)
+
+
+def _disk_still_full(facts: AttemptFacts, plan: Plan, incident: Incident, search: PlanSearch) -> Decision:
+    """The disk is still too full for another checkpoint: stop, say how much is free and what to do."""
+    disk = facts.disk
+    assert disk is not None
+    action = "stop: the disk is still full; free space and call fit again to resume"
+    evidence = {**incident.evidence, "path": disk.path, "mount": disk.mount, "free_bytes": disk.free,
+                "needed_bytes": disk.needed}
+    incident = incident.model_copy(update={"action": action, "evidence": evidence})
+    return Decision("give_up", plan, search, action=action, incident=incident, journal=(incident_entry(incident),),
+                    messages=(_ended(facts, plan, incident, f"not restarted: {disk.text()}"),),
+                    reason=f"disk full: {disk.text()}")
 
 
 def _switch(facts: AttemptFacts, plan: Plan, switch_to: Plan, search: PlanSearch) -> Decision:

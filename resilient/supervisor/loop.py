@@ -28,7 +28,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
-from .._errors import TrainingFailedError, UserCodeError
+from .._checkpoint import CheckpointStore
+from .._errors import DiskFullError, TrainingFailedError, UserCodeError
 from .._incident import Incident
 from .._plan import Plan
 from .._protocol import TrainingResult
@@ -37,7 +38,8 @@ from ..policy.search import PlanSearch
 from .classify import classify
 from .config import SupervisorConfig
 from .decide import AttemptFacts, Decision, RestartRules, attempt_label, decide
-from .memory import GpuMemory
+from .disk import DiskSpace, is_disk_full_error, measure, own_write_text
+from .memory import GpuMemory, reap_stale_cgroups
 from .process import AttemptEnd, Progress, WorkerProcess
 from .report import latest_checkpoint, root_cause_report, saved_text, user_error_message
 
@@ -113,11 +115,16 @@ class Supervisor:
         except KeyboardInterrupt:
             self._interrupted(state)
             raise
+        except OSError as exc:
+            if not is_disk_full_error(exc):
+                raise
+            raise self._out_of_disk(exc) from exc
 
     # ------------------------------------------------------------------ the states
 
     def _start(self) -> State:
         self._worker = None
+        self._tidy(cgroups=self._attempts_started == 0)
         attempt = self._attempt_base + self._attempts_started
         self._attempts_started += 1
         adir = self.rundir.attempt_dir(attempt)
@@ -175,6 +182,7 @@ class Supervisor:
     def _finish(self) -> RunResult:
         assert self._decision is not None and self._result is not None
         result = self._result
+        self._tidy()
         self.journal.write("run_finished", status="completed", epochs=len(result.epochs_done),
                            global_step=result.global_step)
         checkpoint = latest_checkpoint(self.rundir)
@@ -184,6 +192,9 @@ class Supervisor:
     def _give_up(self) -> Exception:
         assert self._decision is not None and self._facts is not None
         decision, run = self._decision, self.rundir
+        self._tidy()
+        if decision.incident is not None and decision.incident.kind == "disk_full":
+            return self._disk_full(decision)
         if decision.incident is not None and decision.incident.kind == "user_error":
             self.journal.write("run_finished", status="user_error")
             report = self._facts.report
@@ -201,7 +212,50 @@ class Supervisor:
                 self.cfg.say(f"{label} interrupted (Ctrl-C), {saved_text(latest_checkpoint(self.rundir))}")
         self.journal.write("run_finished", status="interrupted")
 
+    def _disk_full(self, decision: Decision) -> DiskFullError:
+        """GIVE_UP on a full disk: the root-cause report with the free space, the path and what to do."""
+        disk = self._facts.disk if self._facts is not None else None
+        self._journal_quietly("run_finished", status="failed", reason=decision.reason)
+        return DiskFullError(root_cause_report(self.incidents, self.rundir, decision.reason or "disk full"),
+                             incidents=list(self.incidents), run_dir=str(self.rundir.path),
+                             path=disk.path if disk else str(self.rundir.path), free_bytes=disk.free if disk else None,
+                             needed_bytes=disk.needed if disk else None)
+
+    def _out_of_disk(self, exc: OSError) -> DiskFullError:
+        """The supervisor's own write (plan.json, the journal, a log) found the disk full: stop cleanly."""
+        if self._worker is not None:  # the write may have failed while it ran (START journals after the spawn)
+            self._worker.stop(grace=self.cfg.kill_grace)
+            self._worker._leave_cgroup()
+        space = self._disk_space()
+        self._journal_quietly("run_finished", status="failed", reason=f"disk full: {space.text()}")
+        return DiskFullError(own_write_text(exc, space), incidents=list(self.incidents), run_dir=str(self.rundir.path),
+                             path=space.path, free_bytes=space.free, needed_bytes=space.needed)
+
     # ------------------------------------------------------------------ helpers of the states
+
+    def _tidy(self, cgroups: bool = False) -> None:
+        """Remove what dead processes left: half-written checkpoint generations (``.tmp-*``, ``.old-*``) and,
+        with ``cgroups``, the memory cgroups of supervisors killed with SIGKILL. Called only where no worker
+        of this run is alive (before an attempt starts, at the end), so none of them is being written."""
+        removed = CheckpointStore(self.rundir.checkpoints).remove_leftovers()
+        if removed:
+            self._journal_quietly("leftovers_removed", checkpoints=[p.name for p in removed])
+        # Said, not journaled: the groups belong to other runs, whose journals this one does not write.
+        for path in reap_stale_cgroups() if cgroups else []:
+            self.cfg.say(f"removed the memory cgroup {path} left by a supervisor that was killed")
+
+    def _disk_space(self) -> DiskSpace:
+        """The run directory's free space against what the next checkpoint needs."""
+        ckpt_bytes = CheckpointStore(self.rundir.checkpoints).newest_bytes()
+        return measure(self.rundir.path, ckpt_bytes, self.cfg.disk_usage)
+
+    def _journal_quietly(self, event: str, **fields: object) -> None:
+        """Journal ``event`` unless the disk is full (the run is stopping for that very reason)."""
+        try:
+            self.journal.write(event, **fields)
+        except OSError as exc:
+            if not is_disk_full_error(exc):
+                raise
 
     def _facts_of_attempt(self) -> AttemptFacts:
         """The attempt's evidence, classified into an incident (None when it completed the training)."""
@@ -215,6 +269,8 @@ class Supervisor:
         if kind is None:
             self._result = TrainingResult.model_validate_json(self.rundir.result_json.read_bytes())
             return replace(facts, step=self._result.global_step, settled=self.rundir.read_plan())
+        if kind == "disk_full":
+            facts = replace(facts, disk=self._disk_space())
         report = outcome.report
         # The worker's own report is exact; heartbeats are throttled and may lag a step or two.
         epoch = report.epoch if report is not None and report.epoch is not None else progress.epoch
@@ -231,8 +287,12 @@ class Supervisor:
         """Write what the decision says happened: the incident, the journal, plan.json, the console."""
         if decision.incident is not None:
             self.incidents.append(decision.incident)
+        disk_full = decision.incident is not None and decision.incident.kind == "disk_full"
         for event, fields in decision.journal:
-            self.journal.write(event, **fields)
+            if disk_full:
+                self._journal_quietly(event, **fields)  # the console and the error still say it
+            else:
+                self.journal.write(event, **fields)
         if decision.settle is not None:
             self.rundir.write_plan(decision.settle)
         for message in decision.messages:

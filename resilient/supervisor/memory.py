@@ -4,11 +4,15 @@
 limit, so the kernel's real OOM killer enforces the budget on the worker alone and the
 group's ``oom_kill`` counter tells us afterwards that it did. Where cgroups are not writable
 the supervisor falls back to a psutil watchdog (see loop.py).
+
+A group is named ``resilient-<pid of the supervisor>-<random>``. A supervisor killed with SIGKILL
+cannot remove its group; the next supervisor to start reaps it (``reap_stale_cgroups``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +171,38 @@ class MemoryCgroup:
                 return
             except OSError:
                 time.sleep(0.05)
+
+
+#: The names this module gives its groups (``create`` and ``cgroup_support``), with the creator's pid.
+_OWN_NAME = re.compile(r"^resilient-(?:probe-)?(\d+)-[0-9a-f]+$")
+
+
+def _parents() -> list[Path]:
+    return [p for p in (_v1_parent(), _v2_parent()) if p is not None]
+
+
+def reap_stale_cgroups() -> list[Path]:
+    """Remove the memory cgroups this package created for supervisors that are gone (killed with
+    SIGKILL before they could remove them); a group whose creator lives, or that still holds a
+    process, is left alone. Returns the groups removed."""
+    removed = []
+    for parent in _parents():
+        try:
+            children = list(parent.iterdir())
+        except OSError:
+            continue
+        for path in children:
+            match = _OWN_NAME.match(path.name)
+            if match is None or not path.is_dir() or psutil.pid_exists(int(match.group(1))):
+                continue
+            try:
+                if (path / "cgroup.procs").read_text().strip():
+                    continue  # a worker outlived its supervisor; the group goes once it is gone
+                path.rmdir()
+            except OSError:
+                continue  # removed meanwhile, or the kernel still releases it: the next start retries
+            removed.append(path)
+    return removed
 
 
 def cgroup_support() -> tuple[bool, str]:

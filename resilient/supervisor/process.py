@@ -189,6 +189,8 @@ class WorkerProcess:
         self._peak: int | None = None
         self._gpu_peak: int | None = None
         self._heartbeat_age: float | None = None
+        #: The worker's error report sent over the channel when it could not write error.json (a full disk).
+        self._sent_report: ErrorReport | None = None
 
     # ------------------------------------------------------------------ START
 
@@ -196,7 +198,7 @@ class WorkerProcess:
         """Spawn the worker, put it into its memory cgroup, start reading its channel and output."""
         group, note = self._open_cgroup()
         read_fd, write_fd = os.pipe()
-        log = open(self.dir / "worker.log", "ab")
+        log = open(self.dir / "worker.log", "ab", buffering=0)  # unbuffered: a full disk fails the write, not close()
         try:
             proc = subprocess.Popen(
                 worker_command(self.cfg, self.attempt, write_fd), stdin=subprocess.DEVNULL,
@@ -355,7 +357,8 @@ class WorkerProcess:
                 peak = max(peak or 0, cgroup_peak)  # the spike that the kernel killed for
             self._leave_cgroup()
         outcome = AttemptOutcome(
-            returncode=self._proc.returncode, report=read_error_report(self.dir), decision=self.decision,
+            returncode=self._proc.returncode, report=read_error_report(self.dir) or self._sent_report,
+            decision=self.decision,
             oom_kills=oom_kills, last_rss=self._last_rss, memory_limit=self.memory_limit,
             heartbeat_age=self._heartbeat_age, completed=self.cfg.run.result_json.exists(),
         )
@@ -394,10 +397,24 @@ class WorkerProcess:
         elif isinstance(msg, FaultFired):
             self.journal.write("fault_fired", attempt=attempt, kind=msg.kind, step=msg.step, fault=msg.key)
         elif isinstance(msg, Notice):
+            self._take_notice(msg)
             fields = {k: v for k, v in msg.fields.items() if k not in {"time", "event", "attempt"}}
             self.journal.write(msg.event, attempt=attempt, **fields)
 
-    def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    def _take_notice(self, msg: Notice) -> None:
+        """What a notice means beyond its journal line: a damaged checkpoint is said on the console, and an
+        error report the worker could not write to disk is kept as if read from error.json."""
+        if msg.event == "checkpoint_corrupt":
+            self.cfg.say(f"attempt {self.attempt}: checkpoint {Path(str(msg.fields.get('path', '?'))).name} is "
+                         f"damaged ({msg.fields.get('reason', 'unknown')}); skipped: the attempt resumes from the newest one "
+                         "that verifies")
+        elif msg.event == "error_report":
+            try:
+                self._sent_report = ErrorReport.model_validate(msg.fields.get("report"))
+            except ValidationError:
+                pass
+
+    def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes] | None) -> None:
         """Copy the worker's output to worker.log and, decoded, to our stream."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         assert proc.stdout is not None
@@ -409,8 +426,11 @@ class WorkerProcess:
                 break
             if not chunk:
                 break
-            log.write(chunk)
-            log.flush()
+            if log is not None:
+                try:
+                    log.write(chunk)
+                except OSError:
+                    log = None  # a full disk: the output still reaches the stream, and the worker is not blocked
             if self.cfg.echo:
                 write_quietly(self.cfg.stream, decoder.decode(chunk))
 

@@ -123,4 +123,7 @@ def _advice(kind: str) -> str:
                 "the input pipeline for deadlocks.",
         "preempted": "the worker kept being terminated; check what sends SIGTERM.",
         "nan_loss": "the loss kept diverging; lower the learning rate, leave mixed precision, or check the data.",
+        "disk_full": "the run directory's file system is full; free space there (or move the run directory to a "
+                     "larger disk) and call fit again with the same run_dir: it resumes from the last checkpoint, "
+                     "which a failed save leaves intact.",
     }.get(kind, "see the journal and worker logs.")

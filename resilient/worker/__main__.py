@@ -23,7 +23,15 @@ import time
 import traceback
 from pathlib import Path
 
-from .._protocol import EXIT_ORPHANED, EXIT_PREEMPTED, EXIT_REPORTED, ChannelWriter, ErrorReport, Heartbeat
+from .._protocol import (
+    EXIT_ORPHANED,
+    EXIT_PREEMPTED,
+    EXIT_REPORTED,
+    ChannelWriter,
+    ErrorReport,
+    Heartbeat,
+    Notice,
+)
 from .._rundir import RunDir, atomic_write_text
 from .attempt import Attempt, Preempted
 
@@ -94,22 +102,34 @@ def main(argv: list[str] | None = None) -> int:
         attempt = Attempt(run, args.attempt, channel, plan_file=args.plan, sigterm=sigterm)
         attempt.run_training()
     except Preempted:
-        _write_report(attempt_dir, None, attempt, kind="preempted")
+        _write_report(attempt_dir, None, attempt, kind="preempted", channel=channel)
         return EXIT_PREEMPTED
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
-        _write_report(attempt_dir, exc, attempt)
+        _write_report(attempt_dir, exc, attempt, channel=channel)
         traceback.print_exc()
         return EXIT_REPORTED
     return 0
 
 
+#: The traceback's tail sent over the channel when error.json cannot be written (a message is one pipe write).
+_SENT_TRACEBACK = 8000
+
+
 def _write_report(attempt_dir: Path, exc: BaseException | None, attempt: Attempt | None,
-                  kind: str | None = None) -> None:
+                  kind: str | None = None, channel: ChannelWriter | None = None) -> None:
+    """error.json; where the disk cannot take it (full), the same report over the channel."""
     report = ErrorReport.of(exc, kind=kind, epoch=attempt.epoch if attempt else None,
                             step=attempt.global_step if attempt else None)
-    atomic_write_text(attempt_dir / "error.json", report.model_dump_json())
+    try:
+        atomic_write_text(attempt_dir / "error.json", report.model_dump_json())
+    except OSError as write_error:
+        if channel is None:
+            raise
+        sent = report.model_copy(update={"traceback": report.traceback[-_SENT_TRACEBACK:]})
+        channel.send(Notice(event="error_report", fields={"report": sent.model_dump(mode="json"),
+                                                          "unwritten": f"error.json: {write_error}"}))
 
 
 if __name__ == "__main__":
