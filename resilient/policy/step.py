@@ -44,7 +44,6 @@ class StepContext:
     source_image_size: tuple[int, int] | None = None
     #: Earlier incidents of this run, oldest first.
     incidents: tuple[Incident, ...] = ()
-    has_batchnorm: bool = False
     #: True when the input decides its own batch size (a keras.utils.PyDataset): batch steps cannot apply.
     batch_size_fixed: bool = False
     #: Whether the input pipeline honours ``plan.cache`` / the buffer knobs (NumPy arrays have neither).
