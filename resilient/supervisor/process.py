@@ -40,7 +40,7 @@ from .._protocol import (
     Hello,
     Notice,
 )
-from .._rundir import Journal
+from .._rundir import FILE_MODE, Journal
 from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig, write_quietly
@@ -196,7 +196,7 @@ class WorkerProcess:
         """Spawn the worker, put it into its memory cgroup, start reading its channel and output."""
         group, note = self._open_cgroup()
         read_fd, write_fd = os.pipe()
-        log = open(self.dir / "worker.log", "ab")
+        log = os.fdopen(os.open(self.dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab")
         try:
             proc = subprocess.Popen(
                 worker_command(self.cfg, self.attempt, write_fd), stdin=subprocess.DEVNULL,
