@@ -725,7 +725,8 @@ def _read_spec_or_refuse(run: RunDir) -> RunSpec:
         return run.read_spec()
     except Exception as e:
         raise RunDirError(
-            f"{run.run_json} exists but cannot be read as a resilient run ({e}). Pass another run_dir."
+            f"{run.run_json} exists but cannot be read as a resilient run ({_reason(e)}): it is damaged, or not "
+            "resilient's. Pass another run_dir (a run cannot resume without its run.json)."
         ) from None
 
 
@@ -737,7 +738,7 @@ def _check_stored_plan(run: RunDir) -> None:
         run.read_plan()
     except (OSError, ValueError) as e:
         raise RunDirError(
-            f"{run.plan_json} is damaged: it does not read as a plan ({_first_line(e)}). It holds the plan in force "
+            f"{run.plan_json} is damaged: it does not read as a plan ({_reason(e)}). It holds the plan in force "
             "(batch size, precision...); delete it and call fit again to resume with the requested plan (the "
             "checkpoints are kept), or pass a new run_dir."
         ) from None
@@ -765,7 +766,14 @@ def _check_stored_model(run: RunDir) -> None:
         )
 
 
-def _first_line(error: BaseException) -> str:
+def _reason(error: BaseException) -> str:
+    """Why a stored file did not read, in a line (pydantic's first error, not its whole report)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError) and error.errors():
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return f"{where + ': ' if where else ''}{first.get('msg', '')}"
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 

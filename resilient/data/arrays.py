@@ -276,13 +276,27 @@ def load_stored(path: Path) -> np.ndarray:
     """A stored array, memory-mapped; a damaged file (cut short, overwritten) is a RunDirError naming it."""
     try:
         return np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:
-        size = path.stat().st_size if path.exists() else 0
+    except (OSError, ValueError, EOFError):
         raise RunDirError(
-            f"{path} is damaged: it does not read as the stored array ({e}; the file has {size} bytes). It holds "
-            "training data stored by an earlier call; delete it and call fit again with the same data to store it "
-            "afresh (the checkpoints are kept), or pass a new run_dir."
+            f"{path} is damaged: {_npy_problem(path)}. It holds training data stored by an earlier call; delete it "
+            "and call fit again with the same data to store it afresh (the checkpoints are kept), or pass a new "
+            "run_dir."
         ) from None
+
+
+def _npy_problem(path: Path) -> str:
+    """What is wrong with a .npy file that does not load: its size against what its header promises."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    except Exception:
+        return f"not a NumPy .npy file ({size} bytes, no readable header)"
+    return f"it is cut short ({size} bytes; its header promises shape {shape}, {expected} bytes)"
 
 
 class ArrayValidationInput(ValidationInput):
