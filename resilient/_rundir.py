@@ -210,7 +210,7 @@ class RunDir:
     def check_trusted(self) -> None:
         """Refuse a run directory another user owns or others can write: resuming it would run its code."""
         me = os.getuid()
-        for path in (self.path, *(self.path / name for name in _CODE_FILES), self.checkpoints):
+        for path in (self.path, *(self.path / name for name in _CODE_FILES), self.checkpoints, *self._checkpoint_files()):
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -227,6 +227,19 @@ class RunDir:
                     f"know who wrote it, make it yours (chown -R $(id -u) {self.path}; chmod -R go-w {self.path}) or "
                     "pass trust_run_dir=True."
                 )
+
+    def _checkpoint_files(self) -> list[Path]:
+        """Every generation and its files: each holds a callbacks.pkl that a resume unpickles."""
+        try:
+            generations = [g for g in self.checkpoints.iterdir() if g.is_dir()]
+        except OSError:
+            return []
+        out: list[Path] = []
+        for generation in sorted(generations):
+            out.append(generation)
+            with contextlib.suppress(OSError):
+                out.extend(sorted(generation.iterdir()))
+        return out
 
     def read_spec(self) -> RunSpec:
         return RunSpec.model_validate_json(self.run_json.read_text())

@@ -87,13 +87,16 @@ def test_a_damaged_file_is_named_before_resuming_is_announced_and_nothing_is_tou
 # ----------------------------------------------------------------------------------- trust
 
 
-@pytest.mark.parametrize("how", ["group-writable", "world-writable code file", "another owner"])
+@pytest.mark.parametrize("how", ["group-writable", "world-writable code file", "group-writable checkpoint file",
+                                 "another owner"])
 def test_a_run_directory_others_could_have_written_is_not_resumed(tmp_path, how):
     run_dir = _old_run(tmp_path)
     if how == "group-writable":
         os.chmod(run_dir, 0o770)
     elif how == "world-writable code file":
         os.chmod(run_dir / "objects.pkl", 0o666)
+    elif how == "group-writable checkpoint file":  # each generation holds a callbacks.pkl a resume unpickles
+        os.chmod(sorted((run_dir / "checkpoints").iterdir())[-1] / "manifest.json", 0o664)
     else:
         if os.getuid() != 0:
             pytest.skip("changing an owner needs root")
