@@ -300,7 +300,8 @@ def _open_run(args: _Args, prepared: _Prepared) -> _Target:
     """The run directory, and whether this call resumes the run in it: refused if it is another's, if
     others could have written it, or if what it holds is damaged; checked before anything is printed
     or written."""
-    run = RunDir(args.run_dir if args.run_dir is not None else _default_run_dir(prepared.model_name))
+    # The default (under the current directory) is checked as a given run_dir is: a read-only cwd is named.
+    run = RunDir(args.run_dir or check_run_dir_path(_default_run_dir(prepared.model_name)))
     versions = _versions()
     seed = prepared.seed
     resuming = run.exists()
