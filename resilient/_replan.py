@@ -146,7 +146,7 @@ def rederive_plan(requested: Plan, current: Plan, learned: Sequence[Learned], la
             search_kind = kind
         applies = still_applies(search_kind if kind is None else kind, change.basis, now)
         if not applies:
-            label = kind or f"{search_kind} probe"
+            label = kind or f"the {search_kind} plan search"
             if label not in dropped:
                 dropped.append(label)
             continue

@@ -85,7 +85,7 @@ def test_a_probe_the_search_kept_follows_the_oom_that_started_the_search():
     events = [_started(tiny), _changed("host_oom", REQUESTED, halved),
               {**_changed(None, halved, probed), "reason": "probe kept"}]
     out = rederive_plan(REQUESTED, probed, learned_from_journal(events, tiny), tiny, PlanBasis())
-    assert out.plan == REQUESTED and out.dropped == ("host_oom", "host_oom probe")
+    assert out.plan == REQUESTED and out.dropped == ("host_oom", "the host_oom plan search")
 
 
 def test_each_change_is_judged_under_the_settings_of_the_call_it_happened_in():
