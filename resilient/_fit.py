@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
@@ -9,7 +10,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +22,8 @@ from ._errors import InvalidArgumentError, RunDirError
 from ._faults import Fault, parse_faults
 from ._history import History
 from ._plan import Plan
-from ._rundir import Journal, RunDir, RunSpec, atomic_file, atomic_path
+from ._replan import PlanBasis, Rederived, learned_from_journal, policy_fingerprint, rederive_plan
+from ._rundir import FILE_MODE, Journal, RunDir, RunSpec, atomic_file, atomic_path, check_run_dir_path
 from ._units import parse_duration, parse_size
 from .data.checks import ModelFacts
 from .data.dispatch import prepare_inputs
@@ -62,6 +64,7 @@ def fit(
     host_memory_limit: str | int | None = None,
     gpu_memory_limit: str | int | None = None,
     faults: str | Sequence[str] | None = None,
+    trust_run_dir: bool = False,
 ) -> History:
     """Train ``model`` like ``model.fit``, in a supervised worker process that is restarted on failure.
 
@@ -96,7 +99,7 @@ def fit(
             resumed run continues the same sample order either way.
         run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it; a
             finished one returns its result at once (a larger ``epochs`` trains on).
-            Default: ``./resilient_runs/<time>-<model name>``.
+            Default: ``./resilient_runs/<time>-<model name>``. Created private (0700, files 0600).
         policy: a preset name (``"default"``, ``"colab-free"``, ``"conservative"``), a TOML file, or a
             ``resilient.Policy``.
         max_restarts: restarts allowed in this call; None takes the policy's value.
@@ -111,6 +114,9 @@ def fit(
             ``gpu_oom``, ``host_oom``, ``segfault``, ``abort``, ``sigkill``, ``hang``, ``preempt``,
             ``nan``, and ``save_kill`` (SIGKILL halfway through the first checkpoint write at or after
             its step: the previous generation stays valid and the run resumes from it).
+        trust_run_dir: resume a run directory even if another user owns it or others can write it.
+            A run directory is code (its pickled callbacks and objects and its Keras model run when it
+            resumes), so by default such a directory is refused; pass True only if you know who wrote it.
 
     Returns:
         A History with ``history``, ``epoch``, ``params``, ``model``, ``incidents``, ``plan`` and ``run_dir``.
@@ -132,12 +138,13 @@ def fit(
         steps_per_epoch=steps_per_epoch, validation_steps=validation_steps,
         validation_batch_size=validation_batch_size, validation_freq=validation_freq, policy=policy,
         max_restarts=max_restarts, checkpoint_every=checkpoint_every, hang_timeout=hang_timeout,
-        host_memory_limit=host_memory_limit, gpu_memory_limit=gpu_memory_limit, faults=faults,
+        host_memory_limit=host_memory_limit, gpu_memory_limit=gpu_memory_limit, faults=faults, run_dir=run_dir,
+        trust_run_dir=trust_run_dir,
     )
     prepared = _prepare(args, x, y, validation_data=validation_data, sample_weight=sample_weight,
                         validation_split=validation_split, steps_per_epoch=steps_per_epoch,
                         validation_batch_size=validation_batch_size, seed=seed)
-    target = _open_run(prepared, run_dir)
+    target = _open_run(args, prepared)
     return _run_locked(args, prepared, target)
 
 
@@ -165,6 +172,8 @@ class _Args:
     host_memory_limit: int | None
     gpu_memory_limit: int | None
     faults: tuple[Fault, ...]
+    run_dir: Path | None  # checked (``check_run_dir_path``); None: the default under ./resilient_runs
+    trust_run_dir: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,13 +200,15 @@ class _Target:
     resuming: bool
     seed: int
     versions: dict[str, str]
+    device: dict[str, Any]  # the step context's device facts (``_device_context``)
+    basis: PlanBasis  # the resource settings this call derives the plan under
 
 
 def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, epochs: Any, verbose: Any,
               validation_split: Any, shuffle: Any, class_weight: Any, initial_epoch: Any, steps_per_epoch: Any,
               validation_steps: Any, validation_batch_size: Any, validation_freq: Any, policy: Any,
               max_restarts: Any, checkpoint_every: Any, hang_timeout: Any, host_memory_limit: Any,
-              gpu_memory_limit: Any, faults: Any) -> _Args:
+              gpu_memory_limit: Any, faults: Any, run_dir: Any, trust_run_dir: Any) -> _Args:
     """Check every argument that needs neither the inputs nor the disk, in the order users meet them."""
     from .policy import load_policy
 
@@ -212,6 +223,7 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
             "The model is not compiled. Call model.compile(optimizer=..., loss=...) before resilient.fit, "
             "exactly as before model.fit."
         )
+    _check_callbacks(callbacks)
     if batch_size is not None:
         _check_int("batch_size", batch_size, minimum=1)
     _check_int("epochs", epochs, minimum=0)
@@ -227,16 +239,18 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
     hang = _hang_timeout(hang_timeout)
     host_limit = _size("host_memory_limit", host_memory_limit)
     gpu_limit = _size("gpu_memory_limit", gpu_memory_limit)
-    try:
-        fault_specs = parse_faults(faults)
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from None
+    fault_specs = _faults(faults)
+    if not isinstance(trust_run_dir, (bool, np.bool_)):
+        raise InvalidArgumentError(f"Invalid value for argument `trust_run_dir`. Received: trust_run_dir={trust_run_dir!r}. "
+                                   "Expected True or False.")
+    run_path = None if run_dir is None else check_run_dir_path(run_dir)  # RunDirError names the path
     return _Args(
         model=model, is_builder=is_builder, callbacks=callbacks, batch_size=batch_size, epochs=epochs,
         verbose=verbose, verbose_level=verbose_level, shuffle=bool(shuffle), fit_args=fit_args,
         policy=loaded_policy, max_restarts=loaded_policy.max_restarts if max_restarts is None else max_restarts,
         checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, hang_timeout=hang,
-        host_memory_limit=host_limit, gpu_memory_limit=gpu_limit, faults=fault_specs,
+        host_memory_limit=host_limit, gpu_memory_limit=gpu_limit, faults=fault_specs, run_dir=run_path,
+        trust_run_dir=bool(trust_run_dir),
     )
 
 
@@ -286,13 +300,18 @@ def _model_objects(model: Any) -> dict[str, Any]:
     return {"custom_objects": custom_objects, "initial_rng": _seed_generator_states(model)}
 
 
-def _open_run(prepared: _Prepared, run_dir: str | os.PathLike[str] | None) -> _Target:
-    """The run directory, and whether this call resumes the run in it (refused if it is another's)."""
-    run = RunDir(run_dir if run_dir is not None else _default_run_dir(prepared.model_name))
+def _open_run(args: _Args, prepared: _Prepared) -> _Target:
+    """The run directory, and whether this call resumes the run in it: refused if it is another's, if
+    others could have written it, or if what it holds is damaged; checked before anything is printed
+    or written."""
+    # The default (under the current directory) is checked as a given run_dir is: a read-only cwd is named.
+    run = RunDir(args.run_dir or check_run_dir_path(_default_run_dir(prepared.model_name)))
     versions = _versions()
     seed = prepared.seed
     resuming = run.exists()
     if resuming:
+        if not args.trust_run_dir:
+            run.check_trusted()  # before anything in it is read: resuming runs its code
         old = _read_spec_or_refuse(run)
         if old.model_fingerprint != prepared.fingerprint:
             raise RunDirError(
@@ -300,10 +319,16 @@ def _open_run(prepared: _Prepared, run_dir: str | os.PathLike[str] | None) -> _T
                 f"this model {prepared.fingerprint[:12]}). Pass a new run_dir, or the same model architecture to "
                 "resume."
             )
+        _check_stored_plan(run)
+        if not args.is_builder:
+            _check_stored_model(run)
         prepared.inputs.check_resume(run, old)
         check_resumable(run.path)  # refuses a run whose every checkpoint is damaged; warns of each damaged one
         seed = old.seed
-    return _Target(run=run, resuming=resuming, seed=seed, versions=versions)
+    device = _device_context()
+    basis = PlanBasis(host_memory_limit=args.host_memory_limit, gpu_memory_limit=args.gpu_memory_limit,
+                      device=device["device"], policy=policy_fingerprint(args.policy.ladders))
+    return _Target(run=run, resuming=resuming, seed=seed, versions=versions, device=device, basis=basis)
 
 
 def _run_locked(args: _Args, prepared: _Prepared, target: _Target) -> History:
@@ -336,6 +361,7 @@ def _run_locked(args: _Args, prepared: _Prepared, target: _Target) -> History:
 def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
     """Write the run directory: first the data, then the spec that points at it; then plan and journal."""
     run, resuming, plan = target.run, target.resuming, prepared.initial_plan
+    replanned = _rederived_plan(run, plan, target.basis) if resuming and run.plan_json.exists() else None
     data = prepared.inputs.write(run, target.seed)
     spec = RunSpec(
         epochs=args.epochs, seed=target.seed, shuffle=args.shuffle, verbose=args.verbose_level, data=data,
@@ -343,21 +369,40 @@ def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
         checkpoint_every_steps=args.checkpoint_every_steps, checkpoint_every_seconds=args.checkpoint_every_seconds,
         faults=args.faults, gpu_memory_limit_bytes=args.gpu_memory_limit,
         host_memory_limit_bytes=args.host_memory_limit, initial_plan=plan, has_callbacks=prepared.has_callbacks,
-        versions=target.versions, flexible_input=prepared.flexible, **args.fit_args,
+        versions=target.versions, flexible_input=prepared.flexible, plan_basis=target.basis, **args.fit_args,
     )
     if not args.is_builder and not (resuming and run.model_file.exists()):
         with atomic_path(run.model_file) as tmp:
             prepared.proven.write_model(tmp)  # the file saved and loaded back by prove_carriable
     _write_objects(run, prepared.objects)
     run.write_spec(spec)
-    if not resuming or not run.plan_json.exists():
+    if replanned is None:
         run.write_plan(plan)
-    Journal(run.events).write(
+    elif replanned.changed:
+        run.write_plan(replanned.plan)
+    journal = Journal(run.events)
+    journal.write(
         "run_started", run_dir=str(run.path), resumed=resuming, epochs=args.epochs, seed=target.seed,
         faults=[f.key for f in args.faults], host_memory_limit=args.host_memory_limit, pid=os.getpid(),
+        plan_basis=target.basis,
     )
     if args.verbose_level:
         print(f"resilient: {'resuming' if resuming else 'starting'} run in {run.path}", flush=True)
+    if replanned is not None and replanned.changed:
+        journal.write("plan_changed", **{"from": replanned.previous.model_dump(mode="json"),
+                                         "to": replanned.plan.model_dump(mode="json"), "reason": replanned.message,
+                                         "incident": None, "cause": "settings_changed",
+                                         "dropped": list(replanned.dropped)})
+        if args.verbose_level:
+            print(f"resilient: {replanned.message}", flush=True)
+
+
+def _rederived_plan(run: RunDir, requested: Plan, basis: PlanBasis) -> Rederived:
+    """The plan a resumed run continues with (``_replan``): plan.json, unless the resource settings
+    changed since the last call; then the requested plan with what was learned that still applies."""
+    last = run.read_spec().basis()
+    learned = learned_from_journal(run.read_events(), fallback=last)
+    return rederive_plan(requested, run.read_plan(), learned, last, basis)
 
 
 def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
@@ -371,7 +416,7 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
         resizable_input=inputs.resizable_input(prepared.facts) or prepared.flexible,
         source_image_size=inputs.source_image_size, batch_size_fixed=inputs.kind == "pydataset",
         cacheable=inputs.kind != "arrays", buffered=inputs.kind != "arrays",
-        **_device_context(),
+        **target.device,
     )
     supervisor = Supervisor(SupervisorConfig(
         run=target.run, policy=args.policy, context=context, max_restarts=args.max_restarts,
@@ -586,6 +631,30 @@ def _size(name: str, value: Any) -> int | None:
         raise InvalidArgumentError(str(e)) from None
 
 
+def _check_callbacks(callbacks: Any) -> None:
+    """``callbacks``: None or a list of callbacks (each is checked when they are carried)."""
+    if callbacks is None:
+        return
+    if isinstance(callbacks, (str, bytes, dict)) or not isinstance(callbacks, Iterable):
+        raise InvalidArgumentError(
+            f"Invalid value for argument `callbacks`. Received: callbacks={callbacks!r} ({type(callbacks).__name__}). "
+            "Expected a list of keras.callbacks.Callback instances, e.g. callbacks=[keras.callbacks.EarlyStopping()]."
+        )
+
+
+def _faults(value: Any) -> tuple[Fault, ...]:
+    """``faults``: None, ``"kind@step,..."`` or a list of such strings."""
+    if value is not None and (isinstance(value, (bytes, dict)) or not isinstance(value, (str, Iterable))):
+        raise InvalidArgumentError(
+            f"Invalid value for argument `faults`. Received: faults={value!r} ({type(value).__name__}). Expected a "
+            "string such as 'gpu_oom@40,segfault@90', a list of such 'kind@step' strings, or None."
+        )
+    try:
+        return parse_faults(value)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+
+
 def _carry_objects(builder: Any, callbacks: Sequence[Any] | None) -> tuple[dict[str, Any], bool]:
     import cloudpickle
 
@@ -662,13 +731,63 @@ def _read_spec_or_refuse(run: RunDir) -> RunSpec:
         return run.read_spec()
     except Exception as e:
         raise RunDirError(
-            f"{run.run_json} exists but cannot be read as a resilient run ({e}). Pass another run_dir."
+            f"{run.run_json} exists but cannot be read as a resilient run ({_reason(e)}): it is damaged, or not "
+            "resilient's. Pass another run_dir (a run cannot resume without its run.json)."
         ) from None
 
 
+def _check_stored_plan(run: RunDir) -> None:
+    """plan.json, if present, must read as a Plan: the supervisor starts from it."""
+    if not run.plan_json.exists():
+        return
+    try:
+        run.read_plan()
+    except (OSError, ValueError) as e:
+        raise RunDirError(
+            f"{run.plan_json} is damaged: it does not read as a plan ({_reason(e)}). It holds the plan in force "
+            "(batch size, precision...); delete it and call fit again to resume with the requested plan (the "
+            "checkpoints are kept), or pass a new run_dir."
+        ) from None
+
+
+def _check_stored_model(run: RunDir) -> None:
+    """model.keras, if present, must be a whole Keras archive: the worker builds the model from it."""
+    import zipfile
+
+    path = run.model_file
+    if not path.exists():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:  # reads the central directory at the end: a cut file fails here
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        names, problem = [], f"not a complete Keras archive ({e}; {path.stat().st_size} bytes)"
+    else:
+        problem = "a zip archive without config.json"
+    if "config.json" not in names:
+        raise RunDirError(
+            f"{path} is damaged: {problem}. It holds the model as first handed to fit (the checkpoints hold the "
+            "trained weights); delete it and call fit again with the same model to store it afresh, or pass a new "
+            "run_dir."
+        )
+
+
+def _reason(error: BaseException) -> str:
+    """Why a stored file did not read, in a line (pydantic's first error, not its whole report)."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError) and error.errors():
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return f"{where + ': ' if where else ''}{first.get('msg', '')}"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _lock(run: RunDir) -> int:
-    run.path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    run.create()  # 0700 whatever the umask: the directory will hold code
+    fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, FILE_MODE)  # a lock file left by 0.1.0 (0644) too
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

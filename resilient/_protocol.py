@@ -131,9 +131,17 @@ class ChannelWriter:
         self._lock = threading.Lock()
 
     def send(self, msg: _Msg) -> None:
-        if self.fd is None:
-            return
-        data = (msg.model_dump_json() + "\n").encode()
+        if self.fd is not None:
+            self._write((msg.model_dump_json() + "\n").encode())
+
+    def send_step(self, phase: str, epoch: int, step: int) -> None:
+        """A ``Heartbeat`` with only the phase, epoch and step, formatted without pydantic (about 1 us):
+        cheap enough to send at every step, so the step of a crash is exact."""
+        if self.fd is not None:
+            self._write(b'{"t":%.3f,"type":"heartbeat","phase":"%s","epoch":%d,"step":%d}\n'
+                        % (time.time(), phase.encode(), epoch, step))
+
+    def _write(self, data: bytes) -> None:
         with self._lock:
             try:
                 os.write(self.fd, data)

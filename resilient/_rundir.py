@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ._errors import RunDirError
 from ._faults import Fault
 from ._plan import Plan
+from ._replan import PlanBasis
 
 #: A run directory holds code (pickled callbacks and objects, a Keras model): it is private to its
 #: owner whatever the umask, and resuming one that others could have written is refused.
@@ -155,6 +156,15 @@ class RunSpec(BaseModel):
     validation_batch_size: int | None = Field(None, ge=1)
     validation_freq: int | tuple[int, ...] = 1
     class_weight: dict[int, float] | None = None
+    #: The resource settings the plan was derived under (None: a run.json written by 0.1.0, whose
+    #: memory limits are the fields above).
+    plan_basis: PlanBasis | None = None
+
+    def basis(self) -> PlanBasis:
+        """The settings of the call that wrote this spec (0.1.0: its memory limits, device and policy unknown)."""
+        if self.plan_basis is not None:
+            return self.plan_basis
+        return PlanBasis(host_memory_limit=self.host_memory_limit_bytes, gpu_memory_limit=self.gpu_memory_limit_bytes)
 
 
 class RunDir:
@@ -187,10 +197,22 @@ class RunDir:
             self.path.mkdir(mode=DIR_MODE, exist_ok=True)
             os.chmod(self.path, DIR_MODE)  # mkdir's mode is masked by the umask; this is not
 
+    def private_dir(self, path: Path) -> Path:
+        """Create ``path`` inside the run directory, and any missing folder between, 0700 whatever the umask."""
+        target = folder = Path(path)
+        missing = []
+        while not folder.is_dir() and self.path in folder.parents:
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
+            os.chmod(folder, DIR_MODE)  # mkdir's mode is masked by the umask; this is not
+        return target
+
     def check_trusted(self) -> None:
         """Refuse a run directory another user owns or others can write: resuming it would run its code."""
         me = os.getuid()
-        for path in (self.path, *(self.path / name for name in _CODE_FILES), self.checkpoints):
+        for path in (self.path, *(self.path / name for name in _CODE_FILES), self.checkpoints, *self._checkpoint_files()):
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -207,6 +229,19 @@ class RunDir:
                     f"know who wrote it, make it yours (chown -R $(id -u) {self.path}; chmod -R go-w {self.path}) or "
                     "pass trust_run_dir=True."
                 )
+
+    def _checkpoint_files(self) -> list[Path]:
+        """Every generation and its files: each holds a callbacks.pkl that a resume unpickles."""
+        try:
+            generations = [g for g in self.checkpoints.iterdir() if g.is_dir()]
+        except OSError:
+            return []
+        out: list[Path] = []
+        for generation in sorted(generations):
+            out.append(generation)
+            with contextlib.suppress(OSError):
+                out.extend(sorted(generation.iterdir()))
+        return out
 
     def read_spec(self) -> RunSpec:
         return RunSpec.model_validate_json(self.run_json.read_text())

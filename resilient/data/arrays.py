@@ -118,6 +118,47 @@ def check_sample_weight(sample_weight: Any, x: np.ndarray, *, what: str = "sampl
     return sw
 
 
+#: Arrays are checked for NaN and Inf this many bytes at a time (a memmap is read, never loaded whole).
+FINITE_CHUNK_BYTES = 16 << 20
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    """Refuse a float array holding NaN or Inf, naming the array, the first bad index and the count.
+
+    A non-finite input makes the loss NaN at the first batch that holds it; the nan_loss ladder then
+    halves the learning rate attempt after attempt for nothing. Checked in chunks of rows, so a
+    ``np.memmap`` is streamed from disk; the common case (all finite) costs one sum per chunk, since
+    a finite sum proves every term finite (NaN and Inf propagate). Only a chunk whose sum is not
+    finite (a bad value, or an overflow) is searched element by element. Measured on 1 GB of float32
+    (2 cores): 0.16 s in memory or from the page cache; 1.1 s when every chunk's sum overflows.
+    """
+    if arr.dtype.kind not in "fc" or arr.size == 0:
+        return
+    row_bytes = max(1, arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
+    rows = max(1, FINITE_CHUNK_BYTES // row_bytes)
+    count, first = 0, None
+    fast = arr.dtype.itemsize >= 4  # float16 sums overflow at 65504: search those directly
+    for start in range(0, arr.shape[0], rows):
+        chunk = np.asarray(arr[start:start + rows])
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only sends us the slow way
+            if fast and np.isfinite(chunk.sum()):
+                continue
+        bad = ~np.isfinite(chunk)
+        n = int(np.count_nonzero(bad))
+        if n and first is None:
+            first = (start + int(np.argmax(bad.reshape(len(chunk), -1).any(axis=1))),
+                     *(int(i) for i in np.argwhere(bad)[0][1:]))
+        count += n
+    if count:
+        where = first[0] if len(first) == 1 else first
+        raise InvalidArgumentError(
+            f"Invalid value for argument `{name}`: it holds {count} non-finite value{'s' if count > 1 else ''} "
+            f"(NaN or Inf), the first at index {where} (sample {first[0]}), of shape {arr.shape}. Training on them "
+            "makes the loss NaN. Expected finite numbers: drop those samples (e.g. keep = np.isfinite("
+            f"{name}).reshape(len({name}), -1).all(axis=1)) or replace the values (np.nan_to_num)."
+        )
+
+
 def check_arrays(x: Any, y: Any, facts: ModelFacts, *, sample_weight: Any,
                  class_weight: dict[int, float] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``x``, ``y`` and fit's ``sample_weight`` as arrays, checked against the model and each other."""
@@ -125,6 +166,9 @@ def check_arrays(x: Any, y: Any, facts: ModelFacts, *, sample_weight: Any,
     check_sample_shape(facts, x_arr.shape[1:], what="x", received=f"x.shape={x_arr.shape}")
     check_labels(facts, y_arr)
     sw = None if sample_weight is None else check_sample_weight(sample_weight, x_arr)
+    for name, arr in (("x", x_arr), ("y", y_arr), ("sample_weight", sw)):
+        if arr is not None:
+            check_finite(arr, name)
     if sw is not None and class_weight is not None:
         raise InvalidArgumentError(
             "Invalid value for argument `class_weight`. Received both class_weight and sample_weight, which "
@@ -179,6 +223,9 @@ def prepare_array_validation(validation_data: tuple[Any, ...] | list[Any], facts
     else:
         check_sample_shape(facts, vx.shape[1:], what="validation_data", received=f"x_val.shape={vx.shape}")
     check_labels(facts, vy, what="y_val")
+    for name, arr in (("x_val", vx), ("y_val", vy), ("val_sample_weight", vsw)):
+        if arr is not None:
+            check_finite(arr, name)
     return ArrayValidationInput((vx, vy, vsw))
 
 
@@ -219,12 +266,39 @@ def check_stored_arrays(run: RunDir, arrays: dict[str, np.ndarray]) -> None:
         path = run.data_dir / f"{name}.npy"
         if not path.exists():
             continue
-        stored = np.load(path, mmap_mode="r")
+        stored = load_stored(path)
         if stored.shape != arr.shape or stored.dtype != arr.dtype:
             raise RunDirError(
                 f"The run directory {run.path} was trained on {name} of shape {stored.shape} and dtype {stored.dtype}; "
                 f"this call passes shape {arr.shape} and dtype {arr.dtype}. Pass the same data to resume, or a new run_dir."
             )
+
+
+def load_stored(path: Path) -> np.ndarray:
+    """A stored array, memory-mapped; a damaged file (cut short, overwritten) is a RunDirError naming it."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):
+        raise RunDirError(
+            f"{path} is damaged: {_npy_problem(path)}. It holds training data stored by an earlier call; delete it "
+            "and call fit again with the same data to store it afresh (the checkpoints are kept), or pass a new "
+            "run_dir."
+        ) from None
+
+
+def _npy_problem(path: Path) -> str:
+    """What is wrong with a .npy file that does not load: its size against what its header promises."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    except Exception:
+        return f"not a NumPy .npy file ({size} bytes, no readable header)"
+    return f"it is cut short ({size} bytes; its header promises shape {shape}, {expected} bytes)"
 
 
 class ArrayValidationInput(ValidationInput):
@@ -237,7 +311,7 @@ class ArrayValidationInput(ValidationInput):
         return len(self.value) == 3 and self.value[2] is not None
 
     def write(self, run: RunDir) -> str | None:
-        run.data_dir.mkdir(parents=True, exist_ok=True)
+        run.private_dir(run.data_dir)
         vx, vy = self.value[:2]
         store_array(run.data_dir / "val_x.npy", vx)
         store_array(run.data_dir / "val_y.npy", vy)
@@ -268,8 +342,7 @@ class ArrayInputs(Inputs):
         check_stored_arrays(run, arrays)
 
     def write(self, run: RunDir, seed: int) -> ArraysData:
-        data_dir = run.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = run.private_dir(run.data_dir)
         store_array(data_dir / "x.npy", self.x)
         store_array(data_dir / "y.npy", self.y)
         if self.sample_weight is not None:
@@ -296,7 +369,7 @@ def image_axes(x: np.ndarray) -> tuple[int, int] | None:
 
 
 def _load_arrays(run: RunDir, x: str, y: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    return np.load(run.path / x, mmap_mode="r"), (np.load(run.path / y, mmap_mode="r") if y else None)
+    return load_stored(run.path / x), (load_stored(run.path / y) if y else None)
 
 
 class ArrayPipeline:
@@ -417,7 +490,7 @@ def stored_validation(run: RunDir) -> ArrayValidationSource:
     """The validation arrays stored beside another kind of training input (``val_key == VAL_ARRAYS``)."""
     vx, vy = _load_arrays(run, VAL_ARRAYS, "data/val_y.npy")
     vsw = run.path / VAL_SAMPLE_WEIGHT
-    vsw_arr = np.load(vsw, mmap_mode="r") if vsw.exists() else None
+    vsw_arr = load_stored(vsw) if vsw.exists() else None
     return ArrayValidationSource(ArrayPipeline(vx, vy, image_axes(vx), vsw_arr))
 
 
@@ -433,12 +506,12 @@ class ArraysSource(Source):
         self.data = data
         self.x, self.y = _load_arrays(run, data.x, data.y)
         self.n = int(self.x.shape[0])
-        sw = np.load(run.path / data.sample_weight, mmap_mode="r") if data.sample_weight else None
+        sw = load_stored(run.path / data.sample_weight) if data.sample_weight else None
         self._pipe = ArrayPipeline(self.x, self.y, data.image_axes, sw)
         val = other_val
         if data.val_x:
             vx, vy = _load_arrays(run, data.val_x, data.val_y)
-            vsw = np.load(run.path / data.val_sample_weight, mmap_mode="r") if data.val_sample_weight else None
+            vsw = load_stored(run.path / data.val_sample_weight) if data.val_sample_weight else None
             val = ArrayValidationSource(ArrayPipeline(vx, vy, data.image_axes, vsw))
         super().__init__(spec, val)
 

@@ -312,7 +312,7 @@ class FolderInputs(Inputs):
         self._stored = stored
 
     def write(self, run: RunDir, seed: int) -> ObjectData:
-        run.data_dir.mkdir(parents=True, exist_ok=True)
+        run.private_dir(run.data_dir)
         if self._stored is not None:
             # A resume: the same files and split; only the folder's location may have changed.
             index = self._stored.model_copy(update={"folder": self.folder, "root": self.folder.path})

@@ -128,7 +128,7 @@ class Supervisor:
         attempt = self._attempt_base + self._attempts_started
         self._attempts_started += 1
         adir = self.rundir.attempt_dir(attempt)
-        adir.mkdir(parents=True, exist_ok=True)
+        self.rundir.private_dir(adir)
         (adir / "error.json").unlink(missing_ok=True)
         self.rundir.result_json.unlink(missing_ok=True)
         atomic_write_text(adir / "plan.json", self.plan.model_dump_json(indent=2))

@@ -40,7 +40,7 @@ from .._protocol import (
     Hello,
     Notice,
 )
-from .._rundir import Journal
+from .._rundir import FILE_MODE, Journal
 from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig, write_quietly
@@ -198,7 +198,9 @@ class WorkerProcess:
         """Spawn the worker, put it into its memory cgroup, start reading its channel and output."""
         group, note = self._open_cgroup()
         read_fd, write_fd = os.pipe()
-        log = open(self.dir / "worker.log", "ab", buffering=0)  # unbuffered: a full disk fails the write, not close()
+        # Private (the run directory is code) and unbuffered: a full disk fails the write, not close().
+        log = os.fdopen(os.open(self.dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab",
+                        buffering=0)
         try:
             proc = subprocess.Popen(
                 worker_command(self.cfg, self.attempt, write_fd), stdin=subprocess.DEVNULL,

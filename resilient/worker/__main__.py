@@ -70,6 +70,7 @@ def _volunteer_for_oom_kill() -> None:
 
 def setup_process(supervisor_pid: int, sigterm: threading.Event) -> None:
     """Arm the process before TensorFlow loads; SIGTERM sets ``sigterm``."""
+    os.umask(0o077)  # what the worker writes in the run directory (which holds code) is private: 0600 / 0700
     _die_with_parent(supervisor_pid)
     _volunteer_for_oom_kill()
     _watch_parent(supervisor_pid)

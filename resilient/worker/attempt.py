@@ -87,6 +87,7 @@ class Attempt:
         self.last_save_time = time.monotonic()
         self.last_save_seconds = 0.0
         self.last_beat = 0.0
+        self.last_beat_step = -1  # the step the channel last heard
         self.step_seconds: float | None = None
         self.timed_steps = 0
         self.timed_seconds = 0.0
@@ -257,6 +258,11 @@ class Attempt:
             self.channel.send(Heartbeat(phase=phase, epoch=self.epoch, step=self.global_step,  # type: ignore[arg-type]
                                         step_seconds=self.step_seconds, timed_steps=self.timed_steps,
                                         timed_seconds=self.timed_seconds))
+        elif self.global_step != self.last_beat_step:
+            # Between the throttled heartbeats, the step alone (no timing, so the supervisor's step-time
+            # and throughput figures are unchanged): an incident's step is then exact, not the last heartbeat's.
+            self.channel.send_step(phase, self.epoch, self.global_step)
+        self.last_beat_step = self.global_step
 
     def _epoch_begin(self, epoch: int, steps: int | None) -> EpochBegin:
         """How much of the run is left under this attempt's plan (the supervisor's probe horizon)."""

@@ -1,0 +1,62 @@
+"""Steps in incidents and reports are exact: the worker tells the supervisor every step it begins (a cheap line
+between the throttled heartbeats), so a worker killed from outside at step 12 is reported at step 12."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+import resilient
+from resilient._protocol import ChannelWriter, Heartbeat, parse_message
+from tests.conftest import make_data, make_model
+
+
+def test_the_per_step_line_is_a_heartbeat_without_timing():
+    read, write = os.pipe()
+    try:
+        ChannelWriter(write).send_step("train", 3, 1234)
+        line = os.read(read, 4096)
+    finally:
+        os.close(read)
+        os.close(write)
+    assert line.endswith(b"\n")
+    msg = parse_message(line)
+    assert msg == Heartbeat(phase="train", epoch=3, step=1234, t=msg.t) and abs(msg.t - time.time()) < 60
+
+
+class KillAtBatch:
+    """A callback that SIGKILLs its own worker when batch ``at`` of the first epoch begins (a kill from outside:
+    no rehearsed fault tells the supervisor the step)."""
+
+    def __new__(cls, at: int):
+        import keras
+
+        class _Kill(keras.callbacks.Callback):
+            def __init__(self, at: int) -> None:
+                super().__init__()
+                self.at = at
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if batch == self.at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Kill(at)
+
+
+@pytest.mark.e2e
+@pytest.mark.usefixtures("no_leftover_processes")
+@pytest.mark.fault("sigkill", "mid-epoch", incident="killed", outcome="failed (max_restarts=0); the incident's step "
+                   "exact", lost="2 steps (since the checkpoint at step 10)", corrupted="no")
+def test_a_worker_killed_at_step_12_is_reported_at_step_12(tmp_path):
+    x, y = make_data(256)
+    with pytest.raises(resilient.TrainingFailedError) as err:
+        resilient.fit(make_model(), x, y, epochs=1, batch_size=8, seed=0, run_dir=tmp_path / "run", verbose=0,
+                      callbacks=[KillAtBatch(12)], checkpoint_every=5, max_restarts=0)
+    (incident,) = err.value.incidents
+    assert incident.kind == "killed"
+    assert (incident.epoch, incident.step, incident.checkpoint_step) == (0, 12, 10)
+    assert re.search(r" killed +0/12 ", str(err.value)), str(err.value)  # the report's epoch/step column
