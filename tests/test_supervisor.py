@@ -838,6 +838,24 @@ def test_the_same_incident_at_the_same_step_twice_stops_early(supervise):
     h.assert_workers_gone()
 
 
+@pytest.mark.fault("sigkill", "worker start-up", incident="killed", outcome="completed (a start-up kill after a "
+                   "newer checkpoint is progress)", lost="nothing", corrupted="no")
+def test_start_up_kills_around_a_newer_checkpoint_are_progress(supervise):
+    # The sequence: killed at start-up, killed at step 30 after a checkpoint at 30, killed at
+    # start-up again. Both start-up kills are recorded at step 0, but from different checkpoints.
+    kill = die("SIGKILL")
+    h = supervise({"attempts": {"0": [kill], "1": [HELLO, beat(30), {"do": "checkpoint"}, kill], "2": [kill]},
+                   "default": COMPLETE}, max_restarts=10)
+    result = h.supervisor.run()
+
+    assert [(i.kind, i.step, i.checkpoint_step) for i in result.incidents] == [
+        ("killed", 0, None), ("killed", 30, 30), ("killed", 0, 30)]
+    assert [i.action for i in result.incidents] == ["restart with the same plan"] * 3
+    assert result.epochs_done == [0]
+    assert h.events("run_finished")[0]["status"] == "completed"
+    h.assert_workers_gone()
+
+
 # --------------------------------------------------------------------------------------------- memory
 
 
