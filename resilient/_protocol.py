@@ -41,8 +41,11 @@ class Hello(_Msg):
 
 
 class Heartbeat(_Msg):
+    """The worker is alive, in ``phase``: ``startup`` (sent first, before TensorFlow is imported),
+    ``restore`` (TensorFlow imported: the model is built and restored next), then the training's."""
+
     type: Literal["heartbeat"] = "heartbeat"
-    phase: Literal["startup", "train", "validate", "epoch_end", "save"] = "train"
+    phase: Literal["startup", "restore", "train", "validate", "epoch_end", "save"] = "train"
     epoch: int
     step: int
     step_seconds: float | None = None

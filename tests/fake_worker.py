@@ -12,6 +12,7 @@ its own list, or ``default``. An action is ``{"do": name, ...}``:
                                    ({batch size: seconds per step}) they also report that timing for the
                                    attempt's plan (timed_steps/timed_seconds), without taking that long
     checkpoint                     a real checkpoint (CheckpointStore) at the current step + CheckpointSaved
+    phase name=restore              a heartbeat in that phase (no step time), as the worker's start-up sends
     epoch_begin steps=... epochs=1 steps_per_epoch=steps
                                    EpochBegin at the current step: the steps left in this epoch and
                                    the run's length (one step is one batch of the attempt's plan)
@@ -134,6 +135,8 @@ def main() -> int:
                     timed_steps, timed_seconds = timed_steps + 1, timed_seconds + float(pace)
                     timing = {"timed_steps": timed_steps, "timed_seconds": timed_seconds}
                 channel.send(Heartbeat(epoch=0, step=step, step_seconds=interval, **timing))
+        elif do == "phase":
+            channel.send(Heartbeat(phase=action["name"], epoch=0, step=step))
         elif do == "checkpoint":
             started = time.monotonic()
             saved = store.save(step, {"epoch": 0, "offset": step * 32},

@@ -33,6 +33,7 @@ from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support
 from resilient.supervisor.process import worker_env
+from resilient.supervisor.startup import STARTUP_MIN_TIMEOUT
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 MB = 1 << 20
@@ -419,6 +420,43 @@ def test_a_worker_silent_from_the_start_gets_the_startup_timeout(supervise):
     assert incident.kind == "hang"
     assert 2.0 <= incident.evidence["heartbeat_age"] < 2.5
     assert time.monotonic() - started < 2.0 + KILL_GRACE + 3.0
+    h.assert_workers_gone()
+
+
+RESTORE = {"do": "phase", "name": "restore"}
+SILENT = {"do": "sleep", "seconds": 30}
+
+
+@pytest.mark.parametrize(("phase", "silent"), [("import", [SILENT]), ("restore", [RESTORE, SILENT]),
+                                               ("first_step", [RESTORE, HELLO, SILENT])])
+@pytest.mark.fault("hang", "worker start-up", incident="hang", outcome="completed; killed after the start-up "
+                   "phase's calibrated timeout (5 s), not startup_timeout", lost="nothing", corrupted="no")
+def test_a_hang_in_start_up_after_a_restart_gets_the_calibrated_timeout(supervise, phase, silent):
+    # Attempt 0 measures a fast start (well under a second a phase), then crashes; attempt 1 goes silent in
+    # one start-up phase. The phase's timeout is calibrated (3x the measured time, at least hang_timeout and
+    # STARTUP_MIN_TIMEOUT, 5 s), not the uncalibrated cap (startup_timeout, 15 s here).
+    h = supervise({"attempts": {"0": [RESTORE, HELLO, beat(3), die("SIGSEGV")], "1": silent}, "default": COMPLETE},
+                  startup_timeout=15.0, max_life=25.0)
+    result = h.supervisor.run()
+
+    crash, hang = result.incidents
+    assert crash.kind == "crash" and "phase" not in crash.evidence  # it died after its first step
+    assert hang.kind == "hang"
+    assert hang.evidence["phase"] == phase
+    assert hang.evidence["timeout"] == STARTUP_MIN_TIMEOUT
+    assert STARTUP_MIN_TIMEOUT <= hang.evidence["heartbeat_age"] < STARTUP_MIN_TIMEOUT + 1.0
+    assert f"during start-up, phase {phase} (timeout 5.0s)" in hang.detail
+    assert f"during start-up ({phase})" in h.stream.getvalue()
+    started = h.events("attempt_started")
+    assert started[0]["startup_timeouts"] == {"import": 15.0, "restore": 15.0, "first_step": 15.0}
+    assert started[1]["startup_timeouts"] == {"import": 5.0, "restore": 5.0, "first_step": 5.0}
+    measured = h.events("attempt_ended")[0]["startup_seconds"]
+    assert set(measured) == {"import", "restore", "first_step"} and max(measured.values()) < 5.0 / 3
+    ended_in = {"import": set(), "restore": {"import"}, "first_step": {"import", "restore"}}[phase]
+    assert set(h.events("attempt_ended")[1]["startup_seconds"]) == ended_in
+    logged = next(e for e in h.events("incident") if e["kind"] == "hang")
+    assert logged["evidence"]["phase"] == phase
+    assert h.events("run_finished")[0]["status"] == "completed"
     h.assert_workers_gone()
 
 

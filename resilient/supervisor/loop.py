@@ -40,6 +40,7 @@ from .decide import AttemptFacts, Decision, RestartRules, attempt_label, decide
 from .memory import GpuMemory
 from .process import AttemptEnd, Progress, WorkerProcess
 from .report import latest_checkpoint, root_cause_report, saved_text, user_error_message
+from .startup import StartupCalibration
 
 __all__ = ["RunResult", "State", "Supervisor", "SupervisorConfig"]
 
@@ -77,6 +78,8 @@ class Supervisor:
         self.rules = RestartRules.of(config.max_restarts, config.backoff_base, config.backoff_max)
         # After an OOM degradation: the search for the best batch size that fits (see policy/search.py).
         self.search = PlanSearch(config.policy.probe)
+        # This call's measured start-up phases: the hang timeouts of the next attempt's start-up (startup.py).
+        self.startup = StartupCalibration()
         # Attempts are numbered across calls, probe restarts included.
         self._attempt_base = sum(1 for e in self.rundir.read_events() if e.get("event") == "attempt_started")
         self._attempts_started = 0
@@ -126,13 +129,14 @@ class Supervisor:
         self.rundir.result_json.unlink(missing_ok=True)
         atomic_write_text(adir / "plan.json", self.plan.model_dump_json(indent=2))
         self._probe = self.search.probing == self.plan
+        timeouts = self.startup.timeouts(self.cfg.hang_timeout, self.cfg.startup_timeout)
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
-                           probe=self._probe)
+                           probe=self._probe, startup_timeouts=timeouts)
         self.cfg.say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
         self._switch_to = None
         self._worker = WorkerProcess(self.cfg, attempt, journal=self.journal, gpu=self.gpu,
                                      judge=self._judge if self.search.active else None,
-                                     warmup_steps=self.search.settings.warmup_steps())
+                                     warmup_steps=self.search.settings.warmup_steps(), startup_timeouts=timeouts)
         self._worker.start()
         return State.MONITOR
 
@@ -146,6 +150,8 @@ class Supervisor:
             ended["cgroup_peak_bytes"] = end.cgroup_peak
         if end.gpu_memory_peak is not None:
             ended["gpu_memory_peak_bytes"] = end.gpu_memory_peak
+        ended["startup_seconds"] = end.startup_seconds
+        self.startup = self.startup.after(end.startup_seconds, end.progress.max_save_seconds)
         self.journal.write("attempt_ended", attempt=self._worker.attempt, memory_peak_bytes=end.memory_peak, **ended)
         self._end = end
         return State.CLASSIFY

@@ -5,7 +5,8 @@
   cgroup when the run has a limit (or rehearses a host OOM).
 - MONITOR copies the worker's output to the attempt's ``worker.log`` and to our stream, reads the
   channel (heartbeats, progress, checkpoints, faults), samples memory (private RSS of the process
-  tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang; a worker
+  tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
+  start-up phases after their own calibrated timeouts, startup.py); a worker
   over the memory budget without a cgroup is killed by the watchdog; a rehearsed ``preempt`` gets
   SIGTERM, and so does a healthy worker the plan search wants to leave for another plan (``judge``).
 
@@ -21,8 +22,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +46,7 @@ from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig, write_quietly
 from .memory import GpuMemory, MemoryCgroup, tree_rss
+from .startup import StartupCalibration, StartupClock, StartupPhase
 
 #: Floor of the automatic hang timeout, in seconds.
 AUTO_HANG_FLOOR = 120.0
@@ -150,6 +152,8 @@ class AttemptEnd:
     memory_peak: int | None = None
     cgroup_peak: int | None = None  # includes page cache the kernel could have reclaimed
     gpu_memory_peak: int | None = None
+    #: Seconds of each start-up phase that ended in this attempt (startup.py).
+    startup_seconds: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------- the process
@@ -164,7 +168,8 @@ class WorkerProcess:
     """One attempt's worker: ``start()``, then ``watch()`` until it exits; ``stop()`` from anywhere."""
 
     def __init__(self, cfg: SupervisorConfig, attempt: int, *, journal: Journal, gpu: GpuMemory,
-                 judge: Judge | None = None, warmup_steps: int = 0) -> None:
+                 judge: Judge | None = None, warmup_steps: int = 0,
+                 startup_timeouts: Mapping[str, float] | None = None) -> None:
         self.cfg = cfg
         self.attempt = attempt
         self.dir = cfg.run.attempt_dir(attempt)
@@ -172,6 +177,9 @@ class WorkerProcess:
         self.gpu = gpu
         self.judge = judge
         self.warmup_steps = warmup_steps
+        #: Seconds of silence that read as a hang in each start-up phase (startup.py); uncalibrated: the cap.
+        self.startup_timeouts = dict(startup_timeouts or StartupCalibration().timeouts(cfg.hang_timeout,
+                                                                                      cfg.startup_timeout))
         #: The memory budget in force: the run's, or the one a rehearsed host_oom armed.
         self.memory_limit = cfg.host_memory_limit
         #: What the supervisor did to the worker (AttemptOutcome.decision).
@@ -179,6 +187,7 @@ class WorkerProcess:
         self._lock = threading.Lock()  # guards the fields below, written by the channel's reader thread
         self._progress = Progress()
         self._last_beat = time.monotonic()
+        self._clock = StartupClock(self._last_beat)
         self._pending_preempt = self._pending_host_oom = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._group: MemoryCgroup | None = None
@@ -189,6 +198,8 @@ class WorkerProcess:
         self._peak: int | None = None
         self._gpu_peak: int | None = None
         self._heartbeat_age: float | None = None
+        self._hang_phase: StartupPhase | None = None  # the start-up phase a hang was seen in
+        self._hang_timeout: float | None = None
 
     # ------------------------------------------------------------------ START
 
@@ -197,6 +208,9 @@ class WorkerProcess:
         group, note = self._open_cgroup()
         read_fd, write_fd = os.pipe()
         log = open(self.dir / "worker.log", "ab")
+        with self._lock:
+            self._last_beat = time.monotonic()
+            self._clock = StartupClock(self._last_beat)
         try:
             proc = subprocess.Popen(
                 worker_command(self.cfg, self.attempt, write_fd), stdin=subprocess.DEVNULL,
@@ -287,7 +301,7 @@ class WorkerProcess:
     def _check(self, now: float) -> None:
         """One look at the worker: act on a rehearsal, the memory budget, the plan search, silence."""
         with self._lock:
-            progress, age = self._progress, now - self._last_beat
+            progress, age, phase = self._progress, now - self._last_beat, self._clock.phase()
             preempt, arm = self._pending_preempt, self._pending_host_oom
             self._pending_preempt = self._pending_host_oom = False
         if arm:
@@ -302,10 +316,12 @@ class WorkerProcess:
         if self.judge is not None and self.decision is None and self._switch_plans(progress):
             self.decision = "probe"
             self._signal(signal.SIGTERM)  # it checkpoints and exits; the next attempt runs the next plan
-        timeout = self.hang_timeout(progress)
+        timeout = self.hang_timeout(progress, phase)
         if age > timeout and self.decision is None:
             self.decision, self._heartbeat_age = "hang", age
-            self.cfg.say(f"no heartbeat for {age:.1f}s (timeout {timeout:.1f}s): stopping the worker")
+            self._hang_phase, self._hang_timeout = phase, timeout
+            during = f" during start-up ({phase})" if phase else ""
+            self.cfg.say(f"no heartbeat for {age:.1f}s{during} (timeout {timeout:.1f}s): stopping the worker")
             self.stop(grace=self.cfg.kill_grace)
         if self.decision == "preempt" and age > self.cfg.preempt_grace:
             self._signal(signal.SIGKILL)
@@ -331,15 +347,16 @@ class WorkerProcess:
             group.set_limit(self.memory_limit)
         self.journal.write("rehearsal_limit", limit=self.memory_limit, mechanism="cgroup" if group else "watchdog")
 
-    def hang_timeout(self, progress: Progress) -> float:
-        """Seconds of silence that read as a hang in the worker's current phase."""
+    def hang_timeout(self, progress: Progress, startup: StartupPhase | None = None) -> float:
+        """Seconds of silence that read as a hang in the worker's current phase (``startup``: the start-up
+        phase it is in, None after its first trained step)."""
         cfg = self.cfg
+        if startup is not None:
+            return self.startup_timeouts[startup]
         if cfg.hang_timeout is not None:
             base = cfg.hang_timeout
         else:
             base = max(AUTO_HANG_FLOOR, AUTO_HANG_FACTOR * progress.max_step_seconds)
-        if progress.trained_steps == 0:
-            return max(base, cfg.startup_timeout)  # import, restore, first compiled step
         if progress.phase in ("save", "epoch_end", "validate"):
             return max(base, 3 * progress.max_save_seconds + base)
         return base
@@ -358,11 +375,12 @@ class WorkerProcess:
             returncode=self._proc.returncode, report=read_error_report(self.dir), decision=self.decision,
             oom_kills=oom_kills, last_rss=self._last_rss, memory_limit=self.memory_limit,
             heartbeat_age=self._heartbeat_age, completed=self.cfg.run.result_json.exists(),
+            startup_phase=self._hang_phase or self._clock.phase(), hang_timeout=self._hang_timeout,
         )
         with self._lock:
-            progress = self._progress
+            progress, startup = self._progress, self._clock.measured()
         return AttemptEnd(outcome, progress, memory_peak=peak, cgroup_peak=cgroup_peak,
-                          gpu_memory_peak=self._gpu_peak)
+                          gpu_memory_peak=self._gpu_peak, startup_seconds=startup)
 
     def _leave_cgroup(self) -> None:
         if self._group is not None:
@@ -375,6 +393,7 @@ class WorkerProcess:
         """Runs on the channel's reader thread, for every message."""
         with self._lock:
             self._last_beat = time.monotonic()
+            self._clock.saw(msg, self._last_beat)
             self._progress = advance(self._progress, msg, self.warmup_steps)
             if isinstance(msg, FaultFired):
                 self._pending_preempt |= msg.kind == "preempt"

@@ -114,6 +114,7 @@ class Attempt:
         _configure_tf(self.spec)
         import keras
 
+        self.beat("restore", force=True)  # the supervisor times the start-up phases (import, restore)
         from .model import build_model
         from .tensorboard import log_to_tensorboard
 
