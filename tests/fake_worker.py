@@ -25,7 +25,8 @@ its own list, or ``default``. An action is ``{"do": name, ...}``:
     sleep seconds=...              silence (no heartbeats)
     ignore_sigterm                 SIG_IGN for SIGTERM
     await_sigterm then=report|exit4 timeout=10 save_seconds=0
-                                   heartbeat until SIGTERM arrives, take save_seconds to "save" (then stamp
+                                   heartbeat until SIGTERM arrives, take save_seconds to "save" (a "save"
+                                   heartbeat first, as the worker's; then stamp
                                    attempts/N/saved), then write a "preempted" error.json and exit 4
                                    (then=report) or just exit 4 (then=exit4)
     spawn_child seconds=...        start a grandchild that sleeps; its pid goes to attempts/N/child_pid
@@ -175,6 +176,7 @@ def main() -> int:
                 sigterm.wait(0.05)
             if not sigterm.is_set():
                 return 98  # the supervisor never sent SIGTERM
+            channel.send(Heartbeat(phase="save", epoch=0, step=step))
             time.sleep(float(action.get("save_seconds", 0)))
             (adir / "saved").write_text(repr(time.time()))
             if action.get("then", "report") == "report":

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from resilient.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support
-from resilient.supervisor.process import worker_env
+from resilient.supervisor.process import INTERRUPT_SILENCE, worker_env
 from resilient.supervisor.startup import STARTUP_MIN_TIMEOUT
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
@@ -1025,10 +1026,13 @@ def test_ctrl_c_stops_the_worker_and_journals_interrupted(supervise, monkeypatch
     _interrupt_when_ready(monkeypatch, h)
     with pytest.raises(KeyboardInterrupt):
         h.supervisor.run()
-    assert h.names()[-1] == "run_finished"
+    assert h.names()[-2:] == ["attempt_ended", "run_finished"]
     assert h.events("run_finished")[0]["status"] == "interrupted"
+    ended, = h.events("attempt_ended")
+    assert (ended["attempt"], ended["returncode"], ended["interrupted"]) == (0, 4, True)  # it saved and exited
     assert len(h.events("attempt_started")) == 1
     assert "resilient: attempt 0 interrupted (Ctrl-C), " in h.stream.getvalue()
+    assert "the worker saved it on SIGTERM and stopped" in h.stream.getvalue()
     h.assert_workers_gone()
 
 
@@ -1038,6 +1042,85 @@ def test_ctrl_c_gives_the_worker_the_preempt_grace_to_save(supervise, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         h.supervisor.run()
     assert (h.run.attempt_dir(0) / "saved").exists()  # it took 1 s to save: less than preempt_grace
+
+
+def _ctrl_c(h: Harness, *, again_after: float | None = None) -> list[float]:
+    """Real Ctrl-C: SIGINT to this process once the worker stamped ``ready`` (and again ``again_after``
+    seconds later); returns the times they were sent. Stops sending once the run is over."""
+    sent: list[float] = []
+    done = threading.Event()
+    ready = h.run.attempt_dir(0) / "ready"
+
+    def press() -> None:
+        while not ready.exists() and not done.wait(0.02):
+            pass
+        for delay in (0.0, again_after):
+            if delay is None or done.wait(delay):
+                return
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    h.stop_pressing = lambda: (done.set(), thread.join())
+    return sent
+
+
+HUNG = {"default": [HELLO, beat(3), {"do": "checkpoint"}, {"do": "ignore_sigterm"}, {"do": "stamp", "name": "ready"},
+                    {"do": "sleep", "seconds": 30}]}
+
+
+@pytest.mark.fault("ctrl_c", "mid-epoch", incident="none (run_finished: interrupted)", outcome="KeyboardInterrupt "
+                   "within a few seconds with a hung worker; attempt_ended journaled; no process left",
+                   lost="steps since the last checkpoint", corrupted="no")
+def test_ctrl_c_with_a_hung_worker_returns_within_seconds_and_reaps_it(supervise):
+    h = supervise(HUNG, preempt_grace=120.0)
+    sent = _ctrl_c(h)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            h.supervisor.run()
+        returned = time.monotonic()
+    finally:
+        h.stop_pressing()
+    assert INTERRUPT_SILENCE <= returned - sent[0] < INTERRUPT_SILENCE + 2.0, "not preempt_grace (120 s)"
+    assert h.names()[-2:] == ["attempt_ended", "run_finished"]
+    ended, = h.events("attempt_ended")
+    assert (ended["attempt"], ended["signal"], ended["interrupted"]) == (0, "SIGKILL", True)
+    assert ended["memory_peak_bytes"] > 0
+    finished = h.events("run_finished")[0]
+    assert (finished["status"], finished["checkpoint_step"]) == ("interrupted", 3)
+    assert ("resilient: attempt 0 interrupted (Ctrl-C), checkpoint at step 3; the worker did not stop on SIGTERM and "
+            "was killed (SIGKILL)\n") in h.stream.getvalue()
+    pid, = h.worker_pids()
+    assert not psutil.pid_exists(pid), "reaped: no zombie, no process"
+
+
+@pytest.mark.fault("ctrl_c", "checkpoint save", incident="none (run_finished: interrupted)", outcome="a second Ctrl-C "
+                   "during the save stops at once (SIGKILL, reaped)", lost="the save in progress; older checkpoints "
+                   "kept", corrupted="no")
+def test_a_second_ctrl_c_during_the_wait_kills_at_once_and_still_reaps(supervise):
+    # The worker answers SIGTERM with a long save (its "save" heartbeat, then 30 s): a save in progress is
+    # life, so the first Ctrl-C waits for it; the second one, a second later, does not.
+    saving = [HELLO, beat(3), {"do": "checkpoint"}, {"do": "stamp", "name": "ready"},
+              {"do": "await_sigterm", "save_seconds": 30, "timeout": 30}]
+    h = supervise({"default": saving}, preempt_grace=120.0)
+    sent = _ctrl_c(h, again_after=1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            h.supervisor.run()
+        returned = time.monotonic()
+    finally:
+        h.stop_pressing()
+    assert len(sent) == 2
+    assert sent[1] - sent[0] >= 1.0
+    assert returned - sent[1] < 1.0, "the second Ctrl-C does not wait"
+    assert not (h.run.attempt_dir(0) / "saved").exists()
+    ended, = h.events("attempt_ended")
+    assert (ended["signal"], ended["interrupted"]) == ("SIGKILL", True)
+    assert h.events("run_finished")[0]["status"] == "interrupted"
+    assert "interrupted (Ctrl-C), checkpoint at step 3; the worker did not stop on SIGTERM" in h.stream.getvalue()
+    pid, = h.worker_pids()
+    assert not psutil.pid_exists(pid), "reaped: no zombie, no process"
 
 
 # ---------------------------------------------------------------------------------------- grandchildren

@@ -19,8 +19,11 @@
 - FINISH journals ``run_finished`` and returns the result; GIVE_UP journals it and raises
   ``UserCodeError`` or ``TrainingFailedError`` with the root-cause report (report.py).
 
-Ctrl-C in any state gives the worker the preemption grace to save its checkpoint, journals
-``run_finished`` (``interrupted``) and re-raises.
+Ctrl-C in any state sends the worker SIGTERM (it saves a checkpoint at its next step) and waits
+only while it shows life (a heartbeat, a save in progress; a few seconds for a silent one, at most
+the preemption grace), then SIGKILLs and reaps it; a second Ctrl-C SIGKILLs at once. It says what
+was saved, journals ``attempt_ended`` (``interrupted``) and ``run_finished`` (``interrupted``), and
+re-raises.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from dataclasses import dataclass, replace
 from .._errors import TrainingFailedError, UserCodeError
 from .._incident import Incident
 from .._plan import Plan
-from .._protocol import TrainingResult
+from .._protocol import EXIT_PREEMPTED, TrainingResult
 from .._rundir import Journal, atomic_write_text
 from ..policy.search import PlanSearch
-from .classify import classify
+from .classify import classify, signal_name
 from .config import SupervisorConfig
 from .decide import AttemptFacts, Decision, RestartRules, attempt_label, decide
 from .memory import GpuMemory
@@ -85,6 +88,7 @@ class Supervisor:
         self._attempts_started = 0
         # The current attempt, as the states hand it on.
         self._worker: WorkerProcess | None = None
+        self._ended_attempt: int | None = None  # the last attempt whose attempt_ended is journaled
         self._probe = False  # the current attempt runs a probe
         self._switch_to: Plan | None = None  # the plan the search stopped the current worker for
         self._end: AttemptEnd | None = None
@@ -143,16 +147,8 @@ class Supervisor:
     def _monitor(self) -> State:
         assert self._worker is not None
         end = self._worker.watch()
-        ended: dict[str, object] = {"returncode": end.outcome.returncode}
-        if end.outcome.signal:
-            ended["signal"] = end.outcome.signal
-        if end.cgroup_peak:
-            ended["cgroup_peak_bytes"] = end.cgroup_peak
-        if end.gpu_memory_peak is not None:
-            ended["gpu_memory_peak_bytes"] = end.gpu_memory_peak
-        ended["startup_seconds"] = end.startup_seconds
+        self._journal_ended(self._worker.attempt, end)
         self.startup = self.startup.after(end.startup_seconds, end.progress.max_save_seconds)
-        self.journal.write("attempt_ended", attempt=self._worker.attempt, memory_peak_bytes=end.memory_peak, **ended)
         self._end = end
         return State.CLASSIFY
 
@@ -200,14 +196,40 @@ class Supervisor:
                                    incidents=list(self.incidents), run_dir=str(run.path))
 
     def _interrupted(self, state: State) -> None:
-        if self._worker is not None:
-            self._worker.stop(grace=self.cfg.preempt_grace)  # let it save its SIGTERM checkpoint
-            if state in (State.START, State.MONITOR):
-                label = attempt_label(AttemptFacts(self._worker.attempt, None, probe=self._probe), self.plan)
-                self.cfg.say(f"{label} interrupted (Ctrl-C), {saved_text(latest_checkpoint(self.rundir))}")
-        self.journal.write("run_finished", status="interrupted")
+        """Ctrl-C: stop the attempt in flight (interrupt() is a no-op once the worker is reaped; a second
+        Ctrl-C in it SIGKILLs), then journal and say what was saved, whatever a second Ctrl-C did."""
+        worker = self._worker
+        in_flight = worker is not None and worker.attempt != self._ended_attempt
+        try:
+            if worker is not None and in_flight:
+                worker.interrupt()
+        finally:
+            checkpoint = latest_checkpoint(self.rundir)
+            if worker is not None and in_flight:
+                self._journal_ended(worker.attempt, worker.ended() if worker.returncode is not None else None,
+                                    interrupted=True)
+                label = attempt_label(AttemptFacts(worker.attempt, None, probe=self._probe), self.plan)
+                self.cfg.say(f"{label} interrupted (Ctrl-C), {saved_text(checkpoint)}; {_how_it_stopped(worker)}")
+            self.journal.write("run_finished", status="interrupted",
+                               checkpoint_step=checkpoint.step if checkpoint else None)
 
     # ------------------------------------------------------------------ helpers of the states
+
+    def _journal_ended(self, attempt: int, end: AttemptEnd | None, **extra: object) -> None:
+        """``attempt_ended``: how the worker exited, its memory peaks and measured start-up phases."""
+        self._ended_attempt = attempt
+        if end is None:  # Ctrl-C before the worker was spawned
+            self.journal.write("attempt_ended", attempt=attempt, returncode=None, **extra)
+            return
+        ended: dict[str, object] = {"returncode": end.outcome.returncode}
+        if end.outcome.signal:
+            ended["signal"] = end.outcome.signal
+        if end.cgroup_peak:
+            ended["cgroup_peak_bytes"] = end.cgroup_peak
+        if end.gpu_memory_peak is not None:
+            ended["gpu_memory_peak_bytes"] = end.gpu_memory_peak
+        ended["startup_seconds"] = end.startup_seconds
+        self.journal.write("attempt_ended", attempt=attempt, memory_peak_bytes=end.memory_peak, **ended, **extra)
 
     def _facts_of_attempt(self) -> AttemptFacts:
         """The attempt's evidence, classified into an incident (None when it completed the training)."""
@@ -277,3 +299,15 @@ class Supervisor:
             self.cfg.say(verdict.message)
         self._switch_to = verdict.switch_to
         return verdict.switch_to is not None
+
+
+def _how_it_stopped(worker: WorkerProcess) -> str:
+    """How an interrupted worker ended, for its console line."""
+    code = worker.returncode
+    if code == EXIT_PREEMPTED:
+        return "the worker saved it on SIGTERM and stopped"
+    if worker.killed:
+        return "the worker did not stop on SIGTERM and was killed (SIGKILL)"
+    if code is None:
+        return "no worker was running"
+    return f"the worker ended ({signal_name(code) or f'exit code {code}'})"

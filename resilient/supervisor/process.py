@@ -54,6 +54,10 @@ AUTO_HANG_FLOOR = 120.0
 AUTO_HANG_FACTOR = 10.0
 #: Memory of the rehearsed host_oom when the run has no limit: current usage plus this.
 REHEARSAL_HEADROOM = 256 << 20
+#: On Ctrl-C, a worker silent this long (plus twice its slowest step) shows no life: it is not waited for.
+INTERRUPT_SILENCE = 3.0
+#: On Ctrl-C, a worker in the middle of a save is waited for this long plus 3x its slowest save.
+INTERRUPT_SAVE_PATIENCE = 30.0
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -199,6 +203,8 @@ class WorkerProcess:
         self._gpu_peak: int | None = None
         self._heartbeat_age: float | None = None
         self._hang_phase: StartupPhase | None = None  # the start-up phase a hang was seen in
+        self.interrupted = False  # Ctrl-C reached this attempt (interrupt())
+        self.killed = False  # interrupt() had to SIGKILL it
         self._hang_timeout: float | None = None
 
     # ------------------------------------------------------------------ START
@@ -274,8 +280,10 @@ class WorkerProcess:
                 self._check(now)
                 time.sleep(self.cfg.poll_interval)
         except KeyboardInterrupt:
-            self.stop(grace=self.cfg.preempt_grace)  # let it save its SIGTERM checkpoint
-            self._leave_cgroup()
+            try:
+                self.interrupt()  # let it save its SIGTERM checkpoint if it can; a second Ctrl-C kills at once
+            finally:
+                self._leave_cgroup()
             raise
         except BaseException:
             self.stop(grace=self.cfg.kill_grace)
@@ -361,6 +369,10 @@ class WorkerProcess:
             return max(base, 3 * progress.max_save_seconds + base)
         return base
 
+    def ended(self) -> AttemptEnd:
+        """How the attempt ended, once the worker was reaped (``watch()`` returns it; after Ctrl-C, ask)."""
+        return self._ended()
+
     def _ended(self) -> AttemptEnd:
         assert self._proc is not None
         group, peak = self._group, self._peak
@@ -435,6 +447,53 @@ class WorkerProcess:
 
     # ------------------------------------------------------------------ stopping
 
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGTERM (the worker saves a checkpoint at its next step and exits), wait while it
+        shows life (``interrupt_patience``), at most ``preempt_grace``; then SIGKILL and reap. A second
+        Ctrl-C during the wait SIGKILLs at once, reaps, and re-raises. Nothing when it was reaped already."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.poll() is None:
+            self.interrupted = True
+            self._signal(signal.SIGTERM)
+            try:
+                self._wait_while_alive(proc)
+            except KeyboardInterrupt:
+                self._kill_and_reap(proc)
+                raise
+        self._kill_and_reap(proc)
+
+    def _wait_while_alive(self, proc: subprocess.Popen[bytes]) -> None:
+        started = time.monotonic()
+        while proc.poll() is None:
+            now = time.monotonic()
+            with self._lock:
+                progress, age = self._progress, now - self._last_beat
+            if now - started >= self.cfg.preempt_grace:
+                return
+            if now - started >= INTERRUPT_SILENCE and age > interrupt_patience(progress):
+                return
+            time.sleep(self.cfg.poll_interval)
+
+    def _kill_and_reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker's group unless it exited, and reap it (no zombie), whatever Ctrl-C says."""
+        if proc.poll() is None:
+            self.killed = True
+            self._signal(signal.SIGKILL)
+        for _ in range(3):  # SIGKILL is not refused; a further Ctrl-C must not leave the process unreaped
+            try:
+                proc.wait(timeout=30)
+                return
+            except KeyboardInterrupt:
+                continue
+            except subprocess.TimeoutExpired:
+                return  # stuck in the kernel (D state): nothing more a signal can do
+
     def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; nothing when the worker already exited."""
         proc = self._proc
@@ -461,6 +520,15 @@ class WorkerProcess:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def interrupt_patience(progress: Progress) -> float:
+    """Seconds of silence after which a worker asked to stop by Ctrl-C shows no more life: a few
+    seconds plus twice its slowest step (it finishes the step, then saves); longer during a save."""
+    if progress.phase == "save":
+        return INTERRUPT_SAVE_PATIENCE + 3 * progress.max_save_seconds
+    return INTERRUPT_SILENCE + 2 * progress.max_step_seconds
+
 
 
 def worker_command(cfg: SupervisorConfig, attempt: int, fd: int) -> list[str]:
