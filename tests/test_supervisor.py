@@ -428,10 +428,16 @@ RESTORE = {"do": "phase", "name": "restore"}
 SILENT = {"do": "sleep", "seconds": 30}
 
 
-@pytest.mark.parametrize(("phase", "silent"), [("import", [SILENT]), ("restore", [RESTORE, SILENT]),
-                                               ("first_step", [RESTORE, HELLO, SILENT])])
-@pytest.mark.fault("hang", "worker start-up", incident="hang", outcome="completed; killed after the start-up "
-                   "phase's calibrated timeout (5 s), not startup_timeout", lost="nothing", corrupted="no")
+def _startup_hang(matrix_phase: str) -> pytest.MarkDecorator:
+    return pytest.mark.fault("hang", matrix_phase, incident="hang", outcome="completed; killed after the start-up "
+                             "phase's calibrated timeout (5 s), not startup_timeout", lost="nothing", corrupted="no")
+
+
+@pytest.mark.parametrize(("phase", "silent"), [
+    pytest.param("import", [SILENT], marks=_startup_hang("worker start-up"), id="import"),
+    pytest.param("restore", [RESTORE, SILENT], marks=_startup_hang("worker start-up"), id="restore"),
+    pytest.param("first_step", [RESTORE, HELLO, SILENT], marks=_startup_hang("first step"), id="first_step"),
+])
 def test_a_hang_in_start_up_after_a_restart_gets_the_calibrated_timeout(supervise, phase, silent):
     # Attempt 0 measures a fast start (well under a second a phase), then crashes; attempt 1 goes silent in
     # one start-up phase. The phase's timeout is calibrated (3x the measured time, at least hang_timeout and
@@ -1044,9 +1050,10 @@ def test_ctrl_c_gives_the_worker_the_preempt_grace_to_save(supervise, monkeypatc
     assert (h.run.attempt_dir(0) / "saved").exists()  # it took 1 s to save: less than preempt_grace
 
 
-def _ctrl_c(h: Harness, *, again_after: float | None = None) -> list[float]:
-    """Real Ctrl-C: SIGINT to this process once the worker stamped ``ready`` (and again ``again_after``
-    seconds later); returns the times they were sent. Stops sending once the run is over."""
+def _run_with_ctrl_c(h: Harness, *, again_after: float | None = None) -> tuple[list[float], float]:
+    """Run until KeyboardInterrupt from a real Ctrl-C: SIGINT to this process once the worker stamped
+    ``ready`` (and again ``again_after`` seconds later). Returns the times they were sent and the time
+    run() raised; no SIGINT is sent once it did."""
     sent: list[float] = []
     done = threading.Event()
     ready = h.run.attempt_dir(0) / "ready"
@@ -1062,8 +1069,13 @@ def _ctrl_c(h: Harness, *, again_after: float | None = None) -> list[float]:
 
     thread = threading.Thread(target=press, daemon=True)
     thread.start()
-    h.stop_pressing = lambda: (done.set(), thread.join())
-    return sent
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            h.supervisor.run()
+        return sent, time.monotonic()
+    finally:
+        done.set()
+        thread.join()
 
 
 HUNG = {"default": [HELLO, beat(3), {"do": "checkpoint"}, {"do": "ignore_sigterm"}, {"do": "stamp", "name": "ready"},
@@ -1075,13 +1087,7 @@ HUNG = {"default": [HELLO, beat(3), {"do": "checkpoint"}, {"do": "ignore_sigterm
                    lost="steps since the last checkpoint", corrupted="no")
 def test_ctrl_c_with_a_hung_worker_returns_within_seconds_and_reaps_it(supervise):
     h = supervise(HUNG, preempt_grace=120.0)
-    sent = _ctrl_c(h)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            h.supervisor.run()
-        returned = time.monotonic()
-    finally:
-        h.stop_pressing()
+    sent, returned = _run_with_ctrl_c(h)
     assert INTERRUPT_SILENCE <= returned - sent[0] < INTERRUPT_SILENCE + 2.0, "not preempt_grace (120 s)"
     assert h.names()[-2:] == ["attempt_ended", "run_finished"]
     ended, = h.events("attempt_ended")
@@ -1095,6 +1101,23 @@ def test_ctrl_c_with_a_hung_worker_returns_within_seconds_and_reaps_it(supervise
     assert not psutil.pid_exists(pid), "reaped: no zombie, no process"
 
 
+@pytest.mark.fault("ctrl_c", "worker start-up", incident="none (run_finished: interrupted)", outcome="KeyboardInterrupt "
+                   "within a few seconds; attempt_ended journaled; no process left", lost="nothing", corrupted="no")
+def test_ctrl_c_during_start_up_does_not_wait_for_the_import(supervise):
+    # A worker still importing has nothing to save; it is silent, so it gets a few seconds, not the grace.
+    h = supervise({"default": [{"do": "ignore_sigterm"}, {"do": "stamp", "name": "ready"}, SILENT]},
+                  preempt_grace=120.0, startup_timeout=60.0)
+    sent, returned = _run_with_ctrl_c(h)
+    assert returned - sent[0] < INTERRUPT_SILENCE + 2.0
+    ended, = h.events("attempt_ended")
+    assert (ended["signal"], ended["interrupted"], ended["startup_seconds"]) == ("SIGKILL", True, {})
+    finished, = h.events("run_finished")
+    assert (finished["status"], finished["checkpoint_step"]) == ("interrupted", None)
+    assert "resilient: attempt 0 interrupted (Ctrl-C), no checkpoint yet; the worker did not stop" in h.stream.getvalue()
+    pid, = h.worker_pids()
+    assert not psutil.pid_exists(pid)
+
+
 @pytest.mark.fault("ctrl_c", "checkpoint save", incident="none (run_finished: interrupted)", outcome="a second Ctrl-C "
                    "during the save stops at once (SIGKILL, reaped)", lost="the save in progress; older checkpoints "
                    "kept", corrupted="no")
@@ -1104,13 +1127,7 @@ def test_a_second_ctrl_c_during_the_wait_kills_at_once_and_still_reaps(supervise
     saving = [HELLO, beat(3), {"do": "checkpoint"}, {"do": "stamp", "name": "ready"},
               {"do": "await_sigterm", "save_seconds": 30, "timeout": 30}]
     h = supervise({"default": saving}, preempt_grace=120.0)
-    sent = _ctrl_c(h, again_after=1.0)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            h.supervisor.run()
-        returned = time.monotonic()
-    finally:
-        h.stop_pressing()
+    sent, returned = _run_with_ctrl_c(h, again_after=1.0)
     assert len(sent) == 2
     assert sent[1] - sent[0] >= 1.0
     assert returned - sent[1] < 1.0, "the second Ctrl-C does not wait"
