@@ -1097,6 +1097,8 @@ def test_ctrl_c_with_a_hung_worker_returns_within_seconds_and_reaps_it(supervise
     assert (finished["status"], finished["checkpoint_step"]) == ("interrupted", 3)
     assert ("resilient: attempt 0 interrupted (Ctrl-C), checkpoint at step 3; the worker did not stop on SIGTERM and "
             "was killed (SIGKILL)\n") in h.stream.getvalue()
+    assert re.search(r"\n\s+0  batch=32 float32 cache\s+SIGKILL\s+peak [^\n]*interrupted \(Ctrl-C\)\n",
+                     status_of(h, Plan(batch_size=32)))
     pid, = h.worker_pids()
     assert not psutil.pid_exists(pid), "reaped: no zombie, no process"
 
