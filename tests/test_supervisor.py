@@ -33,7 +33,7 @@ from resilient.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support
-from resilient.supervisor.process import INTERRUPT_SILENCE, worker_env
+from resilient.supervisor.process import INTERRUPT_SILENCE, Progress, interrupt_patience, worker_env
 from resilient.supervisor.startup import STARTUP_MIN_TIMEOUT
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
@@ -1076,6 +1076,13 @@ def _run_with_ctrl_c(h: Harness, *, again_after: float | None = None) -> tuple[l
     finally:
         done.set()
         thread.join()
+
+
+def test_interrupt_patience_follows_the_workers_pace():
+    # Silent for a few seconds plus two of its slowest steps, or during a save 30 s plus 3x its slowest save.
+    assert interrupt_patience(Progress()) == INTERRUPT_SILENCE
+    assert interrupt_patience(Progress(phase="train", max_step_seconds=2.0)) == INTERRUPT_SILENCE + 4.0
+    assert interrupt_patience(Progress(phase="save", max_step_seconds=2.0, max_save_seconds=5.0)) == 45.0
 
 
 HUNG = {"default": [HELLO, beat(3), {"do": "checkpoint"}, {"do": "ignore_sigterm"}, {"do": "stamp", "name": "ready"},
