@@ -38,6 +38,8 @@ class Hello(_Msg):
     epoch: int = 0
     step: int = 0
     resumed_from: int | None = None
+    #: Batches of the resumed epoch the input skips before the first step (a factory re-reads them).
+    skip_steps: int = Field(0, ge=0)
 
 
 class Heartbeat(_Msg):

@@ -7,7 +7,7 @@ Used by tests/test_supervisor.py through ``SupervisorConfig.worker_cmd``::
 SCRIPT.json holds ``{"attempts": {"0": [action, ...], ...}, "default": [action, ...]}``; attempt N runs
 its own list, or ``default``. An action is ``{"do": name, ...}``:
 
-    hello                          Hello (pid, resumed step)
+    hello skip_steps=0             Hello (pid, resumed step, batches the resumed epoch skips)
     beat n=1 interval=0.01 pace={}  n train heartbeats, one step each, step_seconds=interval; with pace
                                    ({batch size: seconds per step}) they also report that timing for the
                                    attempt's plan (timed_steps/timed_seconds), without taking that long
@@ -124,7 +124,8 @@ def main() -> int:
     for action in actions:
         do = action["do"]
         if do == "hello":
-            channel.send(Hello(pid=os.getpid(), epoch=0, step=step, resumed_from=resumed))
+            channel.send(Hello(pid=os.getpid(), epoch=0, step=step, resumed_from=resumed,
+                               skip_steps=int(action.get("skip_steps", 0))))
         elif do == "beat":
             interval = float(action.get("interval", 0.01))
             pace = action.get("pace", {}).get(str(batch))

@@ -46,6 +46,15 @@ def test_the_calibration_keeps_the_slowest_of_each_phase_and_save():
                                                 "first_step": 600.0}
 
 
+def test_a_resumed_epoch_that_skips_batches_gets_time_to_skip_them():
+    calibration = StartupCalibration().after({"first_step": 1.0}, step_seconds=0.5)
+    timeouts = calibration.timeouts(None, 600.0)
+    assert timeouts["first_step"] == AUTO_STARTUP_FLOOR
+    assert calibration.first_step_timeout(timeouts, 0, 600.0) == AUTO_STARTUP_FLOOR
+    assert calibration.first_step_timeout(timeouts, 100, 600.0) == AUTO_STARTUP_FLOOR + STARTUP_FACTOR * 100 * 0.5
+    assert calibration.first_step_timeout(timeouts, 10_000, 600.0) == 600.0  # never over the cap
+
+
 def test_the_clock_follows_the_phases_and_measures_those_that_ended():
     clock = StartupClock(spawned=100.0)
     assert clock.phase() == "import"

@@ -467,6 +467,19 @@ def test_a_hang_in_start_up_after_a_restart_gets_the_calibrated_timeout(supervis
     h.assert_workers_gone()
 
 
+def test_a_resumed_epoch_that_skips_batches_gets_time_to_skip_them(supervise):
+    # Attempt 0 measures steps of 0.1 s; attempt 1 resumes 20 batches into an epoch, which a factory's input
+    # re-reads before the first step (7 s here): its first_step timeout is 5 s + 3 x 20 x 0.1 s, no hang.
+    h = supervise({"attempts": {"0": [RESTORE, HELLO, beat(3, interval=0.1), {"do": "checkpoint"}, die("SIGSEGV")],
+                                "1": [RESTORE, {"do": "hello", "skip_steps": 20}, {"do": "sleep", "seconds": 7},
+                                      *COMPLETE[1:]]}}, startup_timeout=15.0, max_life=25.0)
+    result = h.supervisor.run()
+    assert [i.kind for i in result.incidents] == ["crash"]
+    assert h.events("worker_ready")[1]["skip_steps"] == 20
+    assert h.events("attempt_started")[1]["startup_timeouts"]["first_step"] == STARTUP_MIN_TIMEOUT
+    h.assert_workers_gone()
+
+
 # ------------------------------------------------------------------------------------------ degradation
 
 

@@ -133,22 +133,23 @@ class Supervisor:
         self.rundir.result_json.unlink(missing_ok=True)
         atomic_write_text(adir / "plan.json", self.plan.model_dump_json(indent=2))
         self._probe = self.search.probing == self.plan
-        timeouts = self.startup.timeouts(self.cfg.hang_timeout, self.cfg.startup_timeout)
+        worker = WorkerProcess(self.cfg, attempt, journal=self.journal, gpu=self.gpu,
+                               judge=self._judge if self.search.active else None,
+                               warmup_steps=self.search.settings.warmup_steps(), startup=self.startup)
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
-                           probe=self._probe, startup_timeouts=timeouts)
+                           probe=self._probe, startup_timeouts=worker.startup_timeouts)
         self.cfg.say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
         self._switch_to = None
-        self._worker = WorkerProcess(self.cfg, attempt, journal=self.journal, gpu=self.gpu,
-                                     judge=self._judge if self.search.active else None,
-                                     warmup_steps=self.search.settings.warmup_steps(), startup_timeouts=timeouts)
-        self._worker.start()
+        self._worker = worker
+        worker.start()
         return State.MONITOR
 
     def _monitor(self) -> State:
         assert self._worker is not None
         end = self._worker.watch()
         self._journal_ended(self._worker.attempt, end)
-        self.startup = self.startup.after(end.startup_seconds, end.progress.max_save_seconds)
+        self.startup = self.startup.after(end.startup_seconds, end.progress.max_save_seconds,
+                                          end.progress.max_step_seconds)
         self._end = end
         return State.CLASSIFY
 

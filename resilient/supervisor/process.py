@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -46,7 +46,7 @@ from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig, write_quietly
 from .memory import GpuMemory, MemoryCgroup, tree_rss
-from .startup import StartupCalibration, StartupClock, StartupPhase
+from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
 
 #: Floor of the automatic hang timeout, in seconds.
 AUTO_HANG_FLOOR = 120.0
@@ -71,6 +71,7 @@ class Progress:
     epoch: int | None = None
     step: int | None = None
     start_step: int | None = None  # where the attempt began (its Hello: the checkpoint it resumed from)
+    skip_steps: int = 0  # batches of the resumed epoch its input skips before the first step (its Hello)
     trained_steps: int = 0  # train heartbeats with a step time: 0 until the first compiled step
     max_step_seconds: float = 0.0
     max_save_seconds: float = 0.0
@@ -134,7 +135,7 @@ def advance(progress: Progress, msg: Any, warmup_steps: int) -> Progress:
             changes["max_step_seconds"] = max(progress.max_step_seconds, msg.step_seconds)
         return replace(progress, **changes)
     if isinstance(msg, Hello):
-        return replace(progress, epoch=msg.epoch, step=msg.step, start_step=msg.step)
+        return replace(progress, epoch=msg.epoch, step=msg.step, start_step=msg.step, skip_steps=msg.skip_steps)
     if isinstance(msg, CheckpointSaved):
         return replace(progress, epoch=msg.epoch, step=msg.step, phase="train",
                        max_save_seconds=max(progress.max_save_seconds, msg.seconds))
@@ -173,7 +174,7 @@ class WorkerProcess:
 
     def __init__(self, cfg: SupervisorConfig, attempt: int, *, journal: Journal, gpu: GpuMemory,
                  judge: Judge | None = None, warmup_steps: int = 0,
-                 startup_timeouts: Mapping[str, float] | None = None) -> None:
+                 startup: StartupCalibration | None = None) -> None:
         self.cfg = cfg
         self.attempt = attempt
         self.dir = cfg.run.attempt_dir(attempt)
@@ -181,9 +182,10 @@ class WorkerProcess:
         self.gpu = gpu
         self.judge = judge
         self.warmup_steps = warmup_steps
-        #: Seconds of silence that read as a hang in each start-up phase (startup.py); uncalibrated: the cap.
-        self.startup_timeouts = dict(startup_timeouts or StartupCalibration().timeouts(cfg.hang_timeout,
-                                                                                      cfg.startup_timeout))
+        #: What this call measured of earlier start-ups (startup.py); and so, the seconds of silence that
+        #: read as a hang in each start-up phase.
+        self.startup = startup or StartupCalibration()
+        self.startup_timeouts: dict[str, float] = self.startup.timeouts(cfg.hang_timeout, cfg.startup_timeout)
         #: The memory budget in force: the run's, or the one a rehearsed host_oom armed.
         self.memory_limit = cfg.host_memory_limit
         #: What the supervisor did to the worker (AttemptOutcome.decision).
@@ -359,6 +361,9 @@ class WorkerProcess:
         """Seconds of silence that read as a hang in the worker's current phase (``startup``: the start-up
         phase it is in, None after its first trained step)."""
         cfg = self.cfg
+        if startup == "first_step" and progress.skip_steps:  # a factory re-reads what a resumed epoch skips
+            return self.startup.first_step_timeout(self.startup_timeouts, progress.skip_steps,
+                                                   startup_cap(cfg.hang_timeout, cfg.startup_timeout))
         if startup is not None:
             return self.startup_timeouts[startup]
         if cfg.hang_timeout is not None:
@@ -416,7 +421,7 @@ class WorkerProcess:
         attempt = self.attempt
         if isinstance(msg, Hello):
             self.journal.write("worker_ready", attempt=attempt, pid=msg.pid, epoch=msg.epoch, step=msg.step,
-                               resumed_from_step=msg.resumed_from)
+                               resumed_from_step=msg.resumed_from, skip_steps=msg.skip_steps)
         elif isinstance(msg, CheckpointSaved):
             self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
                                seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason, path=msg.path)

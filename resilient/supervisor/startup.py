@@ -11,8 +11,9 @@ An attempt begins with three phases in which the worker sends no heartbeat of it
 The timeout of each phase (``phase_timeout``): a phase no attempt of this call has completed yet gets
 ``cap``: ``startup_timeout`` (600 s), or ``hang_timeout`` where that is larger. A measured phase gets
 ``STARTUP_FACTOR`` times the slowest measurement (the restore phase also ``STARTUP_FACTOR`` times the
-slowest checkpoint save seen, since a restore reads what a save wrote), never less than the floor
-and never more than ``cap``. The floor is an explicit ``hang_timeout`` (it applies where it is larger
+slowest checkpoint save seen, since a restore reads what a save wrote; the first step of a resumed
+epoch also ``STARTUP_FACTOR`` times the slowest step seen for each batch its input skips, since a
+factory's dataset re-reads them), never less than the floor and never more than ``cap``. The floor is an explicit ``hang_timeout`` (it applies where it is larger
 than the calibrated time), or ``AUTO_STARTUP_FLOOR`` when ``hang_timeout`` is automatic, and never
 below ``STARTUP_MIN_TIMEOUT``. Measurements come from this call only: a new call may run on another
 machine, or with cold caches, so its first attempt gets the cap.
@@ -45,23 +46,35 @@ def phase_timeout(measured: float | None, hang_timeout: float | None, cap: float
     return min(cap, max(floor, STARTUP_FACTOR * measured + extra))
 
 
+def startup_cap(hang_timeout: float | None, startup_timeout: float) -> float:
+    """The most a start-up phase is given: ``startup_timeout``, or ``hang_timeout`` where that is larger."""
+    return max(startup_timeout, hang_timeout or 0.0)
+
+
 @dataclass(frozen=True)
 class StartupCalibration:
     """What this call measured of its attempts' start-ups: the slowest of each phase, the slowest save."""
 
     seconds: Mapping[str, float] = field(default_factory=dict)
     save_seconds: float = 0.0
+    step_seconds: float = 0.0
 
-    def after(self, measured: Mapping[str, float], save_seconds: float = 0.0) -> StartupCalibration:
+    def after(self, measured: Mapping[str, float], save_seconds: float = 0.0,
+              step_seconds: float = 0.0) -> StartupCalibration:
         """This calibration with one more attempt's measurements."""
         merged = dict(self.seconds)
         for phase, seconds in measured.items():
             merged[phase] = max(seconds, merged.get(phase, 0.0))
-        return StartupCalibration(merged, max(self.save_seconds, save_seconds))
+        return StartupCalibration(merged, max(self.save_seconds, save_seconds), max(self.step_seconds, step_seconds))
+
+    def first_step_timeout(self, timeouts: Mapping[str, float], skip_steps: int, cap: float) -> float:
+        """The first_step timeout of an attempt whose input skips ``skip_steps`` batches of a resumed epoch."""
+        base = timeouts["first_step"]
+        return base if base >= cap else min(cap, base + STARTUP_FACTOR * skip_steps * self.step_seconds)
 
     def timeouts(self, hang_timeout: float | None, startup_timeout: float) -> dict[str, float]:
         """The next attempt's timeout of each start-up phase."""
-        cap = max(startup_timeout, hang_timeout or 0.0)
+        cap = startup_cap(hang_timeout, startup_timeout)
         extra = {"restore": STARTUP_FACTOR * self.save_seconds}
         return {phase: round(phase_timeout(self.seconds.get(phase), hang_timeout, cap, extra.get(phase, 0.0)), 3)
                 for phase in STARTUP_PHASES}

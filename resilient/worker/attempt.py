@@ -130,7 +130,8 @@ class Attempt:
             log_to_tensorboard(self.run, self.user_callbacks, self.plan, self.global_step)
         except Exception as exc:  # logging must never stop the training
             self.channel.send(Notice(event="tensorboard_log_failed", fields={"error": repr(exc)}))
-        self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from))
+        self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from,
+                                skip_steps=self.offset // max(1, self.plan.batch_size)))
         return model, objects
 
     def _callback_list(self, model: Any) -> Any:
