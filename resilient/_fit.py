@@ -106,7 +106,8 @@ def fit(
         checkpoint_every: ``"auto"`` (under 2% of training time, at most 5 minutes apart), a number of
             steps, or a duration such as ``"5min"``. Checkpoints are also written at every epoch end
             and on SIGTERM.
-        hang_timeout: ``"auto"`` (calibrated from observed step times) or seconds / a duration.
+        hang_timeout: ``"auto"`` (calibrated from observed step times) or seconds / a duration. It also
+            bounds the start-up phases (import, restore, first step) from below once they were measured.
         host_memory_limit: a RAM budget for the worker such as ``"12.7GB"``, enforced by a memory
             cgroup where the machine allows it, by a watchdog otherwise.
         gpu_memory_limit: caps TensorFlow's GPU memory in the worker (e.g. ``"15GB"`` to emulate a T4).

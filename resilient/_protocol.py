@@ -38,11 +38,16 @@ class Hello(_Msg):
     epoch: int = 0
     step: int = 0
     resumed_from: int | None = None
+    #: Batches of the resumed epoch the input skips before the first step (a factory re-reads them).
+    skip_steps: int = Field(0, ge=0)
 
 
 class Heartbeat(_Msg):
+    """The worker is alive, in ``phase``: ``startup`` (sent first, before TensorFlow is imported),
+    ``restore`` (TensorFlow imported: the model is built and restored next), then the training's."""
+
     type: Literal["heartbeat"] = "heartbeat"
-    phase: Literal["startup", "train", "validate", "epoch_end", "save"] = "train"
+    phase: Literal["startup", "restore", "train", "validate", "epoch_end", "save"] = "train"
     epoch: int
     step: int
     step_seconds: float | None = None

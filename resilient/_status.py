@@ -38,6 +38,8 @@ def summarize(path: str | Path) -> str:
         status = end.get("signal") or (f"exit {end['returncode']}" if "returncode" in end else "running or lost")
         inc = incidents.get(a)
         what = f"{inc['kind']}: {inc.get('detail', '')}" if inc else ("completed" if end.get("returncode") == 0 else "")
+        if end.get("interrupted"):
+            what = "interrupted (Ctrl-C)"
         if e.get("probe"):
             what = f"probe; {what}" if what else "probe"
         if rates.get(a) is not None:

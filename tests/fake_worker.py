@@ -7,11 +7,12 @@ Used by tests/test_supervisor.py through ``SupervisorConfig.worker_cmd``::
 SCRIPT.json holds ``{"attempts": {"0": [action, ...], ...}, "default": [action, ...]}``; attempt N runs
 its own list, or ``default``. An action is ``{"do": name, ...}``:
 
-    hello                          Hello (pid, resumed step)
+    hello skip_steps=0             Hello (pid, resumed step, batches the resumed epoch skips)
     beat n=1 interval=0.01 pace={}  n train heartbeats, one step each, step_seconds=interval; with pace
                                    ({batch size: seconds per step}) they also report that timing for the
                                    attempt's plan (timed_steps/timed_seconds), without taking that long
     checkpoint                     a real checkpoint (CheckpointStore) at the current step + CheckpointSaved
+    phase name=restore              a heartbeat in that phase (no step time), as the worker's start-up sends
     epoch_begin steps=... epochs=1 steps_per_epoch=steps
                                    EpochBegin at the current step: the steps left in this epoch and
                                    the run's length (one step is one batch of the attempt's plan)
@@ -24,7 +25,8 @@ its own list, or ``default``. An action is ``{"do": name, ...}``:
     sleep seconds=...              silence (no heartbeats)
     ignore_sigterm                 SIG_IGN for SIGTERM
     await_sigterm then=report|exit4 timeout=10 save_seconds=0
-                                   heartbeat until SIGTERM arrives, take save_seconds to "save" (then stamp
+                                   heartbeat until SIGTERM arrives, take save_seconds to "save" (a "save"
+                                   heartbeat first, as the worker's; then stamp
                                    attempts/N/saved), then write a "preempted" error.json and exit 4
                                    (then=report) or just exit 4 (then=exit4)
     spawn_child seconds=...        start a grandchild that sleeps; its pid goes to attempts/N/child_pid
@@ -124,7 +126,8 @@ def main() -> int:
     for action in actions:
         do = action["do"]
         if do == "hello":
-            channel.send(Hello(pid=os.getpid(), epoch=0, step=step, resumed_from=resumed))
+            channel.send(Hello(pid=os.getpid(), epoch=0, step=step, resumed_from=resumed,
+                               skip_steps=int(action.get("skip_steps", 0))))
         elif do == "beat":
             interval = float(action.get("interval", 0.01))
             pace = action.get("pace", {}).get(str(batch))
@@ -136,6 +139,8 @@ def main() -> int:
                     timed_steps, timed_seconds = timed_steps + 1, timed_seconds + float(pace)
                     timing = {"timed_steps": timed_steps, "timed_seconds": timed_seconds}
                 channel.send(Heartbeat(epoch=0, step=step, step_seconds=interval, **timing))
+        elif do == "phase":
+            channel.send(Heartbeat(phase=action["name"], epoch=0, step=step))
         elif do == "checkpoint":
             started = time.monotonic()
             saved = store.save(step, {"epoch": 0, "offset": step * 32},
@@ -174,6 +179,7 @@ def main() -> int:
                 sigterm.wait(0.05)
             if not sigterm.is_set():
                 return 98  # the supervisor never sent SIGTERM
+            channel.send(Heartbeat(phase="save", epoch=0, step=step))
             time.sleep(float(action.get("save_seconds", 0)))
             (adir / "saved").write_text(repr(time.time()))
             if action.get("then", "report") == "report":

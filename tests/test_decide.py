@@ -294,6 +294,60 @@ def test_no_progress_needs_the_same_step_and_kind():
     assert run_decide(incident("hang", WORKING), WORKING, earlier=earlier).kind == "give_up"
 
 
+def startup_kill(checkpoint: int | None, attempt: int) -> Incident:
+    """A kill while the worker started (before its Hello, so recorded at step 0), resuming from ``checkpoint``."""
+    return incident("killed", WORKING, step=0, checkpoint=checkpoint, attempt=attempt, evidence={"phase": "import"})
+
+
+def decide_in_turn(incidents: list[Incident], max_restarts: int = 10) -> list[Decision]:
+    """Each incident decided after the ones before it, as the loop records them (with their actions)."""
+    decisions, recorded = [], []
+    for inc in incidents:
+        decision = run_decide(inc, WORKING, earlier=list(recorded), max_restarts=max_restarts)
+        decisions.append(decision)
+        recorded.append(decision.incident)
+    return decisions
+
+
+def test_a_startup_kill_after_a_newer_checkpoint_is_progress():
+    # The issue's sequence: start-up kill, kill at step 30 after a newer checkpoint, start-up kill again.
+    kill_at_30 = incident("killed", WORKING, step=30, checkpoint=30, attempt=1)
+    decisions = decide_in_turn([startup_kill(None, 0), kill_at_30, startup_kill(30, 2)])
+    assert [d.kind for d in decisions] == ["restart"] * 3
+    assert decisions[-1].action == "restart with the same plan" and decisions[-1].reason == ""
+
+
+def test_the_same_point_with_a_newer_checkpoint_is_progress():
+    earlier = [incident("crash", WORKING, step=7, checkpoint=5, plan_after=WORKING, action="restart")]
+    assert run_decide(incident("crash", WORKING, step=7, checkpoint=6), WORKING, earlier=earlier).kind == "restart"
+    assert run_decide(startup_kill(6, 1), WORKING, earlier=[startup_kill(5, 0)]).kind == "restart"
+
+
+def test_the_same_incident_point_and_checkpoint_twice_is_no_progress():
+    decisions = decide_in_turn([startup_kill(None, 0), incident("killed", WORKING, step=30, checkpoint=30),
+                                startup_kill(30, 2), startup_kill(30, 3)])
+    assert [d.kind for d in decisions] == ["restart", "restart", "restart", "give_up"]
+    assert (decisions[-1].action, decisions[-1].reason) == ("give up: no progress", NO_PROGRESS)
+
+
+def test_a_checkpoint_that_moved_in_between_breaks_the_repeat():
+    # 7 from checkpoint 5, then 9 from checkpoint 6, then 7 from checkpoint 5 again (6 was found damaged):
+    # something changed since the first, so the third is no repeat of it.
+    earlier = [incident("crash", WORKING, step=7, checkpoint=5, plan_after=WORKING),
+               incident("crash", WORKING, step=9, checkpoint=6, plan_after=WORKING)]
+    assert run_decide(incident("crash", WORKING, step=7, checkpoint=5), WORKING, earlier=earlier).kind == "restart"
+
+
+def test_a_repeat_needs_the_same_startup_phase_and_plan():
+    first_step = incident("hang", WORKING, step=0, checkpoint=None, evidence={"phase": "first_step"})
+    import_hang = incident("hang", WORKING, step=0, checkpoint=None, evidence={"phase": "import"}, plan_after=WORKING)
+    assert run_decide(first_step, WORKING, earlier=[import_hang]).kind == "restart"
+    probe_ran = incident("hang", PROBE, step=0, checkpoint=None, evidence={"phase": "first_step"}, plan_after=PROBE)
+    assert run_decide(first_step, WORKING, earlier=[probe_ran]).kind == "restart"
+    assert run_decide(first_step, WORKING, earlier=[probe_ran.model_copy(update={"plan_before": WORKING,
+                                                                                 "plan_after": WORKING})]).kind == "give_up"
+
+
 def test_an_earlier_plan_change_at_the_same_step_is_not_a_repeat():
     earlier = [incident("gpu_oom", FAILED, plan_after=WORKING, action="degrade")]
     assert run_decide(incident("gpu_oom", WORKING), WORKING, earlier=earlier).kind == "restart"

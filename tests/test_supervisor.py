@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from resilient.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support
-from resilient.supervisor.process import worker_env
+from resilient.supervisor.process import INTERRUPT_SILENCE, Progress, interrupt_patience, worker_env
+from resilient.supervisor.startup import STARTUP_MIN_TIMEOUT
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 MB = 1 << 20
@@ -420,6 +422,62 @@ def test_a_worker_silent_from_the_start_gets_the_startup_timeout(supervise):
     assert incident.kind == "hang"
     assert 2.0 <= incident.evidence["heartbeat_age"] < 2.5
     assert time.monotonic() - started < 2.0 + KILL_GRACE + 3.0
+    h.assert_workers_gone()
+
+
+RESTORE = {"do": "phase", "name": "restore"}
+SILENT = {"do": "sleep", "seconds": 30}
+
+
+def _startup_hang(matrix_phase: str) -> pytest.MarkDecorator:
+    return pytest.mark.fault("hang", matrix_phase, incident="hang", outcome="completed; killed after the start-up "
+                             "phase's calibrated timeout (5 s), not startup_timeout", lost="nothing", corrupted="no")
+
+
+@pytest.mark.parametrize(("phase", "silent"), [
+    pytest.param("import", [SILENT], marks=_startup_hang("worker start-up"), id="import"),
+    pytest.param("restore", [RESTORE, SILENT], marks=_startup_hang("worker start-up"), id="restore"),
+    pytest.param("first_step", [RESTORE, HELLO, SILENT], marks=_startup_hang("first step"), id="first_step"),
+])
+def test_a_hang_in_start_up_after_a_restart_gets_the_calibrated_timeout(supervise, phase, silent):
+    # Attempt 0 measures a fast start (well under a second a phase), then crashes; attempt 1 goes silent in
+    # one start-up phase. The phase's timeout is calibrated (3x the measured time, at least hang_timeout and
+    # STARTUP_MIN_TIMEOUT, 5 s), not the uncalibrated cap (startup_timeout, 15 s here).
+    h = supervise({"attempts": {"0": [RESTORE, HELLO, beat(3), die("SIGSEGV")], "1": silent}, "default": COMPLETE},
+                  startup_timeout=15.0, max_life=25.0)
+    result = h.supervisor.run()
+
+    crash, hang = result.incidents
+    assert crash.kind == "crash" and "phase" not in crash.evidence  # it died after its first step
+    assert hang.kind == "hang"
+    assert hang.evidence["phase"] == phase
+    assert hang.evidence["timeout"] == STARTUP_MIN_TIMEOUT
+    assert STARTUP_MIN_TIMEOUT <= hang.evidence["heartbeat_age"] < STARTUP_MIN_TIMEOUT + 1.0
+    assert f"during start-up, phase {phase} (timeout 5.0s)" in hang.detail
+    assert f"during start-up ({phase})" in h.stream.getvalue()
+    started = h.events("attempt_started")
+    assert started[0]["startup_timeouts"] == {"import": 15.0, "restore": 15.0, "first_step": 15.0}
+    assert started[1]["startup_timeouts"] == {"import": 5.0, "restore": 5.0, "first_step": 5.0}
+    measured = h.events("attempt_ended")[0]["startup_seconds"]
+    assert set(measured) == {"import", "restore", "first_step"} and max(measured.values()) < 5.0 / 3
+    ended_in = {"import": set(), "restore": {"import"}, "first_step": {"import", "restore"}}[phase]
+    assert set(h.events("attempt_ended")[1]["startup_seconds"]) == ended_in
+    logged = next(e for e in h.events("incident") if e["kind"] == "hang")
+    assert logged["evidence"]["phase"] == phase
+    assert h.events("run_finished")[0]["status"] == "completed"
+    h.assert_workers_gone()
+
+
+def test_a_resumed_epoch_that_skips_batches_gets_time_to_skip_them(supervise):
+    # Attempt 0 measures steps of 0.1 s; attempt 1 resumes 20 batches into an epoch, which a factory's input
+    # re-reads before the first step (7 s here): its first_step timeout is 5 s + 3 x 20 x 0.1 s, no hang.
+    h = supervise({"attempts": {"0": [RESTORE, HELLO, beat(3, interval=0.1), {"do": "checkpoint"}, die("SIGSEGV")],
+                                "1": [RESTORE, {"do": "hello", "skip_steps": 20}, {"do": "sleep", "seconds": 7},
+                                      *COMPLETE[1:]]}}, startup_timeout=15.0, max_life=25.0)
+    result = h.supervisor.run()
+    assert [i.kind for i in result.incidents] == ["crash"]
+    assert h.events("worker_ready")[1]["skip_steps"] == 20
+    assert h.events("attempt_started")[1]["startup_timeouts"]["first_step"] == STARTUP_MIN_TIMEOUT
     h.assert_workers_gone()
 
 
@@ -839,6 +897,24 @@ def test_the_same_incident_at_the_same_step_twice_stops_early(supervise):
     h.assert_workers_gone()
 
 
+@pytest.mark.fault("sigkill", "worker start-up", incident="killed", outcome="completed (a start-up kill after a "
+                   "newer checkpoint is progress)", lost="nothing", corrupted="no")
+def test_start_up_kills_around_a_newer_checkpoint_are_progress(supervise):
+    # The issue's sequence: killed at start-up, killed at step 30 after a checkpoint at 30, killed at
+    # start-up again. Both start-up kills are recorded at step 0, but from different checkpoints.
+    kill = die("SIGKILL")
+    h = supervise({"attempts": {"0": [kill], "1": [HELLO, beat(30), {"do": "checkpoint"}, kill], "2": [kill]},
+                   "default": COMPLETE}, max_restarts=10)
+    result = h.supervisor.run()
+
+    assert [(i.kind, i.step, i.checkpoint_step) for i in result.incidents] == [
+        ("killed", 0, None), ("killed", 30, 30), ("killed", 0, 30)]
+    assert [i.action for i in result.incidents] == ["restart with the same plan"] * 3
+    assert result.epochs_done == [0]
+    assert h.events("run_finished")[0]["status"] == "completed"
+    h.assert_workers_gone()
+
+
 # --------------------------------------------------------------------------------------------- memory
 
 
@@ -970,10 +1046,13 @@ def test_ctrl_c_stops_the_worker_and_journals_interrupted(supervise, monkeypatch
     _interrupt_when_ready(monkeypatch, h)
     with pytest.raises(KeyboardInterrupt):
         h.supervisor.run()
-    assert h.names()[-1] == "run_finished"
+    assert h.names()[-2:] == ["attempt_ended", "run_finished"]
     assert h.events("run_finished")[0]["status"] == "interrupted"
+    ended, = h.events("attempt_ended")
+    assert (ended["attempt"], ended["returncode"], ended["interrupted"]) == (0, 4, True)  # it saved and exited
     assert len(h.events("attempt_started")) == 1
     assert "resilient: attempt 0 interrupted (Ctrl-C), " in h.stream.getvalue()
+    assert "the worker saved it on SIGTERM and stopped" in h.stream.getvalue()
     h.assert_workers_gone()
 
 
@@ -983,6 +1062,105 @@ def test_ctrl_c_gives_the_worker_the_preempt_grace_to_save(supervise, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         h.supervisor.run()
     assert (h.run.attempt_dir(0) / "saved").exists()  # it took 1 s to save: less than preempt_grace
+
+
+def _run_with_ctrl_c(h: Harness, *, again_after: float | None = None) -> tuple[list[float], float]:
+    """Run until KeyboardInterrupt from a real Ctrl-C: SIGINT to this process once the worker stamped
+    ``ready`` (and again ``again_after`` seconds later). Returns the times they were sent and the time
+    run() raised; no SIGINT is sent once it did."""
+    sent: list[float] = []
+    done = threading.Event()
+    ready = h.run.attempt_dir(0) / "ready"
+
+    def press() -> None:
+        while not ready.exists() and not done.wait(0.02):
+            pass
+        for delay in (0.0, again_after):
+            if delay is None or done.wait(delay):
+                return
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            h.supervisor.run()
+        return sent, time.monotonic()
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_interrupt_patience_follows_the_workers_pace():
+    # Silent for a few seconds plus two of its slowest steps, or during a save 30 s plus 3x its slowest save.
+    assert interrupt_patience(Progress()) == INTERRUPT_SILENCE
+    assert interrupt_patience(Progress(phase="train", max_step_seconds=2.0)) == INTERRUPT_SILENCE + 4.0
+    assert interrupt_patience(Progress(phase="save", max_step_seconds=2.0, max_save_seconds=5.0)) == 45.0
+
+
+HUNG = {"default": [HELLO, beat(3), {"do": "checkpoint"}, {"do": "ignore_sigterm"}, {"do": "stamp", "name": "ready"},
+                    {"do": "sleep", "seconds": 30}]}
+
+
+@pytest.mark.fault("ctrl_c", "mid-epoch", incident="none (run_finished: interrupted)", outcome="KeyboardInterrupt "
+                   "within a few seconds with a hung worker; attempt_ended journaled; no process left",
+                   lost="steps since the last checkpoint", corrupted="no")
+def test_ctrl_c_with_a_hung_worker_returns_within_seconds_and_reaps_it(supervise):
+    h = supervise(HUNG, preempt_grace=120.0)
+    sent, returned = _run_with_ctrl_c(h)
+    assert INTERRUPT_SILENCE <= returned - sent[0] < INTERRUPT_SILENCE + 2.0, "not preempt_grace (120 s)"
+    assert h.names()[-2:] == ["attempt_ended", "run_finished"]
+    ended, = h.events("attempt_ended")
+    assert (ended["attempt"], ended["signal"], ended["interrupted"]) == (0, "SIGKILL", True)
+    assert ended["memory_peak_bytes"] > 0
+    finished = h.events("run_finished")[0]
+    assert (finished["status"], finished["checkpoint_step"]) == ("interrupted", 3)
+    assert ("resilient: attempt 0 interrupted (Ctrl-C), checkpoint at step 3; the worker did not stop on SIGTERM and "
+            "was killed (SIGKILL)\n") in h.stream.getvalue()
+    assert re.search(r"\n\s+0  batch=32 float32 cache\s+SIGKILL\s+peak [^\n]*interrupted \(Ctrl-C\)\n",
+                     status_of(h, Plan(batch_size=32)))
+    pid, = h.worker_pids()
+    assert not psutil.pid_exists(pid), "reaped: no zombie, no process"
+
+
+@pytest.mark.fault("ctrl_c", "worker start-up", incident="none (run_finished: interrupted)", outcome="KeyboardInterrupt "
+                   "within a few seconds; attempt_ended journaled; no process left", lost="nothing", corrupted="no")
+def test_ctrl_c_during_start_up_does_not_wait_for_the_import(supervise):
+    # A worker still importing has nothing to save; it is silent, so it gets a few seconds, not the grace.
+    h = supervise({"default": [{"do": "ignore_sigterm"}, {"do": "stamp", "name": "ready"}, SILENT]},
+                  preempt_grace=120.0, startup_timeout=60.0)
+    sent, returned = _run_with_ctrl_c(h)
+    assert returned - sent[0] < INTERRUPT_SILENCE + 2.0
+    ended, = h.events("attempt_ended")
+    assert (ended["signal"], ended["interrupted"], ended["startup_seconds"]) == ("SIGKILL", True, {})
+    finished, = h.events("run_finished")
+    assert (finished["status"], finished["checkpoint_step"]) == ("interrupted", None)
+    assert "resilient: attempt 0 interrupted (Ctrl-C), no checkpoint yet; the worker did not stop" in h.stream.getvalue()
+    pid, = h.worker_pids()
+    assert not psutil.pid_exists(pid)
+
+
+@pytest.mark.fault("ctrl_c", "checkpoint save", incident="none (run_finished: interrupted)", outcome="a second Ctrl-C "
+                   "during the save stops at once (SIGKILL, reaped)", lost="the save in progress; older checkpoints "
+                   "kept", corrupted="no")
+def test_a_second_ctrl_c_during_the_wait_kills_at_once_and_still_reaps(supervise):
+    # The worker answers SIGTERM with a long save (its "save" heartbeat, then 30 s): a save in progress is
+    # life, so the first Ctrl-C waits for it; the second one, a second later, does not.
+    saving = [HELLO, beat(3), {"do": "checkpoint"}, {"do": "stamp", "name": "ready"},
+              {"do": "await_sigterm", "save_seconds": 30, "timeout": 30}]
+    h = supervise({"default": saving}, preempt_grace=120.0)
+    sent, returned = _run_with_ctrl_c(h, again_after=1.0)
+    assert len(sent) == 2
+    assert sent[1] - sent[0] >= 1.0
+    assert returned - sent[1] < 1.0, "the second Ctrl-C does not wait"
+    assert not (h.run.attempt_dir(0) / "saved").exists()
+    ended, = h.events("attempt_ended")
+    assert (ended["signal"], ended["interrupted"]) == ("SIGKILL", True)
+    assert h.events("run_finished")[0]["status"] == "interrupted"
+    assert "interrupted (Ctrl-C), checkpoint at step 3; the worker did not stop on SIGTERM" in h.stream.getvalue()
+    pid, = h.worker_pids()
+    assert not psutil.pid_exists(pid), "reaped: no zombie, no process"
 
 
 # ---------------------------------------------------------------------------------------- grandchildren

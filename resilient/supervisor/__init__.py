@@ -8,6 +8,8 @@ what happens after it. Nothing here imports TensorFlow or Keras.
 - ``classify.py``  pure: the evidence of a finished attempt -> an incident kind
 - ``decide.py``    pure: the classified attempt, plan, policy, plan search, incidents -> ``Decision``;
                    the restart rules as tenacity strategies
+- ``startup.py``   pure: a worker's start-up phases (import, restore, first step) and their calibrated
+                   hang timeouts
 - ``report.py``    the root-cause report, the user-error message, the latest checkpoint
 - ``config.py``    ``SupervisorConfig``
 - ``memory.py``, ``gpu.py``  host memory (cgroups, private RSS) and GPU memory (NVML)

@@ -56,6 +56,9 @@ class AttemptOutcome:
     memory_limit: int | None = None
     heartbeat_age: float | None = None
     completed: bool = False  # the worker wrote result.json
+    #: The start-up phase the worker ended in (startup.py; None after its first trained step).
+    startup_phase: str | None = None
+    hang_timeout: float | None = None  # the timeout the supervisor's hang decision applied
 
     @property
     def signal(self) -> str | None:
@@ -67,6 +70,8 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
     sig = outcome.signal
     status = sig or f"exit code {outcome.returncode}"
     evidence: dict[str, Any] = {"exit": status}
+    if outcome.startup_phase is not None:
+        evidence["phase"] = outcome.startup_phase  # what an incident before the first step is told apart by
     report = outcome.report
     reported = report_kind(report) if report is not None else None
     if report is not None:
@@ -77,7 +82,13 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
     if outcome.decision == "hang":
         age = f"{outcome.heartbeat_age:.1f}s" if outcome.heartbeat_age is not None else "too long"
         evidence["heartbeat_age"] = outcome.heartbeat_age
-        return "hang", f"no heartbeat for {age}; the supervisor killed the worker ({status})", evidence
+        during = ""
+        if outcome.hang_timeout is not None:
+            evidence["timeout"] = outcome.hang_timeout
+            during = f" (timeout {outcome.hang_timeout:.1f}s)"
+        if outcome.startup_phase is not None:
+            during = f" during start-up, phase {outcome.startup_phase}{during}"
+        return "hang", f"no heartbeat for {age}{during}; the supervisor killed the worker ({status})", evidence
     if outcome.decision == "watchdog":
         evidence.update(source="watchdog", rss=outcome.last_rss, limit=outcome.memory_limit)
         return "host_oom", (

@@ -20,6 +20,7 @@ class SupervisorConfig:
     context: StepContext
     max_restarts: int
     hang_timeout: float | None = None  # None: calibrated from observed step times
+    #: The cap of the start-up phases' hang timeouts, and the timeout of a phase not yet measured (startup.py).
     startup_timeout: float = 600.0
     host_memory_limit: int | None = None
     rehearse_host_oom: bool = False

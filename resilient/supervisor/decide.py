@@ -18,10 +18,12 @@ changes none of them. The loop executes the decision: it records ``incident``, j
    ``degrade``, none gives ``restart`` with the same plan.
 
 Rules 4 and 5 end in the restart rules (``RestartRules``, tenacity's strategies): ``give_up`` once
-the incidents of this call exceed ``max_restarts`` (probe restarts are free), or when the incident
-repeats an earlier one at the same step with no plan change to tell them apart (no progress). Else
-the wait before the restart: nothing after a plan change or a preemption, exponential backoff while
-failures repeat without a new checkpoint.
+the incidents of this call exceed ``max_restarts`` (probe restarts are free), or when there was no
+progress: the incident repeats an earlier one at the same point (kind, step and start-up phase)
+with the same checkpoint, and nothing changed since (the plan, and no checkpoint advanced in
+between; ``repeats_without_change``). A start-up incident before a newer checkpoint is no repeat of
+one after it, whatever step it is recorded at. Else the wait before the restart: nothing after a
+plan change or a preemption, exponential backoff while failures repeat without a new checkpoint.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ DecisionKind = Literal["finish", "give_up", "degrade", "probe", "restart"]
 JournalEntry = tuple[str, dict[str, Any]]
 
 OOM_KINDS = ("gpu_oom", "host_oom")
-NO_PROGRESS = "no progress: the same incident at the same step twice with no rung left to apply"
+NO_PROGRESS = ("no progress: the same incident at the same step from the same checkpoint twice, with no rung "
+               "left to apply")
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,24 @@ class Decision:
 # ----------------------------------------------------------------------------------- restart rules
 
 
-def repeats_at_same_step(incident: Incident, earlier: Sequence[Incident]) -> bool:
-    """The same kind at the same step as an earlier incident, neither changing the plan: no progress."""
+def same_point(a: Incident, b: Incident) -> bool:
+    """The same kind at the same step, in the same start-up phase (``evidence["phase"]``) if any."""
+    return a.kind == b.kind and a.step == b.step and a.evidence.get("phase") == b.evidence.get("phase")
+
+
+def repeats_without_change(incident: Incident, earlier: Sequence[Incident]) -> bool:
+    """No progress: ``incident`` repeats an earlier one at the same point with the same checkpoint, and
+    nothing changed since: neither changed the plan, and every incident in between ran the same plan
+    from the same checkpoint (none advanced)."""
     if incident.plan_changed:
         return False
-    return any(i.kind == incident.kind and i.step == incident.step and not i.plan_changed for i in earlier)
+    for inc in reversed(earlier):
+        if (inc.plan_changed or inc.plan_before != incident.plan_before
+                or inc.checkpoint_step != incident.checkpoint_step):
+            return False  # something changed since: walking further back cannot find a repeat
+        if same_point(inc, incident):
+            return True
+    return False
 
 
 def repeats_without_progress(incidents: Sequence[Incident]) -> int:
@@ -117,11 +133,11 @@ def _incidents(retry_state: tenacity.RetryCallState) -> tuple[Incident, ...]:
 
 
 class stop_without_progress(tenacity.stop.stop_base):
-    """Stop when the last incident repeats an earlier one at the same step with no plan change."""
+    """Stop when the last incident repeats an earlier one with nothing changed (``repeats_without_change``)."""
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         *earlier, last = _incidents(retry_state)
-        return repeats_at_same_step(last, earlier)
+        return repeats_without_change(last, earlier)
 
 
 class wait_repeats_exponential(tenacity.wait.wait_base):
@@ -270,7 +286,7 @@ def _react(facts: AttemptFacts, plan: Plan, incident: Incident, policy: Policy, 
     degraded = policy.degrade(plan, incident, dataclasses.replace(context, incidents=tuple(incidents)))
     new_plan, action = (degraded[0], f"degrade: {degraded[1]}") if degraded else (plan, "restart with the same plan")
     incident = incident.model_copy(update={"action": action, "plan_after": new_plan})
-    if repeats_at_same_step(incident, incidents):
+    if repeats_without_change(incident, incidents):
         action = "give up: no progress"
         incident = incident.model_copy(update={"action": action})
     journal = [incident_entry(incident)]
@@ -292,7 +308,7 @@ def _restart_or_give_up(decision: Decision, earlier: Sequence[Incident], rules: 
     assert decision.incident is not None
     incidents = (*earlier, decision.incident)
     if rules.gives_up(incidents):
-        reason = (NO_PROGRESS if repeats_at_same_step(decision.incident, earlier)
+        reason = (NO_PROGRESS if repeats_without_change(decision.incident, earlier)
                   else f"restarts exhausted (max_restarts={rules.max_restarts})")
         return dataclasses.replace(decision, kind="give_up", reason=reason)
     return dataclasses.replace(decision, wait=rules.wait_after(incidents))

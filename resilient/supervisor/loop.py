@@ -19,8 +19,11 @@
 - FINISH journals ``run_finished`` and returns the result; GIVE_UP journals it and raises
   ``UserCodeError`` or ``TrainingFailedError`` with the root-cause report (report.py).
 
-Ctrl-C in any state gives the worker the preemption grace to save its checkpoint, journals
-``run_finished`` (``interrupted``) and re-raises.
+Ctrl-C in any state sends the worker SIGTERM (it saves a checkpoint at its next step) and waits
+only while it shows life (a heartbeat, a save in progress; a few seconds for a silent one, at most
+the preemption grace), then SIGKILLs and reaps it; a second Ctrl-C SIGKILLs at once. It says what
+was saved, journals ``attempt_ended`` (``interrupted``) and ``run_finished`` (``interrupted``), and
+re-raises.
 """
 
 from __future__ import annotations
@@ -32,16 +35,17 @@ from .._checkpoint import CheckpointStore
 from .._errors import DiskFullError, TrainingFailedError, UserCodeError
 from .._incident import Incident
 from .._plan import Plan
-from .._protocol import TrainingResult
+from .._protocol import EXIT_PREEMPTED, TrainingResult
 from .._rundir import Journal, atomic_write_text
 from ..policy.search import PlanSearch
-from .classify import classify
+from .classify import classify, signal_name
 from .config import SupervisorConfig
 from .decide import AttemptFacts, Decision, RestartRules, attempt_label, decide
 from .disk import DiskSpace, is_disk_full_error, measure, own_write_text
 from .memory import GpuMemory, reap_stale_cgroups
 from .process import AttemptEnd, Progress, WorkerProcess
 from .report import latest_checkpoint, root_cause_report, saved_text, user_error_message
+from .startup import StartupCalibration
 
 __all__ = ["RunResult", "State", "Supervisor", "SupervisorConfig"]
 
@@ -79,11 +83,14 @@ class Supervisor:
         self.rules = RestartRules.of(config.max_restarts, config.backoff_base, config.backoff_max)
         # After an OOM degradation: the search for the best batch size that fits (see policy/search.py).
         self.search = PlanSearch(config.policy.probe)
+        # This call's measured start-up phases: the hang timeouts of the next attempt's start-up (startup.py).
+        self.startup = StartupCalibration()
         # Attempts are numbered across calls, probe restarts included.
         self._attempt_base = sum(1 for e in self.rundir.read_events() if e.get("event") == "attempt_started")
         self._attempts_started = 0
         # The current attempt, as the states hand it on.
         self._worker: WorkerProcess | None = None
+        self._ended_attempt: int | None = None  # the last attempt whose attempt_ended is journaled
         self._probe = False  # the current attempt runs a probe
         self._switch_to: Plan | None = None  # the plan the search stopped the current worker for
         self._end: AttemptEnd | None = None
@@ -133,27 +140,23 @@ class Supervisor:
         self.rundir.result_json.unlink(missing_ok=True)
         atomic_write_text(adir / "plan.json", self.plan.model_dump_json(indent=2))
         self._probe = self.search.probing == self.plan
+        worker = WorkerProcess(self.cfg, attempt, journal=self.journal, gpu=self.gpu,
+                               judge=self._judge if self.search.active else None,
+                               warmup_steps=self.search.settings.warmup_steps(), startup=self.startup)
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
-                           probe=self._probe)
+                           probe=self._probe, startup_timeouts=worker.startup_timeouts)
         self.cfg.say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
         self._switch_to = None
-        self._worker = WorkerProcess(self.cfg, attempt, journal=self.journal, gpu=self.gpu,
-                                     judge=self._judge if self.search.active else None,
-                                     warmup_steps=self.search.settings.warmup_steps())
-        self._worker.start()
+        self._worker = worker
+        worker.start()
         return State.MONITOR
 
     def _monitor(self) -> State:
         assert self._worker is not None
         end = self._worker.watch()
-        ended: dict[str, object] = {"returncode": end.outcome.returncode}
-        if end.outcome.signal:
-            ended["signal"] = end.outcome.signal
-        if end.cgroup_peak:
-            ended["cgroup_peak_bytes"] = end.cgroup_peak
-        if end.gpu_memory_peak is not None:
-            ended["gpu_memory_peak_bytes"] = end.gpu_memory_peak
-        self.journal.write("attempt_ended", attempt=self._worker.attempt, memory_peak_bytes=end.memory_peak, **ended)
+        self._journal_ended(self._worker.attempt, end)
+        self.startup = self.startup.after(end.startup_seconds, end.progress.max_save_seconds,
+                                          end.progress.max_step_seconds)
         self._end = end
         return State.CLASSIFY
 
@@ -205,12 +208,22 @@ class Supervisor:
                                    incidents=list(self.incidents), run_dir=str(run.path))
 
     def _interrupted(self, state: State) -> None:
-        if self._worker is not None:
-            self._worker.stop(grace=self.cfg.preempt_grace)  # let it save its SIGTERM checkpoint
-            if state in (State.START, State.MONITOR):
-                label = attempt_label(AttemptFacts(self._worker.attempt, None, probe=self._probe), self.plan)
-                self.cfg.say(f"{label} interrupted (Ctrl-C), {saved_text(latest_checkpoint(self.rundir))}")
-        self.journal.write("run_finished", status="interrupted")
+        """Ctrl-C: stop the attempt in flight (interrupt() is a no-op once the worker is reaped; a second
+        Ctrl-C in it SIGKILLs), then journal and say what was saved, whatever a second Ctrl-C did."""
+        worker = self._worker
+        in_flight = worker is not None and worker.attempt != self._ended_attempt
+        try:
+            if worker is not None and in_flight:
+                worker.interrupt()
+        finally:
+            checkpoint = latest_checkpoint(self.rundir)
+            if worker is not None and in_flight:
+                self._journal_ended(worker.attempt, worker.ended() if worker.returncode is not None else None,
+                                    interrupted=True)
+                label = attempt_label(AttemptFacts(worker.attempt, None, probe=self._probe), self.plan)
+                self.cfg.say(f"{label} interrupted (Ctrl-C), {saved_text(checkpoint)}; {_how_it_stopped(worker)}")
+            self.journal.write("run_finished", status="interrupted",
+                               checkpoint_step=checkpoint.step if checkpoint else None)
 
     def _disk_full(self, decision: Decision) -> DiskFullError:
         """GIVE_UP on a full disk: the root-cause report with the free space, the path and what to do."""
@@ -256,6 +269,22 @@ class Supervisor:
         except OSError as exc:
             if not is_disk_full_error(exc):
                 raise
+
+    def _journal_ended(self, attempt: int, end: AttemptEnd | None, **extra: object) -> None:
+        """``attempt_ended``: how the worker exited, its memory peaks and measured start-up phases."""
+        self._ended_attempt = attempt
+        if end is None:  # Ctrl-C before the worker was spawned
+            self.journal.write("attempt_ended", attempt=attempt, returncode=None, **extra)
+            return
+        ended: dict[str, object] = {"returncode": end.outcome.returncode}
+        if end.outcome.signal:
+            ended["signal"] = end.outcome.signal
+        if end.cgroup_peak:
+            ended["cgroup_peak_bytes"] = end.cgroup_peak
+        if end.gpu_memory_peak is not None:
+            ended["gpu_memory_peak_bytes"] = end.gpu_memory_peak
+        ended["startup_seconds"] = end.startup_seconds
+        self.journal.write("attempt_ended", attempt=attempt, memory_peak_bytes=end.memory_peak, **ended, **extra)
 
     def _facts_of_attempt(self) -> AttemptFacts:
         """The attempt's evidence, classified into an incident (None when it completed the training)."""
@@ -331,3 +360,15 @@ class Supervisor:
             self.cfg.say(verdict.message)
         self._switch_to = verdict.switch_to
         return verdict.switch_to is not None
+
+
+def _how_it_stopped(worker: WorkerProcess) -> str:
+    """How an interrupted worker ended, for its console line."""
+    code = worker.returncode
+    if code == EXIT_PREEMPTED:
+        return "the worker saved it on SIGTERM and stopped"
+    if worker.killed:
+        return "the worker did not stop on SIGTERM and was killed (SIGKILL)"
+    if code is None:
+        return "no worker was running"
+    return f"the worker ended ({signal_name(code) or f'exit code {code}'})"

@@ -5,7 +5,8 @@
   cgroup when the run has a limit (or rehearses a host OOM).
 - MONITOR copies the worker's output to the attempt's ``worker.log`` and to our stream, reads the
   channel (heartbeats, progress, checkpoints, faults), samples memory (private RSS of the process
-  tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang; a worker
+  tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
+  start-up phases after their own calibrated timeouts, startup.py); a worker
   over the memory budget without a cgroup is killed by the watchdog; a rehearsed ``preempt`` gets
   SIGTERM, and so does a healthy worker the plan search wants to leave for another plan (``judge``).
 
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +46,7 @@ from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig, write_quietly
 from .memory import GpuMemory, MemoryCgroup, tree_rss
+from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
 
 #: Floor of the automatic hang timeout, in seconds.
 AUTO_HANG_FLOOR = 120.0
@@ -52,6 +54,10 @@ AUTO_HANG_FLOOR = 120.0
 AUTO_HANG_FACTOR = 10.0
 #: Memory of the rehearsed host_oom when the run has no limit: current usage plus this.
 REHEARSAL_HEADROOM = 256 << 20
+#: On Ctrl-C, a worker silent this long (plus twice its slowest step) shows no life: it is not waited for.
+INTERRUPT_SILENCE = 3.0
+#: On Ctrl-C, a worker in the middle of a save is waited for this long plus 3x its slowest save.
+INTERRUPT_SAVE_PATIENCE = 30.0
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -65,6 +71,7 @@ class Progress:
     epoch: int | None = None
     step: int | None = None
     start_step: int | None = None  # where the attempt began (its Hello: the checkpoint it resumed from)
+    skip_steps: int = 0  # batches of the resumed epoch its input skips before the first step (its Hello)
     trained_steps: int = 0  # train heartbeats with a step time: 0 until the first compiled step
     max_step_seconds: float = 0.0
     max_save_seconds: float = 0.0
@@ -128,7 +135,7 @@ def advance(progress: Progress, msg: Any, warmup_steps: int) -> Progress:
             changes["max_step_seconds"] = max(progress.max_step_seconds, msg.step_seconds)
         return replace(progress, **changes)
     if isinstance(msg, Hello):
-        return replace(progress, epoch=msg.epoch, step=msg.step, start_step=msg.step)
+        return replace(progress, epoch=msg.epoch, step=msg.step, start_step=msg.step, skip_steps=msg.skip_steps)
     if isinstance(msg, CheckpointSaved):
         return replace(progress, epoch=msg.epoch, step=msg.step, phase="train",
                        max_save_seconds=max(progress.max_save_seconds, msg.seconds))
@@ -150,6 +157,8 @@ class AttemptEnd:
     memory_peak: int | None = None
     cgroup_peak: int | None = None  # includes page cache the kernel could have reclaimed
     gpu_memory_peak: int | None = None
+    #: Seconds of each start-up phase that ended in this attempt (startup.py).
+    startup_seconds: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------- the process
@@ -164,7 +173,8 @@ class WorkerProcess:
     """One attempt's worker: ``start()``, then ``watch()`` until it exits; ``stop()`` from anywhere."""
 
     def __init__(self, cfg: SupervisorConfig, attempt: int, *, journal: Journal, gpu: GpuMemory,
-                 judge: Judge | None = None, warmup_steps: int = 0) -> None:
+                 judge: Judge | None = None, warmup_steps: int = 0,
+                 startup: StartupCalibration | None = None) -> None:
         self.cfg = cfg
         self.attempt = attempt
         self.dir = cfg.run.attempt_dir(attempt)
@@ -172,6 +182,10 @@ class WorkerProcess:
         self.gpu = gpu
         self.judge = judge
         self.warmup_steps = warmup_steps
+        #: What this call measured of earlier start-ups (startup.py); and so, the seconds of silence that
+        #: read as a hang in each start-up phase.
+        self.startup = startup or StartupCalibration()
+        self.startup_timeouts: dict[str, float] = self.startup.timeouts(cfg.hang_timeout, cfg.startup_timeout)
         #: The memory budget in force: the run's, or the one a rehearsed host_oom armed.
         self.memory_limit = cfg.host_memory_limit
         #: What the supervisor did to the worker (AttemptOutcome.decision).
@@ -179,6 +193,7 @@ class WorkerProcess:
         self._lock = threading.Lock()  # guards the fields below, written by the channel's reader thread
         self._progress = Progress()
         self._last_beat = time.monotonic()
+        self._clock = StartupClock(self._last_beat)
         self._pending_preempt = self._pending_host_oom = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._group: MemoryCgroup | None = None
@@ -191,6 +206,10 @@ class WorkerProcess:
         self._heartbeat_age: float | None = None
         #: The worker's error report sent over the channel when it could not write error.json (a full disk).
         self._sent_report: ErrorReport | None = None
+        self._hang_phase: StartupPhase | None = None  # the start-up phase a hang was seen in
+        self.interrupted = False  # Ctrl-C reached this attempt (interrupt())
+        self.killed = False  # interrupt() had to SIGKILL it
+        self._hang_timeout: float | None = None
 
     # ------------------------------------------------------------------ START
 
@@ -201,6 +220,9 @@ class WorkerProcess:
         # Private (the run directory is code) and unbuffered: a full disk fails the write, not close().
         log = os.fdopen(os.open(self.dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab",
                         buffering=0)
+        with self._lock:
+            self._last_beat = time.monotonic()
+            self._clock = StartupClock(self._last_beat)
         try:
             proc = subprocess.Popen(
                 worker_command(self.cfg, self.attempt, write_fd), stdin=subprocess.DEVNULL,
@@ -264,8 +286,10 @@ class WorkerProcess:
                 self._check(now)
                 time.sleep(self.cfg.poll_interval)
         except KeyboardInterrupt:
-            self.stop(grace=self.cfg.preempt_grace)  # let it save its SIGTERM checkpoint
-            self._leave_cgroup()
+            try:
+                self.interrupt()  # let it save its SIGTERM checkpoint if it can; a second Ctrl-C kills at once
+            finally:
+                self._leave_cgroup()
             raise
         except BaseException:
             self.stop(grace=self.cfg.kill_grace)
@@ -291,7 +315,7 @@ class WorkerProcess:
     def _check(self, now: float) -> None:
         """One look at the worker: act on a rehearsal, the memory budget, the plan search, silence."""
         with self._lock:
-            progress, age = self._progress, now - self._last_beat
+            progress, age, phase = self._progress, now - self._last_beat, self._clock.phase()
             preempt, arm = self._pending_preempt, self._pending_host_oom
             self._pending_preempt = self._pending_host_oom = False
         if arm:
@@ -306,10 +330,12 @@ class WorkerProcess:
         if self.judge is not None and self.decision is None and self._switch_plans(progress):
             self.decision = "probe"
             self._signal(signal.SIGTERM)  # it checkpoints and exits; the next attempt runs the next plan
-        timeout = self.hang_timeout(progress)
+        timeout = self.hang_timeout(progress, phase)
         if age > timeout and self.decision is None:
             self.decision, self._heartbeat_age = "hang", age
-            self.cfg.say(f"no heartbeat for {age:.1f}s (timeout {timeout:.1f}s): stopping the worker")
+            self._hang_phase, self._hang_timeout = phase, timeout
+            during = f" during start-up ({phase})" if phase else ""
+            self.cfg.say(f"no heartbeat for {age:.1f}s{during} (timeout {timeout:.1f}s): stopping the worker")
             self.stop(grace=self.cfg.kill_grace)
         if self.decision == "preempt" and age > self.cfg.preempt_grace:
             self._signal(signal.SIGKILL)
@@ -335,18 +361,26 @@ class WorkerProcess:
             group.set_limit(self.memory_limit)
         self.journal.write("rehearsal_limit", limit=self.memory_limit, mechanism="cgroup" if group else "watchdog")
 
-    def hang_timeout(self, progress: Progress) -> float:
-        """Seconds of silence that read as a hang in the worker's current phase."""
+    def hang_timeout(self, progress: Progress, startup: StartupPhase | None = None) -> float:
+        """Seconds of silence that read as a hang in the worker's current phase (``startup``: the start-up
+        phase it is in, None after its first trained step)."""
         cfg = self.cfg
+        if startup == "first_step" and progress.skip_steps:  # a factory re-reads what a resumed epoch skips
+            return self.startup.first_step_timeout(self.startup_timeouts, progress.skip_steps,
+                                                   startup_cap(cfg.hang_timeout, cfg.startup_timeout))
+        if startup is not None:
+            return self.startup_timeouts[startup]
         if cfg.hang_timeout is not None:
             base = cfg.hang_timeout
         else:
             base = max(AUTO_HANG_FLOOR, AUTO_HANG_FACTOR * progress.max_step_seconds)
-        if progress.trained_steps == 0:
-            return max(base, cfg.startup_timeout)  # import, restore, first compiled step
         if progress.phase in ("save", "epoch_end", "validate"):
             return max(base, 3 * progress.max_save_seconds + base)
         return base
+
+    def ended(self) -> AttemptEnd:
+        """How the attempt ended, once the worker was reaped (``watch()`` returns it; after Ctrl-C, ask)."""
+        return self._ended()
 
     def _ended(self) -> AttemptEnd:
         assert self._proc is not None
@@ -363,11 +397,12 @@ class WorkerProcess:
             decision=self.decision,
             oom_kills=oom_kills, last_rss=self._last_rss, memory_limit=self.memory_limit,
             heartbeat_age=self._heartbeat_age, completed=self.cfg.run.result_json.exists(),
+            startup_phase=self._hang_phase or self._clock.phase(), hang_timeout=self._hang_timeout,
         )
         with self._lock:
-            progress = self._progress
+            progress, startup = self._progress, self._clock.measured()
         return AttemptEnd(outcome, progress, memory_peak=peak, cgroup_peak=cgroup_peak,
-                          gpu_memory_peak=self._gpu_peak)
+                          gpu_memory_peak=self._gpu_peak, startup_seconds=startup)
 
     def _leave_cgroup(self) -> None:
         if self._group is not None:
@@ -380,6 +415,7 @@ class WorkerProcess:
         """Runs on the channel's reader thread, for every message."""
         with self._lock:
             self._last_beat = time.monotonic()
+            self._clock.saw(msg, self._last_beat)
             self._progress = advance(self._progress, msg, self.warmup_steps)
             if isinstance(msg, FaultFired):
                 self._pending_preempt |= msg.kind == "preempt"
@@ -390,7 +426,7 @@ class WorkerProcess:
         attempt = self.attempt
         if isinstance(msg, Hello):
             self.journal.write("worker_ready", attempt=attempt, pid=msg.pid, epoch=msg.epoch, step=msg.step,
-                               resumed_from_step=msg.resumed_from)
+                               resumed_from_step=msg.resumed_from, skip_steps=msg.skip_steps)
         elif isinstance(msg, CheckpointSaved):
             self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
                                seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason, path=msg.path)
@@ -438,6 +474,53 @@ class WorkerProcess:
 
     # ------------------------------------------------------------------ stopping
 
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc is not None else None
+
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGTERM (the worker saves a checkpoint at its next step and exits), wait while it
+        shows life (``interrupt_patience``), at most ``preempt_grace``; then SIGKILL and reap. A second
+        Ctrl-C during the wait SIGKILLs at once, reaps, and re-raises. Nothing when it was reaped already."""
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.poll() is None:
+            self.interrupted = True
+            self._signal(signal.SIGTERM)
+            try:
+                self._wait_while_alive(proc)
+            except KeyboardInterrupt:
+                self._kill_and_reap(proc)
+                raise
+        self._kill_and_reap(proc)
+
+    def _wait_while_alive(self, proc: subprocess.Popen[bytes]) -> None:
+        started = time.monotonic()
+        while proc.poll() is None:
+            now = time.monotonic()
+            with self._lock:
+                progress, age = self._progress, now - self._last_beat
+            if now - started >= self.cfg.preempt_grace:
+                return
+            if now - started >= INTERRUPT_SILENCE and age > interrupt_patience(progress):
+                return
+            time.sleep(self.cfg.poll_interval)
+
+    def _kill_and_reap(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL the worker's group unless it exited, and reap it (no zombie), whatever Ctrl-C says."""
+        if proc.poll() is None:
+            self.killed = True
+            self._signal(signal.SIGKILL)
+        for _ in range(3):  # SIGKILL is not refused; a further Ctrl-C must not leave the process unreaped
+            try:
+                proc.wait(timeout=30)
+                return
+            except KeyboardInterrupt:
+                continue
+            except subprocess.TimeoutExpired:
+                return  # stuck in the kernel (D state): nothing more a signal can do
+
     def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; nothing when the worker already exited."""
         proc = self._proc
@@ -464,6 +547,15 @@ class WorkerProcess:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def interrupt_patience(progress: Progress) -> float:
+    """Seconds of silence after which a worker asked to stop by Ctrl-C shows no more life: a few
+    seconds plus twice its slowest step (it finishes the step, then saves); longer during a save."""
+    if progress.phase == "save":
+        return INTERRUPT_SAVE_PATIENCE + 3 * progress.max_save_seconds
+    return INTERRUPT_SILENCE + 2 * progress.max_step_seconds
+
 
 
 def worker_command(cfg: SupervisorConfig, attempt: int, fd: int) -> list[str]:

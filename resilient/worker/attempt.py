@@ -115,6 +115,7 @@ class Attempt:
         _configure_tf(self.spec)
         import keras
 
+        self.beat("restore", force=True)  # the supervisor times the start-up phases (import, restore)
         from .model import build_model
         from .tensorboard import log_to_tensorboard
 
@@ -130,7 +131,8 @@ class Attempt:
             log_to_tensorboard(self.run, self.user_callbacks, self.plan, self.global_step)
         except Exception as exc:  # logging must never stop the training
             self.channel.send(Notice(event="tensorboard_log_failed", fields={"error": repr(exc)}))
-        self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from))
+        self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from,
+                                skip_steps=self.offset // max(1, self.plan.batch_size)))
         return model, objects
 
     def _callback_list(self, model: Any) -> Any:
