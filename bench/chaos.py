@@ -76,9 +76,8 @@ def draw_faults(seed: int, count: int, total_steps: int, kinds: tuple[str, ...] 
     """``count`` faults of random kinds at distinct random steps in [1, total_steps).
 
     A drawn kind gives way to the next one (in a seeded order) where it would meet the run as the
-    same incident at the same step as an earlier fault, or where it is a ``hang`` at the first step
-    of an attempt resumed after a preemption: that attempt's first step is waited for by the fixed
-    start-up timeout, not ``hang_timeout`` (issue 10, hole 2; lift the rule once that is fixed).
+    same incident at the same step, from the same checkpoint, as an earlier fault: that is what "no
+    progress" means, and the run would rightly stop there.
     """
     rng = np.random.default_rng(seed)
     if count >= total_steps:
@@ -90,7 +89,7 @@ def draw_faults(seed: int, count: int, total_steps: int, kinds: tuple[str, ...] 
         for index in rng.permutation(len(kinds)).tolist():
             kind = kinds[index]
             point = (INCIDENT[kind], _meets(kind, step, drawn, every, steps_per_epoch))
-            if point in met or (kind == "hang" and drawn.get(step - 1) == "preempt"):
+            if point in met:
                 continue
             drawn[step] = kind
             met.add(point)
