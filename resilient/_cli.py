@@ -6,6 +6,7 @@ Commands::
     policies check FILE_OR_NAME      validate a policy and print its ladders (exit 2 if invalid)
     policies show NAME               print a policy's ladders
     policies steps                   list the registered steps
+    report RUN_DIR [-o FILE]         write the run's self-contained HTML report (needs the ``report`` extra)
 
 A command is a function that adds its subparser and sets ``handler``; add one to ``COMMANDS``.
 """
@@ -75,7 +76,20 @@ def _add_status(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     add_command(subparsers)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [_add_policies, _add_status]
+def _add_report(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "report", help="write a self-contained HTML report of a run directory",
+        description="Write one self-contained HTML file (curves, memory, checkpoints, attempts, incidents) built "
+                    "from the run directory alone, and the curves as a PNG beside it. Needs matplotlib: "
+                    "pip install 'resilient[report]'.")
+    parser.add_argument("run_dir", help="the run_dir passed to resilient.fit")
+    parser.add_argument("-o", "--output", metavar="FILE", default=None,
+                        help="where to write the HTML (default: RUN_DIR/report.html); the PNG goes beside it")
+    parser.set_defaults(handler=_report)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_policies, _add_status, _add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,4 +171,21 @@ def _policies_steps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     width = max(len(name) for name in steps)
     for name, summary in steps.items():
         print(f"{name:<{width}}  {summary}", file=out)
+    return 0
+
+
+def _report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .report import build_report
+
+    try:
+        path = build_report(args.run_dir, args.output)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_INVALID
+    except ImportError as e:
+        print(f"error: {e}", file=err)
+        return 1
+    print(f"report: {path}", file=out)
+    if path.with_suffix(".png").exists():
+        print(f"curves: {path.with_suffix('.png')}", file=out)
     return 0

@@ -49,6 +49,13 @@ class History:
             self._model = self._loader()
         return self._model
 
+    def report(self, path: str | Path | None = None) -> Path:
+        """Write the run's self-contained HTML report to ``path`` (default ``run_dir/report.html``), the curves as
+        a PNG beside it; returns the HTML's path. Needs matplotlib: ``pip install 'resilient[report]'``."""
+        from .report import build_report
+
+        return build_report(self.run_dir, path)
+
     def __repr__(self) -> str:
         return (
             f"History(epochs={len(self.epoch)}, incidents={[i.kind for i in self.incidents]}, "
