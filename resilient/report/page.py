@@ -23,7 +23,7 @@ th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid #eee; vert
 th { background: #fafafa; font-weight: 600; } td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 dl.summary { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 12px 0; }
 dl.summary dt { color: #666; } dl.summary dd { margin: 0; }
-figure { margin: 8px 0; } figure svg { max-width: 100%; height: auto; }
+figure { margin: 8px 0; } figure svg { width: 100%; height: auto; }
 .incident { border-left: 4px solid #c0392b; background: #fdf3f2; padding: 8px 12px; margin: 10px 0; }
 .incident dl { display: grid; grid-template-columns: max-content 1fr; gap: 1px 12px; margin: 4px 0; }
 .incident dt { color: #666; } .incident dd { margin: 0; }

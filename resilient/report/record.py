@@ -440,10 +440,15 @@ def _memory_samples(events: list[dict[str, Any]], seconds: Any) -> list[Series]:
     """Series from ``memory_sample`` events, whatever their exact shape: every numeric field with a memory-like
     name, nested ones named by their path; a name with ``limit`` or ``total`` is a limit (drawn dashed)."""
     series: dict[str, list[tuple[float, float]]] = {}
+    attempt = None
     for e in (e for e in events if e["event"] == "memory_sample"):
         moment = seconds(e)
         if moment is None:
             continue
+        if e.get("attempt") != attempt and attempt is not None:
+            for points in series.values():  # a NaN breaks the line: the gap between two workers is the restart
+                points.append((moment, float("nan")))
+        attempt = e.get("attempt")
         for name, value in _flatten(e).items():
             if _is_memory(name):
                 series.setdefault(name, []).append((moment, value))
@@ -464,7 +469,7 @@ def _memory_peaks(events: list[dict[str, Any]], seconds: Any) -> list[Series]:
                           ("gpu_memory_peak_bytes", "GPU peak")):
             value = _number(e.get(key))
             if value is not None:
-                # A None point breaks the line between attempts: the gap is the restart.
+                # A NaN breaks the line between attempts: the gap is the restart.
                 series.setdefault(name, []).extend([(begin, value), (end, value), (end, float("nan"))])
     return [Series(name, points, gpu=name.startswith("GPU")) for name, points in series.items()]
 
