@@ -297,7 +297,7 @@ def _incidents(run: RunDir, events: list[dict[str, Any]], seconds: Any) -> list[
     views = []
     for e in (e for e in events if e["event"] == "incident"):
         attempt = _int(e.get("attempt"))
-        log = _log_of(run, attempt, e.get("log"))
+        log = _log_of(run, attempt, e.get("log") or e.get("log_file"))
         views.append(IncidentView(
             kind=str(e.get("kind", "?")), attempt=attempt, epoch=_int(e.get("epoch")), step=_int(e.get("step")),
             seconds=seconds(e), detail=str(e.get("detail", "")),
