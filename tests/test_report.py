@@ -158,3 +158,11 @@ def test_history_report_uses_the_run_directory(tmp_path, monkeypatch):
     History({}, [], [], Plan(batch_size=1), tmp_path).report("out.html")
     assert seen == [(tmp_path, "out.html")]
     assert main(["report", "--help"], out=None) == 0
+
+
+def test_thin_keeps_the_ends_and_bounds_the_count():
+    from resilient.report.figures import thin
+
+    assert thin(list(range(10)), 20) == list(range(10))
+    kept = thin(list(range(10_001)), 1000)
+    assert kept[0] == 0 and kept[-1] == 10_000 and len(kept) <= 1001

@@ -19,8 +19,19 @@ _RC = {"svg.fonttype": "none", "text.parse_math": False, "svg.hashsalt": "resili
 _INCIDENT = "#c0392b"
 _PLAN = "#2471a3"
 _WIDTH = 9.0
+#: Points a line or a scatter keeps at most: a long run saves tens of thousands of checkpoints, and every
+#: marker is an SVG element (the figure's shape does not change at this density).
+MAX_POINTS = 1500
 #: At most this many metric panels (loss first); a model with more metrics keeps the rest in the table.
 MAX_PANELS = 6
+
+
+def thin(items: list[Any], most: int = MAX_POINTS) -> list[Any]:
+    """Every k-th item (the last kept) so that at most about ``most`` remain."""
+    if len(items) <= most:
+        return items
+    stride = math.ceil(len(items) / most)
+    return items[::stride] + ([items[-1]] if (len(items) - 1) % stride else [])
 
 
 @contextmanager
@@ -149,7 +160,7 @@ def memory_figure(record: RunRecord) -> Any | None:
         for i, (ax, gpu) in enumerate(zip(axes, sides)):
             series = [s for s in record.memory if s.gpu == gpu]
             bscale, unit = _byte_scale([v for s in series for _, v in s.points])
-            for s in series:
+            for s in series:  # not thinned: a stride could drop the peak that explains an incident
                 ax.plot([t / tscale for t, _ in s.points], [v / bscale for _, v in s.points], label=s.name,
                         linestyle="--" if s.limit else "-", linewidth=1.4 if s.limit else 1.2, zorder=3)
             _draw_marks(ax, record.marks, [m.seconds / tscale if m.seconds is not None else None
@@ -172,11 +183,12 @@ def checkpoint_figure(record: RunRecord) -> Any | None:
         fig = Figure(figsize=(_WIDTH, 3.2), layout="constrained")
         ax = fig.subplots()
         for attempt, line in sorted(record.progress.items()):
+            line = thin(line)
             ax.plot([t / tscale for t, _ in line], [s for _, s in line], color="#7f8c8d", linewidth=1.0, zorder=2,
                     label="training progress" if attempt == min(record.progress) else None)
         reasons = sorted({c.reason for c in record.checkpoints})
         for reason, marker in zip(reasons, "os^Dvp<>h*"):
-            saved = [c for c in record.checkpoints if c.reason == reason and c.seconds is not None]
+            saved = thin([c for c in record.checkpoints if c.reason == reason and c.seconds is not None])
             ax.scatter([c.seconds / tscale for c in saved], [c.step for c in saved], marker=marker, s=22, zorder=3,
                        label=f"checkpoint ({reason or 'saved'})")
         hit = [i for i in record.incidents if i.seconds is not None and i.step is not None]
