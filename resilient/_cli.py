@@ -175,7 +175,7 @@ def _policies_steps(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from .report import build_report
+    from ._report import build_report
 
     try:
         path = build_report(args.run_dir, args.output)

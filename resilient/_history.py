@@ -52,7 +52,7 @@ class History:
     def report(self, path: str | Path | None = None) -> Path:
         """Write the run's self-contained HTML report to ``path`` (default ``run_dir/report.html``), the curves as
         a PNG beside it; returns the HTML's path. Needs matplotlib: ``pip install 'resilient[report]'``."""
-        from .report import build_report
+        from ._report import build_report
 
         return build_report(self.run_dir, path)
 

@@ -52,8 +52,8 @@ def test_the_caller_side_never_imports_tensorflow_or_keras():
     code = (
         "import sys, resilient, resilient.supervisor.loop, resilient.supervisor.classify, resilient.policy, "
         "resilient.policy.step, resilient.policy.steps, resilient.policy.policy, resilient.policy.search, "
-        "resilient.steps, resilient._status, resilient._cli, resilient.report, resilient.report.record, "
-        "resilient.report.figures, resilient.report.page, resilient.worker.state, resilient.worker.reshape\n"
+        "resilient.steps, resilient._status, resilient._cli, resilient._report, resilient._report.record, "
+        "resilient._report.figures, resilient._report.page, resilient.worker.state, resilient.worker.reshape\n"
         "import resilient.data.dispatch, resilient.data.base, resilient.data.checks, resilient.data.arrays, "
         "resilient.data.folder, resilient.data.factory, resilient.data.pydataset\n"
         "import resilient.supervisor.config, resilient.supervisor.decide, resilient.supervisor.process, "

@@ -12,8 +12,8 @@ import pytest
 
 from resilient._cli import main
 from resilient._plan import Plan
+from resilient._report import MISSING_MATPLOTLIB, read_run
 from resilient._rundir import ArraysData, RunDir, RunSpec
-from resilient.report import MISSING_MATPLOTLIB, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = Plan(batch_size=32).model_dump(mode="json")
@@ -95,7 +95,7 @@ def test_memory_samples_of_either_shape_are_drawn_with_their_limits(tmp_path, sh
     assert "attempt" not in series  # not memory
 
     pytest.importorskip("matplotlib")
-    from resilient.report import build_report
+    from resilient._report import build_report
 
     page = build_report(tmp_path / "run").read_text()
     assert "sampled by the supervisor" in page and "GPU memory" in page and "host memory" in page
@@ -103,7 +103,7 @@ def test_memory_samples_of_either_shape_are_drawn_with_their_limits(tmp_path, sh
 
 def test_journal_text_is_escaped_and_never_read_as_markup_or_math(tmp_path):
     pytest.importorskip("matplotlib")
-    from resilient.report import build_report
+    from resilient._report import build_report
 
     events = _story()
     evil = "<script>alert(1)</script> & \"quotes\" $x^2$"
@@ -122,7 +122,7 @@ def test_journal_text_is_escaped_and_never_read_as_markup_or_math(tmp_path):
 
 def test_a_run_still_going_reports_what_it_has(tmp_path):
     pytest.importorskip("matplotlib")
-    from resilient.report import build_report
+    from resilient._report import build_report
 
     events = [e for e in _story() if e["event"] not in ("epoch_end", "run_finished")][:-1]
     path = build_report(_run(tmp_path, events))
@@ -154,14 +154,14 @@ def test_history_report_uses_the_run_directory(tmp_path, monkeypatch):
     from resilient import History
 
     seen = []
-    monkeypatch.setattr("resilient.report.build_report", lambda run_dir, path=None: seen.append((run_dir, path)))
+    monkeypatch.setattr("resilient._report.build_report", lambda run_dir, path=None: seen.append((run_dir, path)))
     History({}, [], [], Plan(batch_size=1), tmp_path).report("out.html")
     assert seen == [(tmp_path, "out.html")]
     assert main(["report", "--help"], out=None) == 0
 
 
 def test_thin_keeps_the_ends_and_bounds_the_count():
-    from resilient.report.figures import thin
+    from resilient._report.figures import thin
 
     assert thin(list(range(10)), 20) == list(range(10))
     kept = thin(list(range(10_001)), 1000)
