@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import resilient
+from resilient._report import read_run
 from tests.conftest import make_data, make_model
 
 pytest.importorskip("matplotlib", reason="the report needs the `report` extra (pip install -e '.[report]')")
@@ -83,6 +84,11 @@ def test_report_holds_the_curves_attempts_incidents_and_checkpoints(run):
     assert "checkpoint at step 4 (lost 1 step)" in crash and "attempts/000/worker.log" in crash
     assert "step 9" in oom and "report: gpu_oom" in oom and "degrade: mixed_precision()" in oom
     assert "batch=32 float32 cache &rarr; batch=32 mixed_bfloat16 cache" in oom
+    assert "checkpoint at step 8 (lost 1 step)" in oom
+    # The marks drawn on the curves: each incident and the plan change at their step.
+    marks = [(m.kind, m.label, m.step) for m in read_run(history.run_dir).marks]
+    assert marks == [("incident", "crash", 5), ("incident", "gpu_oom", 9),
+                     ("plan", "plan: batch=32 mixed_bfloat16 cache", 9)]
     assert "OOM when allocating tensor (rehearsed fault gpu_oom@9)" in oom
 
     # Memory: this journal's attempt peaks (or the supervisor's samples, once it journals them).
