@@ -166,3 +166,13 @@ def test_thin_keeps_the_ends_and_bounds_the_count():
     assert thin(list(range(10)), 20) == list(range(10))
     kept = thin(list(range(10_001)), 1000)
     assert kept[0] == 0 and kept[-1] == 10_000 and len(kept) <= 1001
+
+
+def test_curves_come_from_result_json_when_the_journal_has_no_epoch_ends(tmp_path):
+    """A run journaled by 0.1.0 (no ``epoch_end`` events): the curves come from result.json, at each epoch's end."""
+    run = _run(tmp_path, [e for e in _story() if e["event"] != "epoch_end"])
+    (run / "result.json").write_text(json.dumps({"history": {"loss": [0.9, 0.5], "val_loss": [1.0, 0.7]},
+                                                 "epochs_done": [0, 1], "global_step": 8, "steps": 4}))
+    record = read_run(run)
+    assert [(p.epoch, p.step, p.value) for p in record.curves["loss"]] == [(0, 4, 0.9), (1, 8, 0.5)]
+    assert [p.value for p in record.curves["val_loss"]] == [1.0, 0.7]
