@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import json
 import os
 import re
@@ -1227,7 +1228,7 @@ def test_memory_samples_are_journaled_at_the_schedules_rate_with_the_peak(superv
     assert samples and all(s["attempt"] == 0 for s in samples)
     ages = [parse_time(s["time"]) - t0 for s in samples]
     # Never sooner than the schedule says (a slow machine only spaces them more); the last line is the end's flush.
-    for age, next_age in zip(ages[:-2], ages[1:-1]):
+    for age, next_age in itertools.pairwise(ages[:-1]):
         assert next_age - age >= journal_interval(age, schedule) - 0.05, (age, next_age)
     assert sum(1 for age in ages[:-1] if age > 1.6) >= 2, " ".join(f"{a:.2f}" for a in ages)
     assert sum(1 for age in ages if age < 1.5) >= 3, "the fine rate at first"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from resilient.supervisor.telemetry import DOWNSAMPLE, MemorySample, MemoryTelemetry, journal_interval
@@ -35,7 +36,7 @@ def test_one_line_a_second_at_first_then_fewer():
     assert len(first) == 600 and first[:3] == [0.0, 1.0, 2.0]
     assert 655 <= len(middle) <= 661
     assert 59 <= len(late) <= 61
-    gaps = {round(b - a, 2) for a, b in zip(late, late[1:])}
+    gaps = {round(b - a, 2) for a, b in itertools.pairwise(late)}
     assert gaps == {60.0}
 
 
