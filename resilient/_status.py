@@ -336,7 +336,10 @@ def story_line(event: dict[str, Any], epochs: int | None) -> str | None:
         logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted((e.get("logs") or {}).items()))
         return f"epoch {e['epoch'] + 1}{of} done at step {e['step']}" + (f": {logs}" if logs else "")
     if kind == "checkpoint_saved":
-        return f"checkpoint at step {e.get('step')} (epoch {e.get('epoch', 0) + 1}, {e.get('reason', 'interval')})"
+        reason = e.get("reason", "interval")
+        if reason in ("epoch_end", "final"):  # its epoch is the one a resume starts: the next one
+            return f"checkpoint at step {e.get('step')} (end of epoch {e.get('epoch')}{of}, {reason})"
+        return f"checkpoint at step {e.get('step')} (epoch {e.get('epoch', 0) + 1}{of}, {reason})"
     if kind == "incident":
         where = f" at epoch {e['epoch'] + 1}" if e.get("epoch") is not None else ""
         where += f", step {e['step']}" if e.get("step") is not None else ""

@@ -159,7 +159,7 @@ def test_follow_prints_events_as_they_come_and_exits_at_the_end(tmp_path, held):
         "started by pid 4242: 5 epochs", "attempt 0 started: plan batch=32 float32 cache",
         "epoch 1/5 done at step 10: loss=1", "epoch 2/5 done at step 20: loss=0.5",
         "incident: gpu_oom in attempt 0 at epoch 3, step 25: ResourceExhaustedError -> degrade: halve_batch",
-        "attempt 1 started: plan batch=16 float32 cache", "checkpoint at step 30 (epoch 3, interval)",
+        "attempt 1 started: plan batch=16 float32 cache", "checkpoint at step 30 (epoch 3/5, interval)",
         "run finished: completed"]
     assert set(polls) == {0.5} and "\r" not in out.getvalue()  # not a terminal: plain lines, no redraws
 
