@@ -89,7 +89,7 @@ def summarize(path: str | Path, *, now: float | None = None) -> str:
     lines.append(f"  lock: {_lock_text(state.holder)}")
     lines += _damage_lines(run, events)
     finished = [e for e in events if e["event"] == "run_finished"]
-    lines.append(f"  status: {finished[-1]['status'] if finished else 'not finished (running, or its session died)'}")
+    lines.append(f"  status: {finished[-1]['status'] if finished else f'not finished ({state.state})'}")
     return "\n".join(lines)
 
 
