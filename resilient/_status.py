@@ -83,14 +83,18 @@ def summarize(path: str | Path, *, now: float | None = None) -> str:
         last = epochs[-1]
         logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.get("logs", {}).items()))
         lines.append(f"  last epoch finished: {last['epoch']} (step {last['step']}) {logs}")
-    ckpt = latest_checkpoint(run)
-    lines.append(f"  last checkpoint: step {ckpt.step}, epoch {ckpt.epoch}, sample {ckpt.offset}{_age(ckpt.path, now)}"
-                 if ckpt else "  last checkpoint: none")
-    lines.append(f"  lock: {_lock_text(state.holder)}")
+    lines += _checkpoint_and_lock(run, state.holder, now)
     lines += _damage_lines(run, events)
     finished = [e for e in events if e["event"] == "run_finished"]
     lines.append(f"  status: {finished[-1]['status'] if finished else f'not finished ({state.state})'}")
     return "\n".join(lines)
+
+
+def _checkpoint_and_lock(run: RunDir, holder: int | None, now: float) -> list[str]:
+    """The last checkpoint, with its age, and who holds the run directory's lock."""
+    ckpt = latest_checkpoint(run)
+    saved = (f"step {ckpt.step}, epoch {ckpt.epoch}, sample {ckpt.offset}{_age(ckpt.path, now)}" if ckpt else "none")
+    return [f"  last checkpoint: {saved}", f"  lock: {_lock_text(holder)}"]
 
 
 def _damage_lines(run: RunDir, events: list[dict[str, Any]]) -> list[str]:

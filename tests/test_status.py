@@ -188,3 +188,14 @@ def test_follow_stops_when_the_process_is_gone_without_an_end(tmp_path):
     assert follow(run.path, out, tty=False, sleep=polls.append) == 1
     assert len(polls) == 1  # seen twice, one poll apart: fit takes the lock before it journals
     assert out.getvalue().splitlines()[-1].startswith("run stopped: no process holds the run")
+
+
+def test_the_last_checkpoint_says_its_age(tmp_path):
+    from resilient._checkpoint import CheckpointStore
+
+    run = make_run(tmp_path / "run", [*STARTED, *EPOCHS, (30, "run_finished", {"status": "interrupted"})])
+    saved = CheckpointStore(run.checkpoints).save(20, {"epoch": 2, "offset": 0},
+                                                  lambda d: (d / "weights.bin").write_bytes(b"w" * 64))
+    mtime = Path(saved.path).stat().st_mtime
+    assert "  last checkpoint: step 20, epoch 2, sample 0 (3 min ago)\n" in summarize(run.path, now=mtime + 180)
+    assert "(2 h 05 min ago)" in summarize(run.path, now=mtime + 7500)
