@@ -413,6 +413,9 @@ def follow(path: str | Path, out: TextIO, *, tty: bool | None = None, poll: floa
     """Follow the run in ``path`` from its journal until it ends: replay this call's last story lines, then one
     line per event as it happens (and a progress line on a terminal). Returns 0 when the run completed, 1
     when it failed, was interrupted or its process died; Ctrl-C stops following (the run goes on)."""
+    waiting = RunDir(path)
+    while not waiting.exists() and lock_holder(waiting) is not None:
+        sleep(poll)  # a fit that just took the lock writes run.json next
     run = _open(path)
     epochs = run.read_spec().epochs
     screen = _Screen(out, out.isatty() if tty is None else tty)

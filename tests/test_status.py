@@ -199,3 +199,19 @@ def test_the_last_checkpoint_says_its_age(tmp_path):
     mtime = Path(saved.path).stat().st_mtime
     assert "  last checkpoint: step 20, epoch 2, sample 0 (3 min ago)\n" in summarize(run.path, now=mtime + 180)
     assert "(2 h 05 min ago)" in summarize(run.path, now=mtime + 7500)
+
+
+def test_follow_waits_for_a_fit_that_holds_the_lock_to_write_its_run(tmp_path, held):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    held(run)  # fit takes the lock first, then writes run.json and journals run_started
+    polls = []
+
+    def sleep(seconds: float) -> None:
+        polls.append(seconds)
+        if len(polls) == 2:
+            make_run(run.path, [*STARTED, (40, "run_finished", {"status": "completed"})])
+
+    out = io.StringIO()
+    assert follow(run.path, out, tty=False, sleep=sleep) == 0
+    assert len(polls) == 2 and out.getvalue().endswith("run finished: completed\n")
