@@ -422,6 +422,7 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
     supervisor = Supervisor(SupervisorConfig(
         run=target.run, policy=args.policy, context=context, max_restarts=args.max_restarts,
         hang_timeout=args.hang_timeout, host_memory_limit=args.host_memory_limit,
+        gpu_memory_limit=args.gpu_memory_limit,
         rehearse_host_oom=any(f.kind == "host_oom" for f in args.faults), echo=args.verbose_level != 0,
     ))
     return supervisor.run()

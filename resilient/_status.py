@@ -1,8 +1,24 @@
-"""``python -m resilient status RUN_DIR``: what happened to a run, read from its directory alone."""
+"""``python -m resilient status RUN_DIR [--follow]``: a run's state and story, read from its directory alone.
+
+The state comes from the journal and the run directory's lock: a run whose last call journaled
+``run_finished`` is finished (``completed``, ``failed``, ``user_error``, ``interrupted``); one whose lock a
+live process holds is ``running`` (its supervisor is the ``fit`` caller: pid, attempt, plan, epoch and step,
+ETA from the recent step rate); one whose lock nobody holds and that never journaled its end is
+``stopped`` (its process died: a SIGKILL, a lost VM or kernel). ``--follow`` tails the journal of a run
+started elsewhere (another terminal, a notebook's kernel): one line per epoch, checkpoint, incident and
+plan change as they happen, a refreshing progress line on a terminal, until ``run_finished`` or Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -13,15 +29,16 @@ from ._units import format_bytes
 from .supervisor.report import latest_checkpoint
 
 
-def summarize(path: str | Path) -> str:
-    """A plain-text account of the run in ``path``: plan, attempts, incidents, checkpoint, outcome."""
-    run = RunDir(path)
-    if not run.exists():
-        raise FileNotFoundError(f"{run.path} holds no resilient run (no run.json). Expected a run_dir passed to fit.")
+def summarize(path: str | Path, *, now: float | None = None) -> str:
+    """A plain-text account of the run in ``path``: state, plan, attempts, incidents, checkpoint, outcome."""
+    run = _open(path)
     spec = run.read_spec()
     plan = run.read_plan() if run.plan_json.exists() else spec.initial_plan
     events = run.read_events()
-    lines = [f"run {run.path}", f"  model {spec.model_name}, {spec.epochs} epochs, seed {spec.seed}",
+    now = time.time() if now is None else now
+    state = run_state(run, events, spec.epochs, now)
+    lines = [f"run {run.path}", f"  state: {state.describe(now)}",
+             f"  model {spec.model_name}, {spec.epochs} epochs, seed {spec.seed}",
              f"  plan in force: {plan.describe()}"]
     if plan != spec.initial_plan:
         lines.append(f"  (asked for: {spec.initial_plan.describe()})")
@@ -66,13 +83,18 @@ def summarize(path: str | Path) -> str:
         last = epochs[-1]
         logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.get("logs", {}).items()))
         lines.append(f"  last epoch finished: {last['epoch']} (step {last['step']}) {logs}")
-    ckpt = latest_checkpoint(run)
-    lines.append(f"  last checkpoint: step {ckpt.step}, epoch {ckpt.epoch}, sample {ckpt.offset}"
-                 if ckpt else "  last checkpoint: none")
+    lines += _checkpoint_and_lock(run, state.holder, now)
     lines += _damage_lines(run, events)
     finished = [e for e in events if e["event"] == "run_finished"]
-    lines.append(f"  status: {finished[-1]['status'] if finished else 'not finished (running, or its session died)'}")
+    lines.append(f"  status: {finished[-1]['status'] if finished else f'not finished ({state.state})'}")
     return "\n".join(lines)
+
+
+def _checkpoint_and_lock(run: RunDir, holder: int | None, now: float) -> list[str]:
+    """The last checkpoint, with its age, and who holds the run directory's lock."""
+    ckpt = latest_checkpoint(run)
+    saved = (f"step {ckpt.step}, epoch {ckpt.epoch}, sample {ckpt.offset}{_age(ckpt.path, now)}" if ckpt else "none")
+    return [f"  last checkpoint: {saved}", f"  lock: {_lock_text(holder)}"]
 
 
 def _damage_lines(run: RunDir, events: list[dict[str, Any]]) -> list[str]:
@@ -93,14 +115,360 @@ def _damage_lines(run: RunDir, events: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------------------ the state
+
+#: How a call of fit ended (``run_finished``'s status), as the state line says it.
+_FINISHED = {"completed": "finished: completed", "failed": "failed (the policy gave up)",
+             "user_error": "failed: a bug in the user's code (UserCodeError)",
+             "interrupted": "interrupted (Ctrl-C)"}
+#: The step rate behind the ETA: the current attempt's journal points of the last this many seconds.
+RATE_WINDOW = 300.0
+
+
+@dataclass(frozen=True)
+class RunState:
+    """Where a run stands, from its journal and its lock."""
+
+    state: str  # running | completed | failed | user_error | interrupted | stopped | not_started
+    holder: int | None = None  # pid holding the run's lock (0: held, pid unknown); None: nobody
+    pid: int | None = None  # the fit caller that journaled run_started
+    attempt: int | None = None
+    plan: Plan | None = None
+    epoch: int | None = None  # the epoch in progress (0-based)
+    epochs: int | None = None
+    step: int | None = None
+    eta: float | None = None  # seconds left, from the recent step rate
+    rate: float | None = None  # steps per second
+
+    def describe(self, now: float | None = None) -> str:
+        """The state line: ``running (pid 4242, attempt 2, ...)``, ``finished: completed``, ..."""
+        if self.state == "running":
+            return "running (" + ", ".join(self.progress_parts()) + ")"
+        if self.state == "stopped":
+            return ("stopped: no process holds the run and it never journaled its end (killed, or its VM or kernel "
+                    "went away); fit with this run_dir resumes it from the last checkpoint")
+        if self.state == "not_started":
+            return "not started (no run_started in the journal)"
+        return _FINISHED.get(self.state, self.state)
+
+    def progress_parts(self) -> list[str]:
+        parts = [f"pid {self.pid if self.pid is not None else self.holder}"]
+        if self.attempt is not None:
+            parts.append(f"attempt {self.attempt}")
+        if self.plan is not None:
+            parts.append(f"plan {self.plan.describe()}")
+        if self.epoch is not None and self.epochs:
+            parts.append(f"epoch {min(self.epoch, self.epochs - 1) + 1}/{self.epochs}")
+        if self.step is not None:
+            parts.append(f"step {self.step}")
+        if self.rate:
+            parts.append(f"{self.rate:.3g} steps/s")
+        parts.append(f"ETA {_duration(self.eta)}" if self.eta is not None else "ETA after a full epoch")
+        return parts
+
+
+def run_state(run: RunDir, events: list[dict[str, Any]], epochs: int | None, now: float) -> RunState:
+    """The state of the run: finished (how), running (where, ETA) or stopped; ``now``: epoch seconds."""
+    starts = [i for i, e in enumerate(events) if e["event"] == "run_started"]
+    holder = lock_holder(run)
+    if not starts:
+        return RunState("running" if holder is not None else "not_started", holder=holder)
+    call = events[starts[-1]:]  # this call of fit
+    ended = [e for e in call if e["event"] == "run_finished"]
+    if ended:
+        return RunState(str(ended[-1].get("status", "completed")), holder=holder)
+    if holder is None:
+        return RunState("stopped")
+    started = [i for i, e in enumerate(call) if e["event"] == "attempt_started"]
+    attempt = call[started[-1]] if started else {}
+    plan = Plan.model_validate(attempt["plan"]) if attempt.get("plan") else None
+    step, epoch = _position(call)
+    rate, eta = _eta(call, call[started[-1]:] if started else [], plan, epochs, step, now)
+    return RunState("running", holder=holder, pid=call[0].get("pid"), attempt=attempt.get("attempt"), plan=plan,
+                    epoch=epoch, epochs=epochs, step=step, eta=eta, rate=rate)
+
+
+def _position(call: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    """(global step, epoch in progress) as of the journal's last word on them."""
+    step = epoch = None
+    for e in call:
+        if e.get("step") is None or e["event"] not in ("worker_ready", "checkpoint_saved", "epoch_end", "memory_sample"):
+            continue
+        step = int(e["step"])
+        if e.get("epoch") is not None:
+            epoch = int(e["epoch"]) + (1 if e["event"] == "epoch_end" else 0)
+    return step, epoch
+
+
+def _points(attempt: list[dict[str, Any]]) -> list[tuple[float, int]]:
+    """(time, step) of the attempt's journal lines after its first trained step (start-up is not the rate)."""
+    points = [(_epoch_seconds(e["time"]), int(e["step"])) for e in attempt
+              if e["event"] in ("checkpoint_saved", "epoch_end", "memory_sample") and e.get("step") is not None]
+    first = points[0][1] if points else 0
+    return [p for p in points if p[1] > first] or points[-1:]
+
+
+def _steps_per_epoch(call: list[dict[str, Any]], plan: Plan | None) -> int | None:
+    """Steps of one epoch under ``plan``: the last two consecutive epoch ends trained with it."""
+    plans = {e["attempt"]: e.get("plan") for e in call if e["event"] == "attempt_started"}
+    ends = [e for e in call if e["event"] == "epoch_end"
+            and (plan is None or plans.get(e.get("attempt")) == plan.model_dump(mode="json"))]
+    for before, after in zip(reversed(ends[:-1]), reversed(ends[1:])):
+        if after["epoch"] == before["epoch"] + 1 and after["step"] > before["step"]:
+            return int(after["step"]) - int(before["step"])
+    return None
+
+
+def _eta(call: list[dict[str, Any]], attempt: list[dict[str, Any]], plan: Plan | None, epochs: int | None,
+         step: int | None, now: float) -> tuple[float | None, float | None]:
+    """(steps per second of the current attempt lately, seconds left in the run); None where not measured."""
+    points = _points(attempt)
+    recent = [p for p in points if p[0] >= points[-1][0] - RATE_WINDOW] if points else []
+    if len(recent) < 2 or recent[-1][0] <= recent[0][0] or recent[-1][1] <= recent[0][1]:
+        return None, None
+    rate = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])
+    per_epoch = _steps_per_epoch(call, plan)
+    last_end = next((e for e in reversed(call) if e["event"] == "epoch_end"), None)
+    if per_epoch is None or last_end is None or epochs is None or step is None:
+        return rate, None
+    end_step = int(last_end["step"]) + max(0, epochs - int(last_end["epoch"]) - 1) * per_epoch
+    left = max(0, end_step - step) / rate - max(0.0, now - recent[-1][0])
+    return rate, max(0.0, left)
+
+
+def lock_holder(run: RunDir) -> int | None:
+    """The pid of the live process holding the run directory's lock (the ``fit`` caller; 0: held, pid
+    unknown), or None when nobody holds it.
+
+    Linux lists every flock in /proc/locks with its holder: read there, the lock is never touched, so
+    a ``fit`` starting at this instant cannot find it taken by us. Elsewhere, a non-blocking shared
+    flock, released at once.
+    """
+    try:
+        st = run.lock_file.stat()
+    except OSError:
+        return None
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return _probe_lock(run)
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue  # a waiter ("->"), or a POSIX lock: not fit's
+        try:
+            major, minor, inode = fields[5].split(":")  # device in hex, inode in decimal
+            where = (int(major, 16), int(minor, 16), int(inode))
+            pid = int(fields[4])
+        except ValueError:
+            continue
+        if where == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+            return max(pid, 0)
+    return None
+
+
+def _probe_lock(run: RunDir) -> int | None:
+    try:
+        fd = os.open(run.lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return 0
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _lock_text(holder: int | None) -> str:
+    if holder is None:
+        return "free (no live process is training in this run directory)"
+    return f"held by pid {holder}" if holder else "held by a live process"
+
+
+def _open(path: str | Path) -> RunDir:
+    run = RunDir(path)
+    if not run.exists():
+        raise FileNotFoundError(f"{run.path} holds no resilient run (no run.json). Expected a run_dir passed to fit.")
+    return run
+
+
+def _epoch_seconds(stamp: str) -> float:
+    return _dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _duration(seconds: float | None) -> str:
+    """``42 s``, ``3 min``, ``2 h 05 min``."""
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(int(seconds // 60), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _age(path: str, now: float) -> str:
+    try:
+        return f" ({_duration(max(0.0, now - Path(path).stat().st_mtime))} ago)"
+    except OSError:
+        return ""
+
+
+# ------------------------------------------------------------------------------------------ --follow
+
+#: ``--follow`` reads the journal this often (seconds): the run's end is seen within it, at no cost to the run.
+FOLLOW_POLL = 0.5
+#: Lines of the current call's story that ``--follow`` replays before it goes live (``status`` has them all).
+FOLLOW_REPLAY = 20
+
+
+def story_line(event: dict[str, Any], epochs: int | None) -> str | None:
+    """One line for an event worth a line in ``--follow`` (None for the others: telemetry, bookkeeping)."""
+    kind, e = event["event"], event
+    of = f"/{epochs}" if epochs else ""
+    if kind == "run_started":
+        return f"{'resumed' if e.get('resumed') else 'started'} by pid {e.get('pid')}: {e.get('epochs')} epochs"
+    if kind == "attempt_started":
+        probe = " (probe)" if e.get("probe") else ""
+        return f"attempt {e.get('attempt')} started{probe}: plan {Plan.model_validate(e['plan']).describe()}"
+    if kind == "epoch_end":
+        logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted((e.get("logs") or {}).items()))
+        return f"epoch {e['epoch'] + 1}{of} done at step {e['step']}" + (f": {logs}" if logs else "")
+    if kind == "checkpoint_saved":
+        reason = e.get("reason", "interval")
+        if reason in ("epoch_end", "final"):  # its epoch is the one a resume starts: the next one
+            return f"checkpoint at step {e.get('step')} (end of epoch {e.get('epoch')}{of}, {reason})"
+        return f"checkpoint at step {e.get('step')} (epoch {e.get('epoch', 0) + 1}{of}, {reason})"
+    if kind == "incident":
+        where = f" at epoch {e['epoch'] + 1}" if e.get("epoch") is not None else ""
+        where += f", step {e['step']}" if e.get("step") is not None else ""
+        action = f" -> {e['action']}" if e.get("action") else ""
+        return f"incident: {e.get('kind')} in attempt {e.get('attempt')}{where}: {e.get('detail', '')}{action}"
+    if kind == "plan_changed":
+        to = Plan.model_validate(e["to"]).describe() if e.get("to") else "?"
+        return f"plan changed to {to} ({e.get('reason', '')})"
+    if kind == "run_finished":
+        return f"run {_FINISHED.get(str(e.get('status')), str(e.get('status')))}"
+    return None
+
+
+class _Tail:
+    """The journal's new complete lines since the last read (a line being written waits for its newline)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash
+        return out
+
+
+class _Screen:
+    """Story lines, and on a terminal one progress line redrawn in place under them (plain lines otherwise)."""
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self.out, self.tty, self.width = out, tty, 0
+
+    def line(self, text: str) -> None:
+        self._clear()
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def progress(self, text: str) -> None:
+        if not self.tty:
+            return
+        import shutil
+
+        text = text[: max(20, shutil.get_terminal_size().columns - 1)]
+        self.out.write("\r" + text.ljust(self.width))
+        self.out.flush()
+        self.width = len(text)
+
+    def _clear(self) -> None:
+        if self.tty and self.width:
+            self.out.write("\r" + " " * self.width + "\r")
+            self.width = 0
+
+
+def follow(path: str | Path, out: TextIO, *, tty: bool | None = None, poll: float = FOLLOW_POLL,
+           sleep: Callable[[float], None] = time.sleep) -> int:
+    """Follow the run in ``path`` from its journal until it ends: replay this call's last story lines, then one
+    line per event as it happens (and a progress line on a terminal). Returns 0 when the run completed, 1
+    when it failed, was interrupted or its process died; Ctrl-C stops following (the run goes on)."""
+    waiting = RunDir(path)
+    while not waiting.exists() and lock_holder(waiting) is not None:
+        sleep(poll)  # a fit that just took the lock writes run.json next
+    run = _open(path)
+    epochs = run.read_spec().epochs
+    screen = _Screen(out, out.isatty() if tty is None else tty)
+    tail = _Tail(run.events)
+    call = _current_call(tail.read())
+    screen.line(f"following {run.path}: {run_state(run, call, epochs, time.time()).describe()}")
+    story = [text for text in (story_line(e, epochs) for e in call) if text]
+    if len(story) > FOLLOW_REPLAY:
+        screen.line(f"... {len(story) - FOLLOW_REPLAY} earlier lines (resilient status {run.path} sums them up)")
+    for text in story[-FOLLOW_REPLAY:]:
+        screen.line(text)
+    silent = 0  # polls in a row that found nobody holding the run and no end journaled
+    while True:
+        finished = next((e for e in reversed(call) if e["event"] == "run_finished"), None)
+        if finished is not None:
+            return 0 if finished.get("status") == "completed" else 1
+        state = run_state(run, call, epochs, time.time())
+        silent = silent + 1 if state.state in ("stopped", "not_started") else 0
+        if silent >= 2:  # twice: fit takes the lock before it journals run_started
+            screen.line(f"run {state.describe()}")
+            return 1
+        if state.state == "running":
+            screen.progress(" | ".join(state.progress_parts()))
+        sleep(poll)
+        for e in tail.read():
+            call = [e] if e["event"] == "run_started" else [*call, e]
+            text = story_line(e, epochs)
+            if text:
+                screen.line(text)
+
+
+def _current_call(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    starts = [i for i, e in enumerate(events) if e["event"] == "run_started"]
+    return events[starts[-1]:] if starts else events
+
+
 def add_command(subparsers: Any) -> None:
-    parser = subparsers.add_parser("status", help="summarize a run directory", description=summarize.__doc__)
+    parser = subparsers.add_parser("status", help="summarize a run directory, or follow a live run",
+                                   description=summarize.__doc__)
     parser.add_argument("run_dir", help="the run_dir passed to resilient.fit")
+    parser.add_argument("-f", "--follow", action="store_true",
+                        help="follow the run live from its journal until it ends (Ctrl-C stops following)")
     parser.set_defaults(handler=_status)
 
 
 def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
+        if args.follow:
+            try:
+                return follow(args.run_dir, out)
+            except KeyboardInterrupt:
+                out.write("\n")
+                return 130
         print(summarize(args.run_dir), file=out)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=err)

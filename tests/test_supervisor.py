@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import json
 import os
 import re
@@ -35,6 +36,7 @@ from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import cgroup_support
 from resilient.supervisor.process import INTERRUPT_SILENCE, Progress, interrupt_patience, worker_env
 from resilient.supervisor.startup import STARTUP_MIN_TIMEOUT
+from resilient.supervisor.telemetry import journal_interval
 
 FAKE_WORKER = Path(__file__).resolve().parent / "fake_worker.py"
 MB = 1 << 20
@@ -80,7 +82,8 @@ class Harness:
         return [e for e in events if name is None or e["event"] == name]
 
     def names(self) -> list[str]:
-        return [e["event"] for e in self.events()]
+        """The journal's story; ``memory_sample`` lines left out (how many there are depends on timing)."""
+        return [e["event"] for e in self.events() if e["event"] != "memory_sample"]
 
     def worker_pids(self) -> list[int]:
         return [int(p.read_text()) for p in sorted(self.run.path.glob("attempts/*/pid"))]
@@ -340,6 +343,9 @@ class _FakeGpu:
 
     def used_by(self, pids: set[int]) -> int | None:
         return self.used
+
+    def per_device(self, pids: set[int]) -> list[tuple[int | None, int | None, int | None]]:
+        return [(self.used, self.used + (1 << 30), 16 << 30)]
 
 
 def test_the_gpu_memory_peak_is_journaled_reported_and_shown_in_the_status(supervise):
@@ -1202,3 +1208,57 @@ def test_backoff_grows_while_crashes_repeat_without_progress():
     assert wait_after([4, 4]) == 2.0
     assert wait_after([4, 4, 4]) == 4.0
     assert wait_after([4, 4, 8]) == 1.0  # progress since the last crash resets the backoff
+
+
+# ------------------------------------------------------------------------------------ memory telemetry
+
+
+def test_memory_samples_are_journaled_at_the_schedules_rate_with_the_peak(supervise):
+    # A run "ages" fast here: one line every 0.2 s for its first 1.5 s, then one every 1 s (telemetry.py).
+    schedule = ((1.5, 0.2), (float("inf"), 1.0))
+    alloc = {"do": "alloc", "mb": 64}
+    t0 = time.time()
+    h = supervise({"default": [HELLO, beat(3), alloc, beat(250, interval=0.02), RESULT]},
+                  telemetry_schedule=schedule, sample_interval=0.05, started=time.monotonic())
+    h.supervisor.gpu = _FakeGpu(3 << 30)
+    h.supervisor.run()
+
+    samples = h.events("memory_sample")
+    ended, = h.events("attempt_ended")
+    assert samples and all(s["attempt"] == 0 for s in samples)
+    ages = [parse_time(s["time"]) - t0 for s in samples]
+    # Never sooner than the schedule says (a slow machine only spaces them more); the last line is the end's flush.
+    for age, next_age in itertools.pairwise(ages[:-1]):
+        assert next_age - age >= journal_interval(age, schedule) - 0.05, (age, next_age)
+    assert sum(1 for age in ages[:-1] if age > 1.6) >= 2, " ".join(f"{a:.2f}" for a in ages)
+    assert sum(1 for age in ages if age < 1.5) >= 3, "the fine rate at first"
+    # 4x fewer lines than samples at first, 20x after: the 3+ s attempt took 60+ samples.
+    assert len(samples) <= 1.5 / 0.2 + 1 + (ages[-1] - 1.5) / 1.0 + 2
+    # The peak between lines reaches the journal, and it is the peak the attempt reports.
+    assert max(s["rss_bytes"] for s in samples) == ended["memory_peak_bytes"]
+    assert max(s["rss_bytes"] for s in samples) > 64 * MB
+    assert samples[-1]["step"] == 253 and names_before(h, "memory_sample", "attempt_ended")
+    assert samples[0]["host_limit_bytes"] is None and samples[0]["limit_mechanism"] is None
+    assert {s["gpu_bytes"][0] for s in samples} == {3 << 30}
+    assert samples[0]["gpu_total_bytes"] == [16 << 30]
+
+
+def test_memory_samples_name_the_watchdog_budget(supervise):
+    h = supervise({"default": [HELLO, beat(20, interval=0.02), RESULT]}, host_memory_limit=4 << 30)
+    h.supervisor.gpu = _FakeGpu(0)
+    h.supervisor.gpu.available = False
+    h.supervisor.run()
+    samples = h.events("memory_sample")
+    assert samples, "an attempt journals at least its first sample and its end"
+    enforcement, = h.events("memory_enforcement")  # a cgroup where this machine allows one, else the watchdog
+    mechanism = "watchdog" if enforcement["mechanism"] == "watchdog" else "cgroup"
+    assert {s["limit_mechanism"] for s in samples} == {mechanism}
+    assert {s["host_limit_bytes"] for s in samples} == {enforcement.get("limit", 4 << 30)}
+    if mechanism == "cgroup":
+        assert all(s["cgroup_bytes"] for s in samples[:-1])
+    assert "gpu_bytes" not in samples[0]
+
+
+def names_before(h: Harness, first: str, then: str) -> bool:
+    names = [e["event"] for e in h.events()]
+    return max(i for i, n in enumerate(names) if n == first) < names.index(then)

@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from .._rundir import RunDir
 from ..policy.policy import Policy, StepContext
+from .telemetry import DOWNSAMPLE
 
 
 @dataclass
@@ -23,6 +24,7 @@ class SupervisorConfig:
     #: The cap of the start-up phases' hang timeouts, and the timeout of a phase not yet measured (startup.py).
     startup_timeout: float = 600.0
     host_memory_limit: int | None = None
+    gpu_memory_limit: int | None = None  # per device; journaled with the memory samples
     rehearse_host_oom: bool = False
     kill_grace: float = 5.0
     preempt_grace: float = 120.0
@@ -30,6 +32,9 @@ class SupervisorConfig:
     backoff_max: float = 60.0
     poll_interval: float = 0.05
     sample_interval: float = 0.25
+    #: When this call's supervision began (time.monotonic), and the memory_sample rate by the run's age (telemetry.py).
+    started: float = field(default_factory=time.monotonic)
+    telemetry_schedule: tuple[tuple[float, float], ...] = DOWNSAMPLE
     worker_cmd: Callable[[int, int], list[str]] | None = None  # (attempt, channel_fd) -> argv; a seam for tests
     extra_env: dict[str, str] = field(default_factory=dict)
     stream: IO[str] | None = None  # where worker output goes; None: sys.stdout at write time

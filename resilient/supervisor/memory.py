@@ -271,6 +271,27 @@ class GpuMemory:
                     total += int(p.usedGpuMemory)
         return total
 
+    def per_device(self, pids: set[int]) -> list[tuple[int | None, int | None, int | None]]:
+        """(bytes held by ``pids``, bytes used by every process, capacity) for each device; None where NVML
+        does not say (some drivers hide per-process usage)."""
+        out: list[tuple[int | None, int | None, int | None]] = []
+        for h in self._handles:
+            held: int | None = None
+            try:
+                for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(h):
+                    if p.pid in pids and p.usedGpuMemory is not None:
+                        held = (held or 0) + int(p.usedGpuMemory)
+                held = held or 0
+            except Exception:
+                pass
+            try:
+                info = self._nvml.nvmlDeviceGetMemoryInfo(h)
+                used, total = int(info.used), int(info.total)
+            except Exception:
+                used = total = None
+            out.append((held, used, total))
+        return out
+
     def totals(self) -> list[tuple[int, int]]:
         """(used, total) bytes per device."""
         out = []

@@ -47,6 +47,7 @@ from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig, write_quietly
 from .memory import GpuMemory, MemoryCgroup, tree_rss
 from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
+from .telemetry import MemorySample, MemoryTelemetry
 
 #: Floor of the automatic hang timeout, in seconds.
 AUTO_HANG_FLOOR = 120.0
@@ -203,6 +204,7 @@ class WorkerProcess:
         self._last_rss: int | None = None
         self._peak: int | None = None
         self._gpu_peak: int | None = None
+        self._telemetry = MemoryTelemetry(cfg.started, cfg.telemetry_schedule)  # memory_sample lines
         self._heartbeat_age: float | None = None
         #: The worker's error report sent over the channel when it could not write error.json (a full disk).
         self._sent_report: ErrorReport | None = None
@@ -282,7 +284,7 @@ class WorkerProcess:
                 now = time.monotonic()
                 if now >= next_sample:
                     next_sample = now + self.cfg.sample_interval
-                    self._sample()
+                    self._sample(now)
                 self._check(now)
                 time.sleep(self.cfg.poll_interval)
         except KeyboardInterrupt:
@@ -300,17 +302,38 @@ class WorkerProcess:
                 thread.join(timeout=10)
             if self._log is not None:
                 self._log.close()
+            self._journal_memory(self._telemetry.flush())  # the peak since the last line: the attempt's end
         return self._ended()
 
-    def _sample(self) -> None:
+    def _sample(self, now: float) -> None:
         assert self._proc is not None
         rss = tree_rss(self._proc.pid)
         if rss is not None:
             self._last_rss = rss
             self._peak = max(self._peak or 0, rss)
-        used = self.gpu.used_by({self._proc.pid}) if self.gpu.available else None
+        devices = self.gpu.per_device({self._proc.pid}) if self.gpu.available else []
+        used = sum(held or 0 for held, _, _ in devices)
         if used:
             self._gpu_peak = max(self._gpu_peak or 0, used)
+        group = self._group
+        sample = MemorySample(rss=rss, cgroup=group.usage() if group is not None else None,
+                              gpu=tuple(d[0] for d in devices), gpu_device=tuple(d[1] for d in devices),
+                              gpu_total=tuple(d[2] for d in devices))
+        self._journal_memory(self._telemetry.add(sample, now))
+
+    def _journal_memory(self, sample: MemorySample | None) -> None:
+        """A ``memory_sample`` line (telemetry.py): best effort, so a full disk never stops the monitor."""
+        if sample is None:
+            return
+        with self._lock:
+            progress = self._progress
+        mechanism = None if self.memory_limit is None else "cgroup" if self._group is not None else "watchdog"
+        fields = sample.fields(self.memory_limit, mechanism, self.cfg.gpu_memory_limit)
+        try:
+            self.journal.note("memory_sample", attempt=self.attempt, epoch=progress.epoch, step=progress.step,
+                              **fields)
+        except OSError:
+            pass
 
     def _check(self, now: float) -> None:
         """One look at the worker: act on a rehearsal, the memory budget, the plan search, silence."""
