@@ -109,6 +109,7 @@ def test_the_progress_line_has_every_figure():
 def test_the_view_follows_the_channel():
     v = RunView()
     v.update(Hello(pid=1, epoch=1, step=30))
+    v.update(Heartbeat(phase="restore", epoch=0, step=0))  # start-up placeholders move nothing
     v.update(EpochBegin(epoch=1, step=30, epochs=3, steps=18, steps_per_epoch=24, samples_per_step=32))
     v.update(Heartbeat(epoch=1, step=40, timed_steps=10, timed_seconds=2.0, logs={"loss": 0.5}), batch_size=32)
     v.update(CheckpointSaved(epoch=1, step=40, seconds=0.1, bytes=1, path="p", t=123.0))

@@ -84,9 +84,10 @@ class RunView:
             self.epoch_steps, self.end_step = msg.steps_per_epoch, msg.end_step()
             self.epoch_start_step = msg.step - (msg.steps_per_epoch - msg.steps) if (
                 msg.steps is not None and msg.steps_per_epoch is not None) else msg.step
-            self.logs = {}
         elif isinstance(msg, Heartbeat):
-            self.phase, self.epoch, self.step = msg.phase, msg.epoch, msg.step
+            self.phase = msg.phase
+            if msg.phase not in ("startup", "restore"):  # a start-up heartbeat's epoch and step are placeholders
+                self.epoch, self.step = msg.epoch, msg.step
             if msg.logs:
                 self.logs = dict(msg.logs)
             if msg.timed_steps and msg.timed_seconds:
@@ -128,7 +129,9 @@ def _memory(used: int | None, limit: int | None, label: str) -> str | None:
 def _epoch_label(view: RunView) -> str:
     if view.epoch is None:
         return "starting"
-    return f"epoch {view.epoch + 1}/{view.epochs}" if view.epochs else f"epoch {view.epoch + 1}"
+    if view.epochs:  # after the last epoch the worker counts one more (its final save): still the last one
+        return f"epoch {min(view.epoch, view.epochs - 1) + 1}/{view.epochs}"
+    return f"epoch {view.epoch + 1}"
 
 
 def _step_label(view: RunView) -> str | None:
@@ -253,7 +256,7 @@ def incident_text(incident: Incident, *, outcome: str = "restart", log: str | Pa
     if outcome != "give_up" and incident.kind != "user_error" and incident.step is not None:
         lost = max(0, incident.step - (incident.checkpoint_step or 0))
         seconds = seconds_per_step * lost if seconds_per_step else 0.0
-        cost = f" ({seconds:.1f} s)" if 0 < seconds < 1 else f" ({seconds:.0f} s)" if seconds else ""
+        cost = f" ({seconds:.1f} s)" if 0.05 <= seconds < 1 else f" ({seconds:.0f} s)" if seconds >= 1 else ""
         text += f" Lost {lost} step{'' if lost == 1 else 's'}{cost}."
     if log is not None:
         text += f" Log: {log}"
