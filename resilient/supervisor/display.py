@@ -146,18 +146,19 @@ def _logs_text(logs: dict[str, float]) -> str | None:
     return " ".join(f"{k} {_number(v)}" for k, v in logs.items()) or None
 
 
-def progress_text(view: RunView, now: float | None = None) -> str:
-    """The one progress line: epoch, step, logs, throughput, ETA, plan, restarts, memory, checkpoint age."""
-    now = time.time() if now is None else now
-    parts = [_epoch_label(view), _step_label(view), _logs_text(view.logs)]
-    if view.samples_per_second:
-        parts.append(f"{view.samples_per_second:,.0f} samples/s")
+def _figures(view: RunView, step: str | None) -> list[str | None]:
+    """What every line shows: epoch, step, logs, throughput, ETA for the run, plan, restarts."""
     eta = view.eta_seconds()
-    if eta is not None:
-        parts.append(f"ETA {_duration(eta)}")
-    if view.plan is not None:
-        parts.append(view.plan.describe())
-    parts.append(f"restarts {view.restarts}")
+    return [_epoch_label(view), step, _logs_text(view.logs),
+            f"{view.samples_per_second:,.0f} samples/s" if view.samples_per_second else None,
+            f"ETA {_duration(eta)}" if eta is not None else None,
+            view.plan.describe() if view.plan is not None else None, f"restarts {view.restarts}"]
+
+
+def progress_text(view: RunView, now: float | None = None) -> str:
+    """The one progress line: the figures, then memory against the limits and the checkpoint's age."""
+    now = time.time() if now is None else now
+    parts = _figures(view, _step_label(view))
     parts.append(_memory(view.host_memory, view.host_memory_limit, "RAM"))
     parts.append(_memory(view.gpu_memory, view.gpu_memory_limit, "GPU"))
     if view.checkpoint_time is not None:
@@ -166,17 +167,8 @@ def progress_text(view: RunView, now: float | None = None) -> str:
 
 
 def epoch_text(view: RunView) -> str:
-    """The stream display's line at an epoch's end."""
-    parts = [_epoch_label(view), f"step {view.step}" if view.step is not None else None, _logs_text(view.logs)]
-    if view.samples_per_second:
-        parts.append(f"{view.samples_per_second:,.0f} samples/s")
-    eta = view.eta_seconds()
-    if eta is not None:
-        parts.append(f"ETA {_duration(eta)}")
-    if view.plan is not None:
-        parts.append(view.plan.describe())
-    parts.append(f"restarts {view.restarts}")
-    return " | ".join(p for p in parts if p)
+    """The stream display's line at an epoch's end (the global step: epochs of a run may differ in length)."""
+    return " | ".join(p for p in _figures(view, f"step {view.step}" if view.step is not None else None) if p)
 
 
 _WHAT = {

@@ -422,6 +422,7 @@ class WorkerProcess:
                 self._pending_preempt |= msg.kind == "preempt"
                 self._pending_host_oom |= msg.kind == "host_oom" and self.cfg.host_memory_limit is None
         if self.cfg.display is not None:
+            # Host memory: the last sample; GPU: the attempt's peak so far (what an OOM is measured against).
             self.cfg.display.progress(msg, host_memory=self._last_rss, gpu_memory=self._gpu_peak)
         self._journal_message(msg)
 
