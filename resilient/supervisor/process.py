@@ -4,8 +4,8 @@
   survive one) in a session of its own, with a pipe for the channel, and moves it into a memory
   cgroup when the run has a limit (or rehearses a host OOM).
 - MONITOR copies the worker's output to the attempt's ``worker.log`` (only there), reads the
-  channel (heartbeats, progress, checkpoints, faults) and feeds the caller's display, samples memory (private RSS of the process
-  tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
+  channel (heartbeats, progress, checkpoints, faults) and feeds the caller's display (display.py),
+  samples memory (private RSS of the process tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
   start-up phases after their own calibrated timeouts, startup.py); a worker
   over the memory budget without a cgroup is killed by the watchdog; a rehearsed ``preempt`` gets
   SIGTERM, and so does a healthy worker the plan search wants to leave for another plan (``judge``).
