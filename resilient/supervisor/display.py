@@ -284,6 +284,7 @@ class Display:
         self.stream = stream
         self.view = RunView(host_memory_limit=host_limit, gpu_memory_limit=gpu_limit)
         self._lock = threading.Lock()  # progress arrives on the channel's reader thread
+        self._write_lock = threading.Lock()  # an epoch's line (that thread) and an incident's (ours) never mix
 
     # What the supervisor calls.
 
@@ -335,7 +336,8 @@ class Display:
     def say(self, text: str) -> None:
         from .config import write_quietly
 
-        write_quietly(self.stream, text + "\n")
+        with self._write_lock:
+            write_quietly(self.stream, text + "\n")
 
 
 class StreamDisplay(Display):
