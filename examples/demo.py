@@ -68,7 +68,7 @@ def main() -> int:
     model = build_model()
     history = resilient.fit(
         model, x_train, y_train, epochs=args.epochs, batch_size=64, seed=0, validation_data=(x_val, y_val),
-        run_dir=run_dir, faults=args.faults, hang_timeout=10, checkpoint_every=10, verbose=2,
+        run_dir=run_dir, faults=args.faults, hang_timeout=10, checkpoint_every=10,
     )
     elapsed = time.monotonic() - start
     _, accuracy = model.evaluate(x_val, y_val, verbose=0)
@@ -77,7 +77,7 @@ def main() -> int:
     print(f"Training completed: {len(history.epoch)} of {args.epochs} epochs in {elapsed:.0f}s.")
     print(f"It survived {len(history.incidents)} failure(s); each attempt resumed from its last checkpoint:")
     for inc in history.incidents:
-        where = f"epoch {inc.epoch}, step {inc.step}"
+        where = f"epoch {inc.epoch + 1}, step {inc.step}"  # 1-based, as Keras and the display count
         ended = inc.signal or {3: "an exception in training", 4: "SIGTERM, checkpoint saved"}.get(
             inc.returncode, f"exit code {inc.returncode}")
         print(f"  - attempt {inc.attempt}: {inc.kind} at {where} ({ended}); "

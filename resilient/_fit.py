@@ -409,6 +409,7 @@ def _rederived_plan(run: RunDir, requested: Plan, basis: PlanBasis) -> Rederived
 def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
     """Run the supervisor to the end of the run; it raises UserCodeError or TrainingFailedError."""
     from .policy import StepContext
+    from .supervisor.display import make_display
     from .supervisor.loop import Supervisor, SupervisorConfig
 
     inputs = prepared.inputs
@@ -424,6 +425,8 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
         hang_timeout=args.hang_timeout, host_memory_limit=args.host_memory_limit,
         gpu_memory_limit=args.gpu_memory_limit,
         rehearse_host_oom=any(f.kind == "host_oom" for f in args.faults), echo=args.verbose_level != 0,
+        # verbose as Keras means it: 0 silent, 1 live (a terminal line, a notebook panel), 2 a line per epoch.
+        display=make_display(args.verbose_level, host_limit=args.host_memory_limit, gpu_limit=args.gpu_memory_limit),
     ))
     return supervisor.run()
 

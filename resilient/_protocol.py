@@ -55,6 +55,9 @@ class Heartbeat(_Msg):
     # begin: checkpoints, validation and epoch boundaries excluded); the supervisor's throughput.
     timed_steps: int | None = Field(None, ge=0)
     timed_seconds: float | None = Field(None, ge=0)
+    #: The epoch's running logs (loss and metrics so far), refreshed at most a few times a second: the
+    #: caller's live display draws them (the worker runs model.fit with verbose=0 and prints nothing).
+    logs: dict[str, float] | None = None
 
 
 class CheckpointSaved(_Msg):

@@ -7,11 +7,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .._rundir import RunDir
 from ..policy.policy import Policy, StepContext
 from .telemetry import DOWNSAMPLE
+
+if TYPE_CHECKING:
+    from .display import Display
 
 
 @dataclass
@@ -41,9 +44,16 @@ class SupervisorConfig:
     sleep: Callable[[float], None] = time.sleep
     disk_usage: Callable[[str], Any] = shutil.disk_usage  # free space of the run's file system; a seam for tests
     echo: bool = True
+    #: The caller's view of the run (display.py), fed with progress, incidents and notes; None: the
+    #: supervisor's notes and decisions as ``resilient: ...`` lines on ``stream`` (unless echo is off).
+    display: Display | None = None
 
     def say(self, text: str) -> None:
-        """One ``resilient: ...`` line on the stream (unless echo is off); a closed stream is not an error."""
+        """A note for the caller: to the display, or one ``resilient: ...`` line on the stream (unless echo is
+        off); a closed stream is not an error."""
+        if self.display is not None:
+            self.display.note(text)
+            return
         if not self.echo:
             return
         write_quietly(self.stream, f"resilient: {text}\n")

@@ -126,6 +126,9 @@ class Supervisor:
             if not is_disk_full_error(exc):
                 raise
             raise self._out_of_disk(exc) from exc
+        finally:
+            if self.cfg.display is not None:
+                self.cfg.display.close()
 
     # ------------------------------------------------------------------ the states
 
@@ -145,7 +148,10 @@ class Supervisor:
                                warmup_steps=self.search.settings.warmup_steps(), startup=self.startup)
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
                            probe=self._probe, startup_timeouts=worker.startup_timeouts)
-        self.cfg.say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
+        if self.cfg.display is not None:
+            self.cfg.display.attempt_started(attempt, self.plan)  # the plan is on its progress line
+        else:
+            self.cfg.say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
         self._switch_to = None
         self._worker = worker
         worker.start()
@@ -324,7 +330,14 @@ class Supervisor:
                 self.journal.write(event, **fields)
         if decision.settle is not None:
             self.rundir.write_plan(decision.settle)
-        for message in decision.messages:
+        messages = decision.messages
+        display = self.cfg.display
+        if display is not None and decision.incident is not None:
+            # One plain sentence for the incident (naming the worker's log) stands for the first message.
+            display.incident(decision.incident, outcome="give_up" if decision.kind == "give_up" else "restart",
+                             log=self.rundir.attempt_dir(decision.incident.attempt) / "worker.log")
+            messages = messages[1:]
+        for message in messages:
             self.cfg.say(message)
 
     # ------------------------------------------------------------------ the plan search, while a worker trains

@@ -3,9 +3,9 @@
 - START spawns ``python -m resilient.worker`` (never a fork of this process: TensorFlow does not
   survive one) in a session of its own, with a pipe for the channel, and moves it into a memory
   cgroup when the run has a limit (or rehearses a host OOM).
-- MONITOR copies the worker's output to the attempt's ``worker.log`` and to our stream, reads the
-  channel (heartbeats, progress, checkpoints, faults), samples memory (private RSS of the process
-  tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
+- MONITOR copies the worker's output to the attempt's ``worker.log`` (only there), reads the
+  channel (heartbeats, progress, checkpoints, faults) and feeds the caller's display (display.py),
+  samples memory (private RSS of the process tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
   start-up phases after their own calibrated timeouts, startup.py); a worker
   over the memory budget without a cgroup is killed by the watchdog; a rehearsed ``preempt`` gets
   SIGTERM, and so does a healthy worker the plan search wants to leave for another plan (``judge``).
@@ -15,7 +15,6 @@ What the supervisor did to the worker is the outcome's ``decision``; classify.py
 
 from __future__ import annotations
 
-import codecs
 import os
 import signal
 import subprocess
@@ -44,7 +43,7 @@ from .._protocol import (
 from .._rundir import FILE_MODE, Journal
 from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
-from .config import SupervisorConfig, write_quietly
+from .config import SupervisorConfig
 from .memory import GpuMemory, MemoryCgroup, tree_rss
 from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
 from .telemetry import MemorySample, MemoryTelemetry
@@ -286,6 +285,8 @@ class WorkerProcess:
                     next_sample = now + self.cfg.sample_interval
                     self._sample(now)
                 self._check(now)
+                if self.cfg.display is not None:
+                    self.cfg.display.tick()  # the live displays redraw from this thread (a notebook needs it)
                 time.sleep(self.cfg.poll_interval)
         except KeyboardInterrupt:
             try:
@@ -443,6 +444,9 @@ class WorkerProcess:
             if isinstance(msg, FaultFired):
                 self._pending_preempt |= msg.kind == "preempt"
                 self._pending_host_oom |= msg.kind == "host_oom" and self.cfg.host_memory_limit is None
+        if self.cfg.display is not None:
+            # Host memory: the last sample; GPU: the attempt's peak so far (what an OOM is measured against).
+            self.cfg.display.progress(msg, host_memory=self._last_rss, gpu_memory=self._gpu_peak)
         self._journal_message(msg)
 
     def _journal_message(self, msg: Any) -> None:
@@ -476,8 +480,8 @@ class WorkerProcess:
                 pass
 
     def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes] | None) -> None:
-        """Copy the worker's output to worker.log and, decoded, to our stream."""
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        """Copy the worker's raw output (TensorFlow's C++ logs, tracebacks, faulthandler's dumps) to worker.log,
+        in full, and nowhere else: the caller sees resilient's display, and an incident names the log."""
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         while True:
@@ -491,9 +495,7 @@ class WorkerProcess:
                 try:
                     log.write(chunk)
                 except OSError:
-                    log = None  # a full disk: the output still reaches the stream, and the worker is not blocked
-            if self.cfg.echo:
-                write_quietly(self.cfg.stream, decoder.decode(chunk))
+                    log = None  # a full disk: the pipe is still drained, so the worker is not blocked
 
     # ------------------------------------------------------------------ stopping
 

@@ -81,6 +81,8 @@ class Attempt:
         self.samples_per_step = self.plan.batch_size
         self.user_callbacks: list[Any] = []
         self.nan_seen: tuple[int, float] | None = None  # (step, loss) noticed by the NaN watch
+        #: The epoch's running logs, taken by the NaN watch a few times a second; the next heartbeat sends them.
+        self.running_logs: dict[str, float] | None = None
         # Timing: heartbeats, throughput and the checkpoint interval.
         self.started = time.monotonic()
         self.first_step_reported = False
@@ -140,10 +142,11 @@ class Attempt:
 
         head = Head(self)
         resume = list(zip(self.user_callbacks, self.callback_states)) if self.callback_states is not None else None
-        verbose = self.spec.verbose
+        # No Keras progress bar: the caller's display draws the run from the channel (the user's callbacks
+        # still see params["verbose"] as given to fit).
         return ContinuingCallbackList(
             [head, NanWatch(self), *self.user_callbacks, Tail(self, head)], resume_states=resume, add_history=True,
-            add_progbar=verbose != 0, model=model, verbose=verbose, epochs=self.spec.epochs, steps=None,
+            add_progbar=False, model=model, verbose=self.spec.verbose, epochs=self.spec.epochs, steps=None,
         )
 
     def _train(self, model: Any, source: Any, callbacks: Any) -> bool:
@@ -164,7 +167,7 @@ class Attempt:
                 callbacks.begin_training()
                 started = True
             model.fit(ds, epochs=self.epoch + 1, initial_epoch=self.epoch, callbacks=callbacks,
-                      validation_data=val, verbose=self.spec.verbose, shuffle=False, **validation_args(self.spec))
+                      validation_data=val, verbose=0, shuffle=False, **validation_args(self.spec))
             if model.stop_training:
                 break  # EarlyStopping or the like: the training ends as model.fit's would
         return started
@@ -257,9 +260,10 @@ class Attempt:
         now = time.monotonic()
         if force or now - self.last_beat >= 0.25:
             self.last_beat = now
+            logs, self.running_logs = self.running_logs, None
             self.channel.send(Heartbeat(phase=phase, epoch=self.epoch, step=self.global_step,  # type: ignore[arg-type]
                                         step_seconds=self.step_seconds, timed_steps=self.timed_steps,
-                                        timed_seconds=self.timed_seconds))
+                                        timed_seconds=self.timed_seconds, logs=logs))
         elif self.global_step != self.last_beat_step:
             # Between the throttled heartbeats, the step alone (no timing, so the supervisor's step-time
             # and throughput figures are unchanged): an incident's step is then exact, not the last heartbeat's.

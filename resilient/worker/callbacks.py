@@ -25,6 +25,10 @@ if TYPE_CHECKING:
     from .attempt import Attempt
 
 
+#: The running logs go to the caller's display at most this often (seconds).
+LOGS_INTERVAL = 0.4
+
+
 class Head(keras.callbacks.Callback):
     """First callback: step accounting, checkpoints, preemption, faults and heartbeats.
 
@@ -92,14 +96,30 @@ class NanWatch(keras.callbacks.Callback):
     def __init__(self, attempt: Attempt) -> None:
         super().__init__()
         self.attempt = attempt
+        self.logs_taken = 0.0
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self._take_logs(logs)
         loss = (logs or {}).get("loss")
         if loss is None or self.attempt.nan_seen is not None:
             return
         value = float(loss)
         if not math.isfinite(value):
             self.attempt.nan_seen = (self.attempt.global_step, value)
+
+    def _take_logs(self, logs: Any) -> None:
+        """The running logs for the caller's display, at most every ``LOGS_INTERVAL`` seconds (here, off the
+        training thread, reading them costs the training nothing)."""
+        now = time.monotonic()
+        if not logs or now - self.logs_taken < LOGS_INTERVAL:
+            return
+        self.logs_taken = now
+        try:
+            values = {str(k): float(v) for k, v in list(logs.items())[:16]}
+        except (TypeError, ValueError):
+            return  # a metric that is not a scalar: the display shows the epoch's logs at its end
+        # JSON has no NaN: a non-finite value would spoil the whole heartbeat (the NaN watch reports it).
+        self.attempt.running_logs = {k: v for k, v in values.items() if math.isfinite(v)}
 
 
 class Tail(keras.callbacks.Callback):
