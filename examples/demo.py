@@ -49,7 +49,7 @@ def build_model() -> keras.Model:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=None, help="where the run lives (default: a fresh temporary folder)")
-    parser.add_argument("--faults", default="gpu_oom@30,segfault@75,hang@120,preempt@160")
+    parser.add_argument("--faults", default="gpu_oom@30,segfault@75,preempt@100,hang@120")
     parser.add_argument("--epochs", type=int, default=6)
     args = parser.parse_args()
 
