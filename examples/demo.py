@@ -18,11 +18,27 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import keras
 import numpy as np
 from sklearn.datasets import load_digits
 
-import resilient  # first: keeps TensorFlow in this process from reserving the whole GPU
+import resilient  # before TensorFlow: keeps TensorFlow in this process from reserving the whole GPU
+
+
+def _import_keras_quietly():
+    """TensorFlow's C++ runtime logs its start-up lines to stderr before any setting can silence them;
+    this demo's output is resilient's story, so they go to /dev/null (an import error still raises)."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import keras
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return keras
+
+
+keras = _import_keras_quietly()
 
 
 def build_model() -> keras.Model:
