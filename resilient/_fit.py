@@ -18,6 +18,7 @@ import numpy as np
 
 from ._carry import ProvenModel, custom_objects_of, prove_carriable
 from ._checkpoint import check_resumable
+from ._devices import Devices, check_devices, replica_count, visible_gpu_count
 from ._errors import InvalidArgumentError, RunDirError
 from ._faults import Fault, parse_faults
 from ._history import History
@@ -65,6 +66,7 @@ def fit(
     gpu_memory_limit: str | int | None = None,
     faults: str | Sequence[str] | None = None,
     trust_run_dir: bool = False,
+    devices: str | Sequence[str] = "auto",
 ) -> History:
     """Train ``model`` like ``model.fit``, in a supervised worker process that is restarted on failure.
 
@@ -110,7 +112,8 @@ def fit(
             bounds the start-up phases (import, restore, first step) from below once they were measured.
         host_memory_limit: a RAM budget for the worker such as ``"12.7GB"``, enforced by a memory
             cgroup where the machine allows it, by a watchdog otherwise.
-        gpu_memory_limit: caps TensorFlow's GPU memory in the worker (e.g. ``"15GB"`` to emulate a T4).
+        gpu_memory_limit: caps TensorFlow's GPU memory in the worker (e.g. ``"15GB"`` to emulate a T4), on
+            each GPU it trains on.
         faults: fault rehearsal, e.g. ``"gpu_oom@40,segfault@90"``; each fires once per run. Kinds:
             ``gpu_oom``, ``host_oom``, ``segfault``, ``abort``, ``sigkill``, ``hang``, ``preempt``,
             ``nan``, and ``save_kill`` (SIGKILL halfway through the first checkpoint write at or after
@@ -118,6 +121,11 @@ def fit(
         trust_run_dir: resume a run directory even if another user owns it or others can write it.
             A run directory is code (its pickled callbacks and objects and its Keras model run when it
             resumes), so by default such a directory is refused; pass True only if you know who wrote it.
+        devices: ``"auto"`` (every GPU the worker sees, the CPU when there is none), ``"all"`` (every GPU,
+            or every CPU device), ``"cpu"``, one device such as ``"gpu:1"``, or a list such as
+            ``["gpu:0", "gpu:1"]``. Over several devices the worker trains under
+            ``tf.distribute.MirroredStrategy``: ``batch_size`` stays the global batch, split between them.
+            A run may resume on another number of devices.
 
     Returns:
         A History with ``history``, ``epoch``, ``params``, ``model``, ``incidents``, ``plan`` and ``run_dir``.
@@ -140,7 +148,7 @@ def fit(
         validation_batch_size=validation_batch_size, validation_freq=validation_freq, policy=policy,
         max_restarts=max_restarts, checkpoint_every=checkpoint_every, hang_timeout=hang_timeout,
         host_memory_limit=host_memory_limit, gpu_memory_limit=gpu_memory_limit, faults=faults, run_dir=run_dir,
-        trust_run_dir=trust_run_dir,
+        trust_run_dir=trust_run_dir, devices=devices,
     )
     prepared = _prepare(args, x, y, validation_data=validation_data, sample_weight=sample_weight,
                         validation_split=validation_split, steps_per_epoch=steps_per_epoch,
@@ -171,6 +179,7 @@ class _Args:
     checkpoint_every_seconds: float | None
     hang_timeout: float | None
     host_memory_limit: int | None
+    devices: Devices  # checked and normalised (``_devices.check_devices``)
     gpu_memory_limit: int | None
     faults: tuple[Fault, ...]
     run_dir: Path | None  # checked (``check_run_dir_path``); None: the default under ./resilient_runs
@@ -209,7 +218,7 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
               validation_split: Any, shuffle: Any, class_weight: Any, initial_epoch: Any, steps_per_epoch: Any,
               validation_steps: Any, validation_batch_size: Any, validation_freq: Any, policy: Any,
               max_restarts: Any, checkpoint_every: Any, hang_timeout: Any, host_memory_limit: Any,
-              gpu_memory_limit: Any, faults: Any, run_dir: Any, trust_run_dir: Any) -> _Args:
+              gpu_memory_limit: Any, faults: Any, run_dir: Any, trust_run_dir: Any, devices: Any) -> _Args:
     """Check every argument that needs neither the inputs nor the disk, in the order users meet them."""
     from .policy import load_policy
 
@@ -241,6 +250,7 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
     host_limit = _size("host_memory_limit", host_memory_limit)
     gpu_limit = _size("gpu_memory_limit", gpu_memory_limit)
     fault_specs = _faults(faults)
+    checked_devices = check_devices(devices)
     if not isinstance(trust_run_dir, (bool, np.bool_)):
         raise InvalidArgumentError(f"Invalid value for argument `trust_run_dir`. Received: trust_run_dir={trust_run_dir!r}. "
                                    "Expected True or False.")
@@ -251,7 +261,7 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
         policy=loaded_policy, max_restarts=loaded_policy.max_restarts if max_restarts is None else max_restarts,
         checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, hang_timeout=hang,
         host_memory_limit=host_limit, gpu_memory_limit=gpu_limit, faults=fault_specs, run_dir=run_path,
-        trust_run_dir=bool(trust_run_dir),
+        trust_run_dir=bool(trust_run_dir), devices=checked_devices,
     )
 
 
@@ -261,7 +271,7 @@ def _prepare(args: _Args, x: Any, y: Any, *, validation_data: Any, sample_weight
     model = None if args.is_builder else args.model
     facts = ModelFacts(model)
     batch_size = default_batch_size(x, args.batch_size, steps_per_epoch, validation_split, validation_data)
-    initial_plan = Plan(batch_size=batch_size)
+    initial_plan = Plan(batch_size=batch_size, replicas=_replicas(args.devices))
     inputs = prepare_inputs(x, y, validation_data, model=model, plan=initial_plan,
                             sample_weight=sample_weight, validation_split=validation_split,
                             class_weight=args.fit_args["class_weight"], steps_per_epoch=steps_per_epoch,
@@ -370,7 +380,8 @@ def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
         checkpoint_every_steps=args.checkpoint_every_steps, checkpoint_every_seconds=args.checkpoint_every_seconds,
         faults=args.faults, gpu_memory_limit_bytes=args.gpu_memory_limit,
         host_memory_limit_bytes=args.host_memory_limit, initial_plan=plan, has_callbacks=prepared.has_callbacks,
-        versions=target.versions, flexible_input=prepared.flexible, plan_basis=target.basis, **args.fit_args,
+        versions=target.versions, flexible_input=prepared.flexible, plan_basis=target.basis,
+        devices=args.devices, **args.fit_args,
     )
     if not args.is_builder and not (resuming and run.model_file.exists()):
         with atomic_path(run.model_file) as tmp:
@@ -381,6 +392,9 @@ def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
         run.write_plan(plan)
     elif replanned.changed:
         run.write_plan(replanned.plan)
+    if resuming and run.read_plan().replicas != plan.replicas:
+        # This call's devices: the global batch (and the rest of the plan) carries over to them.
+        run.write_plan(run.read_plan().replace(replicas=plan.replicas))
     journal = Journal(run.events)
     journal.write(
         "run_started", run_dir=str(run.path), resumed=resuming, epochs=args.epochs, seed=target.seed,
@@ -823,6 +837,15 @@ def _device_context() -> dict[str, Any]:
         except Exception:
             pass
     return out
+
+
+def _replicas(devices: Devices) -> int:
+    """The devices the worker will train on (GPUs counted by NVML where CUDA_VISIBLE_DEVICES lets it see them)."""
+    from .supervisor.memory import GpuMemory
+
+    if devices not in {"auto", "all"}:
+        return replica_count(devices, 0)  # named devices: their count, no GPU query
+    return replica_count(devices, visible_gpu_count(len(GpuMemory()._handles)))
 
 
 def _cpu_bf16() -> bool:

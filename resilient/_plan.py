@@ -39,6 +39,9 @@ class Plan(BaseModel):
     learning_rate_scale: float = Field(
         1.0, gt=0, description="Multiplier applied to the optimizer's learning rate."
     )
+    replicas: int = Field(
+        1, ge=1, description="Devices the batch is split over (MirroredStrategy); batch_size stays the global batch."
+    )
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -60,6 +63,11 @@ class Plan(BaseModel):
         """Samples that contribute to one optimizer update."""
         return self.batch_size * self.grad_accum_steps
 
+    @property
+    def per_replica_batch(self) -> int:
+        """Samples each device takes of one micro-batch (the global batch split evenly; at least 1)."""
+        return max(1, self.batch_size // self.replicas)
+
     def replace(self, **changes: object) -> Plan:
         """Return a validated copy with ``changes`` applied."""
         data = self.model_dump()
@@ -72,8 +80,13 @@ class Plan(BaseModel):
         return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
 
     def describe(self) -> str:
-        """A short human-readable summary, e.g. ``batch=16x2 float32 cache``."""
-        parts = [f"batch={self.batch_size}" + (f"x{self.grad_accum_steps}" if self.grad_accum_steps > 1 else "")]
+        """A short human-readable summary, e.g. ``batch=16x2 float32 cache``, ``batch=256 (4x64) float32 cache``."""
+        batch = f"batch={self.batch_size}" + (f"x{self.grad_accum_steps}" if self.grad_accum_steps > 1 else "")
+        if self.replicas > 1:
+            # The global batch first (what Keras calls batch_size), then how the devices share it.
+            split = self.batch_size % self.replicas == 0
+            batch += f" ({self.replicas}x{self.per_replica_batch})" if split else f" (over {self.replicas} devices)"
+        parts = [batch]
         parts.append(self.precision)
         if self.image_size is not None:
             parts.append(f"image={self.image_size[0]}x{self.image_size[1]}")

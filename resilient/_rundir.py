@@ -159,6 +159,8 @@ class RunSpec(BaseModel):
     #: The resource settings the plan was derived under (None: a run.json written by 0.1.0, whose
     #: memory limits are the fields above).
     plan_basis: PlanBasis | None = None
+    #: fit's ``devices`` (``_devices.check_devices``); "auto" for a run.json written before it existed.
+    devices: str | tuple[str, ...] = "auto"
 
     def basis(self) -> PlanBasis:
         """The settings of the call that wrote this spec (0.1.0: its memory limits, device and policy unknown)."""

@@ -49,6 +49,9 @@ def _shrink(value: int | None, *, from_auto: int, factor: float, minimum: int) -
 class halve_batch(Step):
     """Halve the batch size, never below ``min_batch``.
 
+    Under several devices (``plan.replicas``) the per-device batch halves and ``min_batch`` bounds
+    it: the global batch halves too and stays a multiple of the device count, so each device still
+    takes an equal share.
     With ``keep_effective_batch``, ``grad_accum_steps`` grows so that batch * accumulation stays the
     effective batch of the plan before: the optimizer sees the same number of samples per update.
     The math is still not identical: BatchNorm statistics see the smaller micro-batch. (Learning-rate
@@ -62,17 +65,18 @@ class halve_batch(Step):
     def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
         if context.batch_size_fixed:
             return None  # the input batches itself (PyDataset): a smaller plan batch would change nothing
-        batch = plan.batch_size
-        target = max(self.min_batch, batch // 2)
-        if target >= batch:
+        replicas = plan.replicas
+        per = plan.per_replica_batch
+        target = max(self.min_batch, per // 2)
+        if target >= per:
             return None
         if not self.keep_effective_batch:
-            return plan.replace(batch_size=target)
+            return plan.replace(batch_size=target * replicas)
         effective = plan.effective_batch
-        lowest = max(self.min_batch, math.ceil(batch / 4))
+        lowest = max(self.min_batch, math.ceil(per / 4))
         for candidate in range(target, lowest - 1, -1):
-            if effective % candidate == 0:
-                return plan.replace(batch_size=candidate, grad_accum_steps=effective // candidate)
+            if effective % (candidate * replicas) == 0:
+                return plan.replace(batch_size=candidate * replicas, grad_accum_steps=effective // (candidate * replicas))
         return None
 
 

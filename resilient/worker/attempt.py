@@ -99,22 +99,26 @@ class Attempt:
     def run_training(self) -> None:
         """Train to the end of the run (or to a callback's stop), then save the final checkpoint and result."""
         from ..data.dispatch import make_source
+        from .devices import strategy_scope
 
-        model, objects = self._prepare()
-        source = make_source(self.spec, self.run, objects)
-        self.samples_per_step = source.samples_per_step(self.plan)  # a PyDataset counts batches
-        callbacks = self._callback_list(model)
-        if not self._train(model, source, callbacks):
-            self._begin_without_epochs(callbacks, source)
-        callbacks.end_training(self.last_logs)
-        self.save_checkpoint(model, "final")
+        _configure_tf(self.spec)
+        # Everything under the strategy's scope: the model's and the optimizer's variables, and the
+        # metrics Keras builds at the first step, are all mirrored over the devices.
+        with strategy_scope(self._devices()):
+            model, objects = self._prepare()
+            source = make_source(self.spec, self.run, objects)
+            self.samples_per_step = source.samples_per_step(self.plan)  # a PyDataset counts batches
+            callbacks = self._callback_list(model)
+            if not self._train(model, source, callbacks):
+                self._begin_without_epochs(callbacks, source)
+            callbacks.end_training(self.last_logs)
+            self.save_checkpoint(model, "final")
         state.write_result(self.run, TrainingResult(
             history=self.history, epochs_done=self.epochs_done, global_step=self.global_step, attempt=self.attempt,
             stopped_early=bool(self.stopped and self.epoch < self.spec.epochs), steps=self.steps_per_epoch))
 
     def _prepare(self) -> tuple[Any, dict[str, Any]]:
-        """TensorFlow configured, the model built for the plan and restored; then the hello."""
-        _configure_tf(self.spec)
+        """The model built for the plan and restored; then the hello."""
         import keras
 
         self.beat("restore", force=True)  # the supervisor times the start-up phases (import, restore)
@@ -136,6 +140,15 @@ class Attempt:
         self.channel.send(Hello(pid=os.getpid(), epoch=self.epoch, step=self.global_step, resumed_from=resumed_from,
                                 skip_steps=self.offset // max(1, self.plan.batch_size)))
         return model, objects
+
+    def _devices(self) -> list[str]:
+        """The devices this attempt trains on; the supervisor hears them (and a replica count the plan does not expect)."""
+        from .devices import resolve
+
+        names = resolve(self.spec.devices)
+        self.channel.send(Notice(event="devices", fields={"devices": names, "replicas": len(names),
+                                                          "plan_replicas": self.plan.replicas}))
+        return names
 
     def _callback_list(self, model: Any) -> Any:
         from .callbacks import ContinuingCallbackList, Head, NanWatch, Tail
@@ -355,9 +368,13 @@ def validation_args(spec: RunSpec) -> dict[str, Any]:
 
 
 def _configure_tf(spec: RunSpec) -> None:
-    """GPU memory: capped at the run's limit, or grown on demand (never all of it reserved up front)."""
+    """The run's devices chosen; GPU memory: capped at the run's limit on each GPU, or grown on demand
+    (never all of it reserved up front). Before TensorFlow initialises its devices."""
     import tensorflow as tf
 
+    from .devices import configure
+
+    configure(spec.devices)
     for gpu in tf.config.list_physical_devices("GPU"):
         try:
             if spec.gpu_memory_limit_bytes:
