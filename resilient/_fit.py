@@ -392,9 +392,10 @@ def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
         run.write_plan(plan)
     elif replanned.changed:
         run.write_plan(replanned.plan)
-    if resuming and run.read_plan().replicas != plan.replicas:
+    devices_from = run.read_plan() if resuming else plan
+    if devices_from.replicas != plan.replicas:
         # This call's devices: the global batch (and the rest of the plan) carries over to them.
-        run.write_plan(run.read_plan().replace(replicas=plan.replicas))
+        run.write_plan(devices_from.replace(replicas=plan.replicas))
     journal = Journal(run.events)
     journal.write(
         "run_started", run_dir=str(run.path), resumed=resuming, epochs=args.epochs, seed=target.seed,
@@ -410,6 +411,12 @@ def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
                                          "dropped": list(replanned.dropped)})
         if args.verbose_level:
             print(f"resilient: {replanned.message}", flush=True)
+    if devices_from.replicas != plan.replicas:
+        journal.write("plan_changed", **{"from": devices_from.model_dump(mode="json"),
+                                         "to": run.read_plan().model_dump(mode="json"),
+                                         "reason": f"devices: {devices_from.replicas} -> {plan.replicas} replicas, "
+                                                   "the global batch kept", "incident": None,
+                                         "cause": "settings_changed", "dropped": []})
 
 
 def _rederived_plan(run: RunDir, requested: Plan, basis: PlanBasis) -> Rederived:

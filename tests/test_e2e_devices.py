@@ -87,6 +87,9 @@ def test_a_two_device_run_resumes_on_one_device_and_back(tmp_path, mirrored_ref)
     model = make_model()
     history = _fit(run_dir, model, faults=faults, max_restarts=0)  # back on two devices
     assert _devices_seen(run_dir) == [2, 1, 2]
+    changes = [e["reason"] for e in RunDir(run_dir).read_events() if e["event"] == "plan_changed"]
+    assert changes == ["devices: 2 -> 1 replicas, the global batch kept",
+                       "devices: 1 -> 2 replicas, the global batch kept"]
     assert history.plan.replicas == 2 and history.plan.batch_size == 32  # the global batch carried over
     assert set(history.history) == KEYS
     # Steps 4-9 ran on one device: the same global batch, its gradient reduced in another order, so the

@@ -57,7 +57,7 @@ def test_the_caller_side_never_imports_tensorflow_or_keras():
         "import resilient.data.dispatch, resilient.data.base, resilient.data.checks, resilient.data.arrays, "
         "resilient.data.folder, resilient.data.factory, resilient.data.pydataset\n"
         "import resilient.supervisor.config, resilient.supervisor.decide, resilient.supervisor.process, "
-        "resilient.supervisor.report, resilient.supervisor.memory, resilient._replan, "
+        "resilient.supervisor.report, resilient.supervisor.memory, resilient._replan, resilient._devices, "
         "resilient.supervisor.startup, resilient.supervisor.telemetry, resilient.supervisor.display\n"
         "resilient.load_policy('default')\n"
         "bad = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"

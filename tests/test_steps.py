@@ -429,3 +429,37 @@ def test_cache_and_buffer_steps_do_not_apply_to_inputs_without_them():
     assert drop_cache().apply(plan, incident, arrays) is None
     assert shrink_buffers().apply(plan, incident, arrays) is None
     assert drop_cache().apply(plan, incident, StepContext(plan)).cache is False
+
+
+# ------------------------------------------------------------------------- halve_batch over several devices
+
+
+@pytest.mark.parametrize(
+    ("batch", "replicas", "min_batch", "expected"),
+    [(256, 4, 1, 128), (32, 2, 1, 16), (32, 2, 16, None), (32, 2, 8, 16), (33, 2, 1, 16), (2, 2, 1, None)],
+)
+def test_halve_batch_halves_the_per_replica_batch(batch, replicas, min_batch, expected):
+    """min_batch bounds each device's share; the global batch halves and stays a multiple of the devices."""
+    plan = apply(halve_batch(min_batch=min_batch), Plan(batch_size=batch, replicas=replicas))
+    assert (plan.batch_size if plan else None) == expected
+    if plan is not None:
+        assert plan.replicas == replicas and plan.batch_size % replicas == 0
+
+
+def test_halve_batch_keep_over_devices_keeps_the_effective_batch():
+    plan = apply(halve_batch(keep_effective_batch=True), Plan(batch_size=64, replicas=4))
+    assert (plan.batch_size, plan.grad_accum_steps, plan.per_replica_batch) == (32, 2, 8)
+    assert plan.effective_batch == 64
+
+
+@given(per=st.integers(1, 512), replicas=st.integers(1, 8), accum=st.integers(1, 4),
+       min_batch=st.integers(1, 32), keep=st.booleans())
+def test_halve_batch_over_devices_never_goes_below_min_batch_per_device(per, replicas, accum, min_batch, keep):
+    plan = Plan(batch_size=per * replicas, grad_accum_steps=accum, replicas=replicas)
+    new = apply(halve_batch(min_batch=min_batch, keep_effective_batch=keep), plan)
+    if new is None:
+        return
+    assert new.per_replica_batch >= min_batch and new.batch_size % replicas == 0
+    assert new.per_replica_batch < plan.per_replica_batch
+    if keep:
+        assert new.effective_batch == plan.effective_batch

@@ -1,0 +1,77 @@
+"""fit(devices=...): checked with a received/expected message, counted into the plan's replicas."""
+
+from __future__ import annotations
+
+import pytest
+
+from resilient._devices import check_devices, logical_cpus, replica_count, visible_gpu_count
+from resilient._errors import InvalidArgumentError
+from resilient._plan import Plan
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("auto", "auto"), ("all", "all"), ("CPU", "cpu"), ("gpu", "gpu:0"), ("gpu:3", "gpu:3"),
+    (["gpu:0", "gpu:1"], ("gpu:0", "gpu:1")), (("cpu:0", "cpu:1"), ("cpu:0", "cpu:1")),
+])
+def test_devices_are_normalised(given, expected):
+    assert check_devices(given) == expected
+
+
+@pytest.mark.parametrize(("given", "why"), [
+    ("tpu", "Expected \"auto\""), (2, "Expected \"auto\""), ([], "Expected \"auto\""), (["gpu"], "Expected \"auto\""),
+    (["gpu:0", "gpu:0"], "each device once"), (["gpu:0", "cpu:0"], "one kind"), (b"gpu:0", "Expected \"auto\""),
+])
+def test_bad_devices_are_refused_with_received_and_expected(given, why):
+    with pytest.raises(InvalidArgumentError, match="Received: devices=") as info:
+        check_devices(given)
+    assert why in str(info.value)
+
+
+@pytest.mark.parametrize(("devices", "gpus", "expected"), [
+    ("auto", 0, 1), ("auto", 1, 1), ("auto", 4, 4), ("all", 2, 2), ("cpu", 4, 1), ("gpu:1", 4, 1),
+    (("gpu:0", "gpu:1"), 8, 2),
+])
+def test_replica_count(devices, gpus, expected):
+    assert replica_count(devices, gpus) == expected
+
+
+def test_all_without_gpus_counts_the_testing_aids_logical_cpus(monkeypatch):
+    monkeypatch.setenv("RESILIENT_LOGICAL_CPUS", "2")
+    assert logical_cpus() == 2 and replica_count("all", 0) == 2
+    monkeypatch.setenv("RESILIENT_LOGICAL_CPUS", "lots")
+    assert logical_cpus() == 1
+
+
+def test_cuda_visible_devices_narrows_what_nvml_counts(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpu_count(4) == 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpu_count(4) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpu_count(4) == 0
+
+
+def test_the_plan_describes_the_global_batch_and_its_split():
+    assert Plan(batch_size=256, replicas=4).describe().startswith("batch=256 (4x64) ")
+    assert Plan(batch_size=16, grad_accum_steps=2, replicas=2).describe().startswith("batch=16x2 (2x8) ")
+    assert Plan(batch_size=33, replicas=2).describe().startswith("batch=33 (over 2 devices) ")
+    assert Plan(batch_size=256).describe().startswith("batch=256 float32")
+
+
+def test_a_plan_and_a_run_spec_written_by_0_1_0_load_on_one_device():
+    from pathlib import Path
+
+    from resilient._rundir import RunSpec
+
+    fixture = Path(__file__).parent / "fixtures" / "rundir_v0"
+    assert "replicas" not in (fixture / "plan.json").read_text()
+    assert Plan.model_validate_json((fixture / "plan.json").read_text()).replicas == 1
+    assert RunSpec.model_validate_json((fixture / "run.json").read_text()).devices == "auto"
+
+
+def test_fit_refuses_bad_devices_before_writing_anything(tmp_path):
+    import resilient
+
+    with pytest.raises(InvalidArgumentError, match=r"Received: devices='tpu:0'"):
+        resilient.fit(lambda: None, None, epochs=1, run_dir=tmp_path / "run", devices="tpu:0")
+    assert not (tmp_path / "run").exists()
