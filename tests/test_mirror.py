@@ -1,0 +1,201 @@
+"""The mirror (supervisor/mirror.py) with real files and its real thread: verified copies, a mirror that
+vanishes and comes back, a slow mirror that training never waits for, and restoring a run on a new VM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from resilient._checkpoint import CheckpointStore
+from resilient._rundir import Journal, RunDir
+from resilient.supervisor import mirror as mirror_module
+from resilient.supervisor.mirror import Mirror, restore_from_mirror
+
+
+def _run(path: Path) -> RunDir:
+    run = RunDir(path)
+    run.create()
+    (run.path / "run.json").write_text('{"stand-in": "run spec"}')
+    (run.path / "plan.json").write_text('{"batch_size": 32}')
+    run.private_dir(run.data_dir)
+    (run.data_dir / "x.npy").write_bytes(b"x" * 1000)
+    Journal(run.events).write("run_started")
+    return run
+
+
+def _save(run: RunDir, step: int, size: int = 2000) -> None:
+    def writer(tmp: Path) -> None:
+        (tmp / "weights.bin").write_bytes(os.urandom(size))
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+
+    CheckpointStore(run.checkpoints, keep=3).save(step, {"epoch": 0}, writer)
+
+
+def _events(run: RunDir, name: str) -> list[dict]:
+    return [e for e in run.read_events() if e["event"] == name]
+
+
+def _until(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_each_generation_is_copied_verified_and_the_newest_two_are_kept(tmp_path):
+    run = _run(tmp_path / "run")
+    target = tmp_path / "drive" / "run"
+    (tmp_path / "drive").mkdir()
+    mirror = Mirror(run, target, journal=Journal(run.events), keep=2)
+    mirror.start()
+    try:
+        _save(run, 1)
+        mirror.notify(1)
+        assert _until(lambda: mirror.state.step == 1)
+        for step in (2, 3):
+            _save(run, step)
+            mirror.notify(step)
+        assert _until(lambda: mirror.state.step == 3)
+    finally:
+        state = mirror.close(timeout=10)
+    assert state.step == 3 and state.local_step == 3
+    store = CheckpointStore(target / "checkpoints")
+    assert [p.name for p in store.generations()] == ["ckpt-000000000003", "ckpt-000000000002"]
+    for path in store.generations():
+        store.verify(path)  # sizes and SHA-256 against the manifest, on the mirror side
+    assert not list((target / "checkpoints").glob(".tmp-*"))
+    assert (target / "run.json").read_text() == (run.path / "run.json").read_text()
+    assert (target / "data" / "x.npy").read_bytes() == (run.data_dir / "x.npy").read_bytes()
+    synced = _events(run, "mirror_synced")
+    assert synced[-1]["step"] == 3 and synced[-1]["lag_seconds"] >= 0
+    # The mirrored journal is the local one, mirror_synced lines included (copied last).
+    assert [e["event"] for e in RunDir(target).read_events()] == [e["event"] for e in run.read_events()]
+    assert "the mirror" in state.text(target) and "step 3" in state.text(target)
+
+
+def test_a_mirror_that_vanishes_is_retried_with_backoff_and_catches_up_when_it_returns(tmp_path):
+    run = _run(tmp_path / "run")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    target = mount / "run"
+    mirror = Mirror(run, target, journal=Journal(run.events), keep=2, wait_max=0.1)
+    mirror.start()
+    try:
+        _save(run, 1)
+        mirror.notify(1)
+        assert _until(lambda: mirror.state.step == 1)
+        mount.rename(tmp_path / "mnt-away")  # the Drive mount drops
+        _save(run, 2)
+        mirror.notify(2)
+        assert _until(lambda: len(_events(run, "mirror_retry")) >= 2), "no retry was journaled"
+        assert not mount.exists(), "the mirror re-created a dropped mount's folder on the local disk"
+        assert mirror.state.step == 1
+        (tmp_path / "mnt-away").rename(mount)  # ...and comes back
+        assert _until(lambda: mirror.state.step == 2), "the mirror did not catch up"
+    finally:
+        mirror.close(timeout=10)
+    retry = _events(run, "mirror_retry")[0]
+    assert "FileNotFoundError" in retry["error"] and retry["wait_seconds"] <= 0.1
+    assert [e["step"] for e in _events(run, "mirror_synced")] == [1, 2]
+    CheckpointStore(target / "checkpoints").verify(target / "checkpoints" / "ckpt-000000000002")
+
+
+def test_a_slow_mirror_never_blocks_and_skips_to_the_newest_generation(tmp_path):
+    run = _run(tmp_path / "run")
+    target = tmp_path / "drive"
+    gate, copying = threading.Event(), threading.Event()
+
+    def slow_copy(src: Path, dst: Path) -> None:
+        if dst.parent.name.startswith(".tmp-mirror-"):
+            copying.set()
+            gate.wait(30)  # the mount stalls on the first generation
+        mirror_module.copy_file(src, dst)
+
+    mirror = Mirror(run, target, journal=Journal(run.events), keep=2, copy=slow_copy)
+    mirror.start()
+    try:
+        _save(run, 1)
+        mirror.notify(1)
+        assert copying.wait(20)
+        for step in range(2, 6):  # training goes on while the copy hangs: saves and notify return at once
+            _save(run, step)
+            mirror.notify(step)
+        assert mirror.state.step is None
+        gate.set()
+        assert _until(lambda: mirror.state.step == 5)
+    finally:
+        gate.set()
+        mirror.close(timeout=10)
+    synced = [e["step"] for e in _events(run, "mirror_synced")]
+    assert synced[-1] == 5 and not {2, 3, 4} & set(synced)  # fell behind: skipped to the newest
+    assert not list((target / "checkpoints").glob(".tmp-*"))
+
+
+def test_the_flush_at_the_end_is_bounded_when_the_mirror_hangs(tmp_path):
+    run = _run(tmp_path / "run")
+    release = threading.Event()
+
+    def stuck(src: Path, dst: Path) -> None:
+        release.wait(60)
+        mirror_module.copy_file(src, dst)
+
+    mirror = Mirror(run, tmp_path / "drive", journal=Journal(run.events), copy=stuck)
+    mirror.start()
+    _save(run, 1)
+    mirror.notify(1)
+    started = time.monotonic()
+    state = mirror.close(timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert state.step is None and "no checkpoint is on the mirror" in state.text(tmp_path / "drive")
+    release.set()
+
+
+def _mirrored(tmp_path: Path, steps: tuple[int, ...]) -> Path:
+    """A mirror holding verified generations ``steps``, as the thread leaves them."""
+    run = _run(tmp_path / "src")
+    mirror = Mirror(run, tmp_path / "drive", journal=Journal(run.events), keep=3)
+    for step in steps:
+        _save(run, step)
+        mirror._sync_once()
+    return tmp_path / "drive"
+
+
+def test_restore_takes_the_newest_verified_generation_and_never_a_partial_copy(tmp_path):
+    drive = _mirrored(tmp_path, (2, 4))
+    ckpts = drive / "checkpoints"
+    # A supervisor killed mid-copy left a temporary copy of a newer generation, and a newer generation is damaged.
+    partial = ckpts / ".tmp-mirror-0123"
+    shutil.copytree(ckpts / "ckpt-000000000004", partial)
+    (partial / "manifest.json").write_text(json.dumps({"step": 9, "files": {}}))
+    damaged = ckpts / "ckpt-000000000007"
+    shutil.copytree(ckpts / "ckpt-000000000004", damaged)
+    (damaged / "weights.bin").write_bytes(b"cut")
+    said: list[str] = []
+    local = RunDir(tmp_path / "vm2" / "run")
+    assert restore_from_mirror(local, drive, say=said.append) == 4
+    assert [p.name for p in CheckpointStore(local.checkpoints).generations()] == ["ckpt-000000000004"]
+    assert CheckpointStore(local.checkpoints).latest().step == 4
+    assert (local.path / "run.json").exists() and (local.data_dir / "x.npy").exists()
+    assert (local.path.stat().st_mode & 0o777) == 0o700 and ((local.path / "run.json").stat().st_mode & 0o777) == 0o600
+    assert "restored the run from the mirror" in said[0] and "step 4" in said[0] and "empty" in said[0]
+
+
+def test_restore_replaces_an_older_local_run_and_leaves_a_newer_one(tmp_path):
+    drive = _mirrored(tmp_path, (2, 4))
+    older = _run(tmp_path / "older")
+    _save(older, 3)
+    (older.result_json).write_text("{}")  # an older run's result must not survive the restore
+    assert restore_from_mirror(older, drive) == 4
+    assert CheckpointStore(older.checkpoints).latest().step == 4
+    assert not older.result_json.exists()
+    newer = _run(tmp_path / "newer")
+    _save(newer, 5)
+    assert restore_from_mirror(newer, drive) is None
+    assert CheckpointStore(newer.checkpoints).latest().step == 5
+    assert restore_from_mirror(RunDir(tmp_path / "x"), tmp_path / "no-mirror") is None
