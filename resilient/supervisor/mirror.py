@@ -94,6 +94,10 @@ class Mirror:
             return self._state
 
     def start(self) -> None:
+        # The folders above the mirror are created once, here, where fit has just checked the path; later a
+        # missing parent means the mount dropped (``_sync_once``).
+        with contextlib.suppress(OSError):
+            self.mirror.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         self._thread.start()
 
     def notify(self, step: int | None = None) -> None:
