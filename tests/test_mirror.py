@@ -10,6 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+import resilient
 from resilient._checkpoint import CheckpointStore
 from resilient._rundir import Journal, RunDir
 from resilient.supervisor import mirror as mirror_module
@@ -199,3 +202,26 @@ def test_restore_replaces_an_older_local_run_and_leaves_a_newer_one(tmp_path):
     assert restore_from_mirror(newer, drive) is None
     assert CheckpointStore(newer.checkpoints).latest().step == 5
     assert restore_from_mirror(RunDir(tmp_path / "x"), tmp_path / "no-mirror") is None
+
+
+def test_a_mirror_others_could_have_written_is_not_restored(tmp_path):
+    drive = _mirrored(tmp_path, (2,))
+    os.chmod(drive, 0o777)  # writable by anyone: its pickles could be anyone's
+    local = RunDir(tmp_path / "vm2")
+    with pytest.raises(resilient.RunDirError, match="Refusing to resume"):
+        restore_from_mirror(local, drive)
+    assert not local.path.exists()
+    assert restore_from_mirror(local, drive, trust=True) == 2
+
+
+@pytest.mark.parametrize("case", ["file", "run_dir itself"])
+def test_an_unusable_mirror_dir_is_refused_before_anything_is_written(tmp_path, case):
+    from tests.conftest import make_data, make_model
+
+    (tmp_path / "a-file").write_text("")
+    value = tmp_path / "a-file" if case == "file" else tmp_path / "run"
+    x, y = make_data()
+    with pytest.raises(resilient.RunDirError) as info:
+        resilient.fit(make_model(), x, y, run_dir=tmp_path / "run", mirror_dir=value, verbose=0)
+    assert "mirror_dir" in str(info.value) and str(value) in str(info.value)
+    assert not (tmp_path / "run").exists()
