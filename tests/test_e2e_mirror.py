@@ -39,11 +39,12 @@ def test_a_new_vm_resumes_from_the_mirror_into_an_empty_run_dir_exactly(tmp_path
     ref = resilient.fit(ref_model, x, y, epochs=2, batch_size=32, seed=4, run_dir=tmp_path / "ref", verbose=0,
                         checkpoint_every=3)
 
+    real_copy = mirror_module.copy_file
+
     def slow_copy(src: Path, dst: Path) -> None:  # a slow mount: training must not wait for it
         time.sleep(0.02)
-        mirror_module._copy_file(src, dst)
+        real_copy(src, dst)
 
-    monkeypatch.setattr(mirror_module, "_copy_file", mirror_module.copy_file, raising=False)
     monkeypatch.setattr(mirror_module, "copy_file", slow_copy)
     drive = tmp_path / "drive" / "run"
     # The first VM dies for good at step 11; only the mirror survives it.

@@ -225,3 +225,16 @@ def test_an_unusable_mirror_dir_is_refused_before_anything_is_written(tmp_path, 
         resilient.fit(make_model(), x, y, run_dir=tmp_path / "run", mirror_dir=value, verbose=0)
     assert "mirror_dir" in str(info.value) and str(value) in str(info.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_step_saved_again_locally_is_copied_again(tmp_path):
+    run = _run(tmp_path / "run")
+    mirror = Mirror(run, tmp_path / "drive", journal=Journal(run.events))
+    _save(run, 8)  # an interval save...
+    mirror._sync_once()
+    _save(run, 8)  # ...replaced by the epoch end's save at the same step
+    mirror._sync_once()
+    name = "checkpoints/ckpt-000000000008/manifest.json"
+    assert (tmp_path / "drive" / name).read_bytes() == (run.path / name).read_bytes()
+    mirror._sync_once()  # nothing new: no copy, no journal line
+    assert [e["step"] for e in _events(run, "mirror_synced")] == [8, 8]

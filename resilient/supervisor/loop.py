@@ -24,6 +24,10 @@ only while it shows life (a heartbeat, a save in progress; a few seconds for a s
 the preemption grace), then SIGKILLs and reaps it; a second Ctrl-C SIGKILLs at once. It says what
 was saved, journals ``attempt_ended`` (``interrupted``) and ``run_finished`` (``interrupted``), and
 re-raises.
+
+With ``mirror_dir`` a thread (mirror.py) copies the run to the mirror, woken by each ``CheckpointSaved``;
+it never holds up a state, and when the run ends (finished, given up, Ctrl-C) it gets a bounded wait for
+a last copy.
 """
 
 from __future__ import annotations

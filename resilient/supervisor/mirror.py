@@ -156,18 +156,20 @@ class Mirror:
 
     def _sync_generation(self) -> None:
         local = CheckpointStore(self.run.checkpoints)
+        current = self.state.step
         for path in local.generations():
+            step = _step_of(path)
+            if current is not None and step is not None and step <= current and not self._resaved(path, step, current):
+                # Already there: the name says so, without hashing the local files on every idle pass.
+                with self._lock:
+                    self._state = MirrorState(current, step, self._state.lag_seconds)
+                return
             try:
                 ckpt = local.verify(path)
             except CorruptCheckpoint:
                 continue  # pruned or being replaced while we looked: the next one down, or the next pass
             break
         else:
-            return
-        current = self.state.step
-        if current is not None and ckpt.step <= current:
-            with self._lock:
-                self._state = MirrorState(current, ckpt.step, self._state.lag_seconds)
             return
         copied = self._copy_generation(ckpt)
         if copied is None:
@@ -178,6 +180,15 @@ class Mirror:
         self._note("mirror_synced", step=ckpt.step, epoch=ckpt.meta.get("epoch"), lag_seconds=lag,
                    bytes=ckpt.nbytes, path=str(self.mirror.path))
         self._prune()
+
+    def _resaved(self, path: Path, step: int, current: int) -> bool:
+        """The mirrored step was saved again locally (an epoch end right after an interval save): copy it anew."""
+        if step != current:
+            return False
+        try:
+            return (path / "manifest.json").read_bytes() != (self.mirror.checkpoints / path.name / "manifest.json").read_bytes()
+        except OSError:
+            return False  # pruned while we looked, or the mount is away: the next pass decides
 
     def _copy_generation(self, ckpt: Checkpoint) -> Checkpoint | None:
         """Copy under a temporary name, verify there, rename into place; None when the source vanished."""
@@ -275,6 +286,13 @@ class _stop_when(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self.flag()
+
+
+def _step_of(path: Path) -> int | None:
+    try:
+        return int(path.name.removeprefix("ckpt-"))
+    except ValueError:
+        return None
 
 
 def _is_run_file(name: str) -> bool:
