@@ -238,3 +238,39 @@ def test_a_step_saved_again_locally_is_copied_again(tmp_path):
     assert (tmp_path / "drive" / name).read_bytes() == (run.path / name).read_bytes()
     mirror._sync_once()  # nothing new: no copy, no journal line
     assert [e["step"] for e in _events(run, "mirror_synced")] == [8, 8]
+
+
+# ---------------------------------------------------------------------------- in the supervisor (scripted worker)
+
+from tests.test_supervisor import (  # noqa: E402 - the supervisor harness and its fixtures
+    HELLO,
+    _interrupt_when_ready,
+    beat,
+    no_leftover_workers,  # noqa: F401 - a fixture
+    supervise,  # noqa: F401 - a fixture
+)
+
+
+@pytest.mark.fault("ctrl_c", "mid-epoch", incident="none (run_finished: interrupted)",
+                   outcome="KeyboardInterrupt; the mirror is flushed first and the console says which step it holds",
+                   lost="steps since the last checkpoint (the mirror holds it)", corrupted="no")
+def test_ctrl_c_flushes_the_mirror_and_says_what_is_on_it(supervise, monkeypatch, tmp_path):  # noqa: F811
+    script = {"default": [HELLO, beat(2), {"do": "checkpoint"}, {"do": "stamp", "name": "ready"},
+                          {"do": "await_sigterm", "save_seconds": 0.2}]}
+    drive = tmp_path / "drive"
+    gate = threading.Event()
+
+    def held(src: Path, dst: Path) -> None:  # the mirror copies only once Ctrl-C came: the flush does it
+        gate.wait(20)
+        mirror_module.copy_file(src, dst)
+
+    h = supervise(script, kill_grace=0.5, preempt_grace=5.0, mirror_dir=drive, mirror_copy=held)
+    _interrupt_when_ready(monkeypatch, h)
+    ready = h.run.attempt_dir(0) / "ready"
+    threading.Thread(target=lambda: (_until(ready.exists), gate.set()), daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        h.supervisor.run()
+    assert CheckpointStore(drive / "checkpoints").latest().step == 2
+    assert [e["step"] for e in h.events("mirror_synced")] == [2]
+    assert f"the mirror {drive} holds the checkpoint of step 2" in h.stream.getvalue()
+    assert "run_finished" in [e["event"] for e in RunDir(drive).read_events()]  # the journal went last
