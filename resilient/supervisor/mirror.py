@@ -253,10 +253,12 @@ class Mirror:
         if self.run.data_dir.is_dir():
             for src in sorted(self.run.data_dir.rglob("*")):
                 dst = self.mirror.path / src.relative_to(self.run.path)
+                # Never ``parents=True`` here: a folder above the mirror missing is a dropped mount, to retry.
                 if src.is_dir():
-                    dst.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                    dst.mkdir(mode=DIR_MODE, exist_ok=True)  # sorted: a folder comes before what it holds
                 elif not (dst.exists() and dst.stat().st_size == src.stat().st_size):
-                    dst.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                    if dst.parent == self.mirror.data_dir:
+                        dst.parent.mkdir(mode=DIR_MODE, exist_ok=True)
                     self._copy_atomic(src, dst)
         self._data_done = True
 
