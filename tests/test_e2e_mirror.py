@@ -134,3 +134,36 @@ def test_a_supervisor_killed_mid_copy_leaves_a_partial_copy_that_the_resume_igno
     local = [p.name for p in (tmp_path / "vm2" / "checkpoints").iterdir()]
     assert not any(name.startswith(".tmp") for name in local)
     assert not list((drive / "checkpoints").glob(".tmp-mirror-*"))  # the next mirror tidied it away
+
+
+def test_a_mirror_that_vanishes_mid_run_is_caught_up_and_the_run_completes(tmp_path):
+    import keras
+
+    mount, away, run_dir = tmp_path / "mnt", tmp_path / "mnt-away", tmp_path / "local"
+    events, dropped = run_dir / "events.jsonl", tmp_path / "dropped"
+
+    def on_batch_end(batch: int, logs: dict) -> None:  # runs in the worker
+        import time as _time
+        from pathlib import Path as _Path
+
+        step = batch + 1
+        if step == 4 and not _Path(dropped).exists():  # once, in the first epoch
+            _Path(dropped).touch()
+            _Path(mount).rename(away)  # the Drive mount drops mid-run
+        if step == 7 and _Path(away).exists():
+            deadline = _time.monotonic() + 60
+            # Training went on; the mount comes back once the mirror has met it missing (bounded).
+            while _time.monotonic() < deadline and '"mirror_retry"' not in _Path(events).read_text():
+                _time.sleep(0.05)
+            _Path(away).rename(mount)
+
+    x, y = make_data()
+    history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=4, run_dir=run_dir, verbose=0,
+                            checkpoint_every=2, mirror_dir=mount / "run",
+                            callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)])
+    assert history.epoch == [0, 1] and history.incidents == []
+    names = [e["event"] for e in RunDir(run_dir).read_events()]
+    assert "mirror_retry" in names
+    assert "mirror_synced" in names[names.index("mirror_retry"):]  # caught up after it came back
+    assert CheckpointStore(mount / "run" / "checkpoints").latest().step == 16
+    assert _events(mount / "run", "run_finished")[-1]["status"] == "completed"
