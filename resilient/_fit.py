@@ -58,6 +58,7 @@ def fit(
     validation_freq: int | Sequence[int] = 1,
     seed: int | None = None,
     run_dir: str | os.PathLike[str] | None = None,
+    mirror_dir: str | os.PathLike[str] | None = None,
     policy: Any = "default",
     max_restarts: int | None = None,
     checkpoint_every: Literal["auto"] | int | str = "auto",
@@ -102,6 +103,12 @@ def fit(
         run_dir: where checkpoints, the plan and the journal live. If it holds a run, fit resumes it; a
             finished one returns its result at once (a larger ``epochs`` trains on).
             Default: ``./resilient_runs/<time>-<model name>``. Created private (0700, files 0600).
+        mirror_dir: a second home for the run on storage that outlives the machine, e.g. a Google Drive
+            folder on Colab. Keep ``run_dir`` on fast local disk: a background thread copies each checkpoint
+            (verified there by size and SHA-256), the journal and the run's files to ``mirror_dir``, keeps the
+            newest 2 checkpoints, retries when the mount errors, and never makes training wait. When
+            ``run_dir`` is empty or older than the mirror (a new VM), the run is first restored from the
+            mirror's newest verified checkpoint.
         policy: a preset name (``"default"``, ``"colab-free"``, ``"conservative"``), a TOML file, or a
             ``resilient.Policy``.
         max_restarts: restarts allowed in this call; None takes the policy's value.
@@ -148,7 +155,7 @@ def fit(
         validation_batch_size=validation_batch_size, validation_freq=validation_freq, policy=policy,
         max_restarts=max_restarts, checkpoint_every=checkpoint_every, hang_timeout=hang_timeout,
         host_memory_limit=host_memory_limit, gpu_memory_limit=gpu_memory_limit, faults=faults, run_dir=run_dir,
-        trust_run_dir=trust_run_dir, devices=devices,
+        trust_run_dir=trust_run_dir, devices=devices, mirror_dir=mirror_dir,
     )
     prepared = _prepare(args, x, y, validation_data=validation_data, sample_weight=sample_weight,
                         validation_split=validation_split, steps_per_epoch=steps_per_epoch,
@@ -184,6 +191,7 @@ class _Args:
     faults: tuple[Fault, ...]
     run_dir: Path | None  # checked (``check_run_dir_path``); None: the default under ./resilient_runs
     trust_run_dir: bool
+    mirror_dir: Path | None = None  # checked as run_dir is; None: no mirror
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +226,8 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
               validation_split: Any, shuffle: Any, class_weight: Any, initial_epoch: Any, steps_per_epoch: Any,
               validation_steps: Any, validation_batch_size: Any, validation_freq: Any, policy: Any,
               max_restarts: Any, checkpoint_every: Any, hang_timeout: Any, host_memory_limit: Any,
-              gpu_memory_limit: Any, faults: Any, run_dir: Any, trust_run_dir: Any, devices: Any) -> _Args:
+              gpu_memory_limit: Any, faults: Any, run_dir: Any, trust_run_dir: Any, devices: Any,
+              mirror_dir: Any = None) -> _Args:
     """Check every argument that needs neither the inputs nor the disk, in the order users meet them."""
     from .policy import load_policy
 
@@ -255,13 +264,17 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
         raise InvalidArgumentError(f"Invalid value for argument `trust_run_dir`. Received: trust_run_dir={trust_run_dir!r}. "
                                    "Expected True or False.")
     run_path = None if run_dir is None else check_run_dir_path(run_dir)  # RunDirError names the path
+    mirror_path = None if mirror_dir is None else check_run_dir_path(mirror_dir, name="mirror_dir")
+    if mirror_path is not None and run_path is not None and mirror_path == run_path:
+        raise RunDirError(f"mirror_dir={str(mirror_path)!r} is run_dir itself. Pass a folder on other storage "
+                          "(e.g. Google Drive) as mirror_dir and keep run_dir on local disk.")
     return _Args(
         model=model, is_builder=is_builder, callbacks=callbacks, batch_size=batch_size, epochs=epochs,
         verbose=verbose, verbose_level=verbose_level, shuffle=bool(shuffle), fit_args=fit_args,
         policy=loaded_policy, max_restarts=loaded_policy.max_restarts if max_restarts is None else max_restarts,
         checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, hang_timeout=hang,
         host_memory_limit=host_limit, gpu_memory_limit=gpu_limit, faults=fault_specs, run_dir=run_path,
-        trust_run_dir=bool(trust_run_dir), devices=checked_devices,
+        trust_run_dir=bool(trust_run_dir), devices=checked_devices, mirror_dir=mirror_path,
     )
 
 
@@ -317,6 +330,11 @@ def _open_run(args: _Args, prepared: _Prepared) -> _Target:
     or written."""
     # The default (under the current directory) is checked as a given run_dir is: a read-only cwd is named.
     run = RunDir(args.run_dir or check_run_dir_path(_default_run_dir(prepared.model_name)))
+    if args.mirror_dir is not None:  # a new VM: an empty or older run_dir first takes the mirror's newest run
+        from .supervisor.mirror import restore_from_mirror
+
+        restore_from_mirror(run, args.mirror_dir, trust=args.trust_run_dir,
+                            say=(lambda text: print(f"resilient: {text}", flush=True)) if args.verbose_level else None)
     versions = _versions()
     seed = prepared.seed
     resuming = run.exists()
@@ -444,7 +462,7 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
     supervisor = Supervisor(SupervisorConfig(
         run=target.run, policy=args.policy, context=context, max_restarts=args.max_restarts,
         hang_timeout=args.hang_timeout, host_memory_limit=args.host_memory_limit,
-        gpu_memory_limit=args.gpu_memory_limit,
+        gpu_memory_limit=args.gpu_memory_limit, mirror_dir=args.mirror_dir,
         rehearse_host_oom=any(f.kind == "host_oom" for f in args.faults), echo=args.verbose_level != 0,
         # verbose as Keras means it: 0 silent, 1 live (a terminal line, a notebook panel), 2 a line per epoch.
         display=make_display(args.verbose_level, host_limit=args.host_memory_limit, gpu_limit=args.gpu_memory_limit),

@@ -319,33 +319,33 @@ def _json_default(value: Any) -> Any:
     return repr(value)
 
 
-def check_run_dir_path(value: str | os.PathLike[str]) -> Path:
+def check_run_dir_path(value: str | os.PathLike[str], name: str = "run_dir") -> Path:
     """``value`` as an absolute path that can hold a run directory; RunDirError says what is wrong and what to do.
 
     Checked before anything is written: an empty string, a file, a path under a file, a path under
-    /proc or /sys, and a place that cannot be written.
+    /proc or /sys, and a place that cannot be written. ``name``: the argument the messages name.
     """
     text = os.fspath(value)
     if isinstance(text, bytes) or not str(text).strip():
         raise RunDirError(
-            f"Invalid value for argument `run_dir`. Received: run_dir={value!r}. Expected a directory path "
+            f"Invalid value for argument `{name}`. Received: {name}={value!r}. Expected a directory path "
             "(it is created if missing), or None for ./resilient_runs/<time>-<model>."
         )
     path = Path(text).expanduser().absolute()
     if path.parts[1:2] in (("proc",), ("sys",), ("dev",)):
-        raise RunDirError(f"run_dir={str(path)!r} is under /{path.parts[1]}, a kernel file system that cannot hold "
+        raise RunDirError(f"{name}={str(path)!r} is under /{path.parts[1]}, a kernel file system that cannot hold "
                           "files. Pass a directory on a disk, e.g. ./runs/my-run.")
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"run_dir={str(path)!r} is a file, not a directory. Pass a directory path (a new one "
+        raise RunDirError(f"{name}={str(path)!r} is a file, not a directory. Pass a directory path (a new one "
                           "starts a run; one that holds a run resumes it).")
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise RunDirError(f"run_dir={str(path)!r} lies under {str(existing)!r}, which is a file. Pass a path whose "
+        raise RunDirError(f"{name}={str(path)!r} lies under {str(existing)!r}, which is a file. Pass a path whose "
                           "parents are directories.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"run_dir={str(path)!r} cannot be written: {str(existing)!r} is read-only for this user "
+        raise RunDirError(f"{name}={str(path)!r} cannot be written: {str(existing)!r} is read-only for this user "
                           "(permissions, or a read-only file system). Pass a directory you can write, or fix its "
                           "permissions.")
     return path

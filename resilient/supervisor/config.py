@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .._rundir import RunDir
@@ -47,6 +48,12 @@ class SupervisorConfig:
     #: The caller's view of the run (display.py), fed with progress, incidents and notes; None: the
     #: supervisor's notes and decisions as ``resilient: ...`` lines on ``stream`` (unless echo is off).
     display: Display | None = None
+    #: Where verified copies of the run go (mirror.py); None: no mirror. ``mirror_copy`` copies one file
+    #: (None: mirror.copy_file), a seam for tests that slow or break the mirror.
+    mirror_dir: Path | None = None
+    mirror_keep: int = 2
+    mirror_flush_timeout: float = 30.0
+    mirror_copy: Callable[[Path, Path], None] | None = None
 
     def say(self, text: str) -> None:
         """A note for the caller: to the display, or one ``resilient: ...`` line on the stream (unless echo is

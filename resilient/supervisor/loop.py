@@ -24,6 +24,10 @@ only while it shows life (a heartbeat, a save in progress; a few seconds for a s
 the preemption grace), then SIGKILLs and reaps it; a second Ctrl-C SIGKILLs at once. It says what
 was saved, journals ``attempt_ended`` (``interrupted``) and ``run_finished`` (``interrupted``), and
 re-raises.
+
+With ``mirror_dir`` a thread (mirror.py) copies the run to the mirror, woken by each ``CheckpointSaved``;
+it never holds up a state, and when the run ends (finished, given up, Ctrl-C) it gets a bounded wait for
+a last copy.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from .config import SupervisorConfig
 from .decide import AttemptFacts, Decision, RestartRules, attempt_label, decide
 from .disk import DiskSpace, is_disk_full_error, measure, own_write_text
 from .memory import GpuMemory, reap_stale_cgroups
+from .mirror import Mirror
 from .process import AttemptEnd, Progress, WorkerProcess
 from .report import latest_checkpoint, root_cause_report, saved_text, user_error_message
 from .startup import StartupCalibration
@@ -97,12 +102,16 @@ class Supervisor:
         self._facts: AttemptFacts | None = None
         self._decision: Decision | None = None
         self._result: TrainingResult | None = None
+        self._mirror = None if config.mirror_dir is None else Mirror(
+            config.run, config.mirror_dir, journal=self.journal, keep=config.mirror_keep, copy=config.mirror_copy)
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> RunResult:
         """Attempt after attempt until FINISH (returns the result) or GIVE_UP (raises)."""
         state = State.START
+        if self._mirror is not None:
+            self._mirror.start()
         try:
             while True:
                 if state is State.START:
@@ -127,6 +136,7 @@ class Supervisor:
                 raise
             raise self._out_of_disk(exc) from exc
         finally:
+            self._flush_mirror()
             if self.cfg.display is not None:
                 self.cfg.display.close()
 
@@ -146,6 +156,8 @@ class Supervisor:
         worker = WorkerProcess(self.cfg, attempt, journal=self.journal, gpu=self.gpu,
                                judge=self._judge if self.search.active else None,
                                warmup_steps=self.search.settings.warmup_steps(), startup=self.startup)
+        if self._mirror is not None:
+            worker.on_checkpoint = self._mirror.notify
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
                            probe=self._probe, startup_timeouts=worker.startup_timeouts)
         if self.cfg.display is not None:
@@ -251,6 +263,13 @@ class Supervisor:
                              path=space.path, free_bytes=space.free, needed_bytes=space.needed)
 
     # ------------------------------------------------------------------ helpers of the states
+
+    def _flush_mirror(self) -> None:
+        """At the end of the run, Ctrl-C included: a last copy within a bounded wait; say what the mirror holds."""
+        if self._mirror is None:
+            return
+        state = self._mirror.close(self.cfg.mirror_flush_timeout)
+        self.cfg.say(state.text(self._mirror.mirror.path))
 
     def _tidy(self, cgroups: bool = False) -> None:
         """Remove what dead processes left: half-written checkpoint generations (``.tmp-*``, ``.old-*``) and,

@@ -182,6 +182,8 @@ class WorkerProcess:
         self.gpu = gpu
         self.judge = judge
         self.warmup_steps = warmup_steps
+        #: Told each committed checkpoint's step (the mirror's wake-up, mirror.py); must not block.
+        self.on_checkpoint: Callable[[int], None] | None = None
         #: What this call measured of earlier start-ups (startup.py); and so, the seconds of silence that
         #: read as a hang in each start-up phase.
         self.startup = startup or StartupCalibration()
@@ -457,6 +459,8 @@ class WorkerProcess:
         elif isinstance(msg, CheckpointSaved):
             self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
                                seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason, path=msg.path)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(msg.step)
         elif isinstance(msg, EpochEnd):
             self.journal.write("epoch_end", attempt=attempt, epoch=msg.epoch, step=msg.step, logs=msg.logs)
         elif isinstance(msg, FaultFired):
