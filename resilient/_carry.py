@@ -149,13 +149,17 @@ def _labelled(objects: dict[str, Any]) -> list[tuple[str, Any]]:
     return out
 
 
+def _culprit_or_model(model: Any, custom: dict[str, Any]) -> str:
+    return _culprit(model, custom) or f"The model {model.name!r} ({type(model).__name__})"
+
+
 def _save_and_load(model: Any, file: Path, custom: dict[str, Any]) -> None:
     import keras
 
     try:
         model.save(file)
     except Exception as e:
-        culprit = _culprit(model, custom) or f"The model {model.name!r} ({type(model).__name__})"
+        culprit = _culprit_or_model(model, custom)
         raise InvalidArgumentError(
             f"{culprit} cannot be saved to a .keras file for the worker process: {_short(e)}. "
             f"Expected layers with a get_config() that returns their constructor arguments. {_fix(e, culprit)}"
@@ -166,7 +170,7 @@ def _save_and_load(model: Any, file: Path, custom: dict[str, Any]) -> None:
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
             loaded = keras.saving.load_model(file, compile=True, safe_mode=False)  # as the worker loads it
     except Exception as e:
-        culprit = _culprit(model, custom) or f"The model {model.name!r} ({type(model).__name__})"
+        culprit = _culprit_or_model(model, custom)
         raise InvalidArgumentError(
             f"{culprit} does not load back from its saved config, as the worker process must load it: "
             f"{_short(e)}. Expected classes that from_config(get_config()) re-creates. {_fix(e, culprit)}"

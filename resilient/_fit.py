@@ -308,20 +308,10 @@ def _prepare(args: _Args, x: Any, y: Any, *, validation_data: Any, sample_weight
 
 def _model_objects(model: Any) -> dict[str, Any]:
     """What a model passed as an object carries besides its file: custom objects, Dropout's RNG state."""
-    custom_objects = custom_objects_of(model)
-    try:
-        import cloudpickle
-
-        cloudpickle.dumps(custom_objects)
-    except Exception as e:
-        raise InvalidArgumentError(
-            f"The model uses custom objects that cannot be carried to the worker process: {e}. Expected "
-            "classes and functions that can be pickled (defined at module level or in the notebook), or a "
-            "zero-argument function that builds and compiles the model."
-        ) from None
+    # Whether they can be carried is proven with everything else (prove_carriable), naming the one that cannot.
     # Keras does not save a layer's random state (Dropout's seed generator) with the model; the
     # worker starts from the caller's, so the run draws the same masks as model.fit would.
-    return {"custom_objects": custom_objects, "initial_rng": _seed_generator_states(model)}
+    return {"custom_objects": custom_objects_of(model), "initial_rng": _seed_generator_states(model)}
 
 
 def _open_run(args: _Args, prepared: _Prepared) -> _Target:

@@ -34,6 +34,16 @@ def make_model(features: int = 8, seed: int = 0, metrics: bool = True):
 
 
 @pytest.fixture
+def open_umask():
+    """umask 000 for the test: what resilient writes must be private whatever the caller's umask."""
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.fixture
 def no_leftover_processes():
     """Fails the test if it leaves a child process (a worker) running."""
     yield

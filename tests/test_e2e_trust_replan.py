@@ -15,15 +15,6 @@ from tests.conftest import make_data, make_model
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
 
 
-@pytest.fixture
-def open_umask():
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def _modes(root) -> dict[str, int]:
     out = {}
     for folder, dirs, files in os.walk(root):

@@ -18,15 +18,6 @@ def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-@pytest.fixture
-def open_umask():
-    old = os.umask(0)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def test_run_directories_and_files_are_private_whatever_the_umask(tmp_path, open_umask):
     run = RunDir(tmp_path / "runs" / "a")
     run.create()
