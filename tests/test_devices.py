@@ -75,3 +75,73 @@ def test_fit_refuses_bad_devices_before_writing_anything(tmp_path):
     with pytest.raises(InvalidArgumentError, match=r"Received: devices='tpu:0'"):
         resilient.fit(lambda: None, None, epochs=1, run_dir=tmp_path / "run", devices="tpu:0")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ fewer_devices
+
+
+def _incident(plan, kind="crash"):
+    from resilient._incident import Incident
+
+    return Incident(kind=kind, attempt=0, plan_before=plan)
+
+
+@pytest.mark.parametrize(("replicas", "min_devices", "expected"), [
+    (8, 1, 4), (4, 1, 2), (3, 1, 1), (2, 1, 1), (1, 1, None), (4, 3, 3), (3, 3, None), (8, 2, 4),
+])
+def test_fewer_devices_halves_the_device_count_keeping_the_global_batch(replicas, min_devices, expected):
+    from resilient.policy.step import StepContext
+    from resilient.steps import fewer_devices
+
+    plan = Plan(batch_size=96, replicas=replicas)
+    new = fewer_devices(min_devices=min_devices).apply(plan, _incident(plan), StepContext(plan))
+    if expected is None:
+        assert new is None
+    else:
+        assert new == plan.replace(replicas=expected)  # only the device count changes
+        assert new.batch_size == 96 and new.effective_batch == plan.effective_batch
+
+
+def test_fewer_devices_can_keep_each_devices_share_and_the_effective_batch():
+    from resilient.policy.step import StepContext
+    from resilient.steps import fewer_devices
+
+    step = fewer_devices(keep_global_batch=False)
+    plan = Plan(batch_size=256, replicas=4)
+    new = step.apply(plan, _incident(plan, "gpu_oom"), StepContext(plan))
+    assert (new.replicas, new.batch_size, new.grad_accum_steps, new.per_replica_batch) == (2, 128, 2, 64)
+    assert new.describe().startswith("batch=128x2 (2x64)")
+    again = step.apply(new, _incident(new, "gpu_oom"), StepContext(new))
+    assert (again.replicas, again.batch_size, again.grad_accum_steps) == (1, 64, 4)
+    # An effective batch the new global batch does not divide: not applicable (the next rung is tried).
+    odd = Plan(batch_size=30, replicas=4)  # 4x7, two samples left over
+    assert step.apply(odd, _incident(odd), StepContext(odd)) is None
+    # A PyDataset batches itself: the global batch cannot shrink.
+    fixed = StepContext(plan, batch_size_fixed=True)
+    assert step.apply(plan, _incident(plan), fixed) is None
+    assert fewer_devices().apply(plan, _incident(plan), fixed) == plan.replace(replicas=2)
+
+
+def test_fewer_devices_is_named_in_policy_files_and_in_no_preset(tmp_path):
+    from resilient.policy.policy import load_policy
+    from resilient.policy.step import list_steps
+    from resilient.steps import fewer_devices, halve_batch
+
+    assert "fewer_devices" in list_steps()
+    path = tmp_path / "p.toml"
+    path.write_text('[ladders]\ncrash = ["fewer_devices"]\n'
+                    'gpu_oom = [{ step = "fewer_devices", keep_global_batch = false, min_devices = 2 }, "halve_batch"]\n')
+    policy = load_policy(path)
+    assert policy.ladder("crash") == (fewer_devices(),)
+    assert policy.ladder("gpu_oom") == (fewer_devices(keep_global_batch=False, min_devices=2), halve_batch())
+    plan = Plan(batch_size=64, replicas=2)
+    # min_devices=2 stops the first rung on two devices: the ladder goes on to halve_batch.
+    assert policy.degrade(plan, _incident(plan, "gpu_oom"))[1] == halve_batch()
+    assert policy.degrade(plan, _incident(plan, "crash")) == (plan.replace(replicas=1), fewer_devices())
+    for preset in ("default", "conservative", "colab-free"):
+        steps = [step.name for kind in load_policy(preset).ladders for step in load_policy(preset).ladder(kind)]
+        assert "fewer_devices" not in steps, preset
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[ladders]\ncrash = [{ step = "fewer_devices", min_devices = 0 }]\n')
+    with pytest.raises(Exception, match="min_devices"):
+        load_policy(bad)

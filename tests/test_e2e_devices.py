@@ -112,3 +112,28 @@ def test_a_gpu_oom_under_the_strategy_halves_the_per_device_batch(tmp_path):
     assert history.plan.describe().startswith("batch=16 (2x8)")
     assert _devices_seen(tmp_path / "run") == [2, 2]
     assert set(history.history) == KEYS and history.epoch == [0, 1]
+
+
+@pytest.mark.fault("segfault", "mid-epoch", incident="crash",
+                   outcome="completed: fewer_devices drops the 2-device run to 1 device, the global batch kept; "
+                           "weights within 1e-5 of the uninterrupted 2-device run", lost="1 step", corrupted="no")
+def test_fewer_devices_continues_a_two_device_run_on_one(tmp_path, mirrored_ref):
+    from resilient.steps import fewer_devices
+
+    ref_model, ref = mirrored_ref
+    model = make_model()
+    policy = resilient.Policy(ladders={"crash": [fewer_devices()]})
+    history = _fit(tmp_path / "run", model, faults="segfault@5", policy=policy)
+    assert [(i.kind, i.plan_before.replicas, i.plan_after.replicas) for i in history.incidents] == [("crash", 2, 1)]
+    assert history.plan.replicas == 1 and history.plan.batch_size == 32
+    assert _devices_seen(tmp_path / "run") == [2, 1]  # what each worker trained on, in its own words
+    changes = [e for e in RunDir(tmp_path / "run").read_events() if e["event"] == "plan_changed"]
+    assert [(c["from"]["replicas"], c["to"]["replicas"]) for c in changes] == [(2, 1)]
+    assert "fewer_devices" in changes[0]["reason"]
+    assert json.loads(RunDir(tmp_path / "run").plan_json.read_text())["replicas"] == 1
+    # The same global batch on one device: equal to the mirrored run up to float reduction order (see above).
+    for a, b in zip(ref_model.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    assert set(history.history) == KEYS and history.epoch == [0, 1]
+    np.testing.assert_allclose(history.history["loss"], ref.history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(history.history["val_loss"], ref.history["val_loss"], rtol=1e-5)

@@ -6,6 +6,7 @@ anything useful here, so the policy tries the next rung.
 
 Memory steps (``gpu_oom``, ``host_oom``): halve_batch, mixed_precision, lower_resolution, drop_cache,
 shrink_buffers. Numerical steps (``nan_loss``): leave_mixed_precision, lower_learning_rate.
+Device step (in no preset; add it where a device may be shared or faulty): fewer_devices.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .step import Step, StepContext, register_step
 
 __all__ = [
     "drop_cache",
+    "fewer_devices",
     "halve_batch",
     "leave_mixed_precision",
     "lower_learning_rate",
@@ -196,3 +198,34 @@ class leave_mixed_precision(Step):
 
     def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
         return plan.replace(precision="float32") if plan.precision != "float32" else None
+
+
+@register_step("fewer_devices")
+class fewer_devices(Step):
+    """Train on half as many devices (the first half of the run's), never fewer than ``min_devices``.
+
+    For a device shared with another job, or one that fails: put it in the ``gpu_oom`` or ``crash``
+    ladder (no preset has it). With ``keep_global_batch`` (the default) ``batch_size`` stays, so each
+    remaining device takes a larger share and the training computes what it computed, up to the
+    order of the float reduction; after a GPU OOM that share may not fit, so a later rung (or
+    ``keep_global_batch=False``) should shrink it. With ``keep_global_batch=False`` each device keeps
+    its share: the global batch shrinks with the device count and ``grad_accum_steps`` grows so each
+    update still sees the same samples (not applicable when the effective batch is not a multiple of
+    the new global batch, or when the input batches itself). Does not apply on one device.
+    """
+
+    min_devices: int = Field(1, ge=1)
+    keep_global_batch: bool = True
+
+    def apply(self, plan: Plan, incident: Incident, context: StepContext) -> Plan | None:
+        if plan.replicas <= self.min_devices:
+            return None
+        replicas = max(self.min_devices, plan.replicas // 2)
+        if self.keep_global_batch:
+            return plan.replace(replicas=replicas)
+        if context.batch_size_fixed:
+            return None  # a PyDataset's batch cannot shrink: each device's share would grow regardless
+        batch = plan.per_replica_batch * replicas
+        if plan.effective_batch % batch:
+            return None
+        return plan.replace(replicas=replicas, batch_size=batch, grad_accum_steps=plan.effective_batch // batch)

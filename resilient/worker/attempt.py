@@ -146,6 +146,8 @@ class Attempt:
         from .devices import resolve
 
         names = resolve(self.spec.devices)
+        if 1 <= self.plan.replicas < len(names):
+            names = names[:self.plan.replicas]  # fewer_devices: the first of the run's devices
         self.channel.send(Notice(event="devices", fields={"devices": names, "replicas": len(names),
                                                           "plan_replicas": self.plan.replicas}))
         return names
