@@ -452,7 +452,7 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
     supervisor = Supervisor(SupervisorConfig(
         run=target.run, policy=args.policy, context=context, max_restarts=args.max_restarts,
         hang_timeout=args.hang_timeout, host_memory_limit=args.host_memory_limit,
-        gpu_memory_limit=args.gpu_memory_limit, mirror_dir=args.mirror_dir,
+        gpu_memory_limit=args.gpu_memory_limit, mirror_dir=args.mirror_dir, devices=args.devices,
         rehearse_host_oom=any(f.kind == "host_oom" for f in args.faults), echo=args.verbose_level != 0,
         # verbose as Keras means it: 0 silent, 1 live (a terminal line, a notebook panel), 2 a line per epoch.
         display=make_display(args.verbose_level, host_limit=args.host_memory_limit, gpu_limit=args.gpu_memory_limit),

@@ -32,6 +32,10 @@ class Incident(BaseModel):
     memory_peak_bytes: int | None = None
     #: The worker's peak GPU memory (NVML, sampled with the host memory); None without a GPU.
     gpu_memory_peak_bytes: int | None = None
+    #: Runs over several devices: the device that ran out, as TensorFlow names it ("GPU:1"), from the worker's
+    #: error; or, for a GPU OOM whose error names none, the fullest GPU at NVML's samples. None on one device
+    #: and in journals written before it existed.
+    device: str | None = None
     checkpoint_step: int | None = Field(None, description="Step of the checkpoint the next attempt resumes from.")
     action: str = ""
     plan_before: Plan

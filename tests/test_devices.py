@@ -145,3 +145,86 @@ def test_fewer_devices_is_named_in_policy_files_and_in_no_preset(tmp_path):
     bad.write_text('[ladders]\ncrash = [{ step = "fewer_devices", min_devices = 0 }]\n')
     with pytest.raises(Exception, match="min_devices"):
         load_policy(bad)
+
+
+# ------------------------------------------------------------------------- which device ran out
+
+
+OOM_ON_GPU1 = ("Graph execution error:\n\nDetected at node StatefulPartitionedCall defined at (most recent call last):\n"
+               "2 root error(s) found.\n  (0) RESOURCE_EXHAUSTED:  OOM when allocating tensor with shape[64,4096] "
+               "and type float on /job:localhost/replica:0/task:0/device:GPU:1 by allocator GPU_1_bfc\n"
+               "\t [[{{node replica_1/sequential/dense/MatMul}}]]\nHint: If you want to see a list of allocated "
+               "tensors when OOM happens, add report_tensor_allocations_upon_oom to RunOptions.")
+
+
+@pytest.mark.parametrize(("message", "causes", "expected"), [
+    (OOM_ON_GPU1, [], "GPU:1"),
+    ("OOM when allocating tensor with shape[8] and type float on /job:localhost/replica:0/task:0/device:GPU:3 "
+     "by allocator GPU_3_bfc [Op:MatMul]", [], "GPU:3"),
+    ("Out of memory while trying to allocate 1.00GiB (allocator GPU_2_bfc)", [], "GPU:2"),
+    ("Failed copying input tensor from /job:localhost/replica:0/task:0/device:CPU:0 to "
+     "/job:localhost/replica:0/task:0/device:GPU:1", [], "CPU:0"),
+    # Keras wraps the error: the device is read from the cause.
+    ("Exception encountered when calling Dense.call().", [("ResourceExhaustedError", OOM_ON_GPU1)], "GPU:1"),
+    ("OOM when allocating tensor with shape[32,512]", [], None),
+    ("OOM when allocating tensor (rehearsed fault gpu_oom@3)", [], None),
+])
+def test_the_device_named_by_a_tensorflow_error(message, causes, expected):
+    from resilient._protocol import ErrorReport, ExceptionFacts
+    from resilient.supervisor.classify import AttemptOutcome, classify, reported_device
+
+    report = ErrorReport(type="ResourceExhaustedError", message=message,
+                         causes=tuple(ExceptionFacts(type=t, message=m) for t, m in causes))
+    assert reported_device(report) == expected
+    kind, _, evidence = classify(AttemptOutcome(returncode=3, report=report))
+    assert kind == "gpu_oom" and evidence.get("device") == expected
+
+
+@pytest.mark.parametrize(("devices", "replicas", "count", "visible", "expected"), [
+    ("auto", 4, 4, None, [(0, "GPU:0"), (1, "GPU:1"), (2, "GPU:2"), (3, "GPU:3")]),
+    ("all", 2, 4, "2,3", [(2, "GPU:0"), (3, "GPU:1")]),  # TensorFlow numbers the visible GPUs from 0
+    (("gpu:0", "gpu:2"), 2, 4, None, [(0, "GPU:0"), (2, "GPU:2")]),
+    ("auto", 2, 4, None, [(0, "GPU:0"), (1, "GPU:1")]),  # after fewer_devices: the first two
+    ("gpu:1", 1, 2, None, [(1, "GPU:1")]),
+    ("cpu", 1, 2, None, []),
+    ("auto", 1, 0, None, []),
+    ("auto", 2, 2, "GPU-1b2c,GPU-3d4e", [(0, "nvml:0"), (1, "nvml:1")]),  # UUIDs: the NVML names
+    (("gpu:0", "gpu:5"), 2, 2, None, [(0, "GPU:0")]),  # a device that is not there is not watched
+])
+def test_the_gpus_a_run_trains_on_in_nvml_and_tensorflow_numbering(devices, replicas, count, visible, expected):
+    from resilient.supervisor.gpu import run_gpus
+
+    assert list(run_gpus(devices, replicas, count, visible)) == expected
+
+
+def test_per_device_peaks_name_the_fullest_device():
+    from resilient.supervisor.gpu import DevicePeaks
+
+    GiB = 1 << 30
+    peaks = DevicePeaks(("GPU:0", "GPU:1", "GPU:2"))
+    assert peaks.fullest() is None and peaks.evidence() == {}
+    peaks.add([(2 * GiB, 2 * GiB, 16 * GiB), (3 * GiB, 3 * GiB, 16 * GiB), (1 * GiB, 1 * GiB, 16 * GiB)])
+    peaks.add([(1 * GiB, 1 * GiB, 16 * GiB), (6 * GiB, 6 * GiB, 16 * GiB), (None, None, None)])  # a peak each
+    assert peaks.held == [2 * GiB, 6 * GiB, 1 * GiB]
+    assert peaks.fullest() == "GPU:1"
+    # Another job fills GPU:2: the worker holds little there, but that device is the one that runs out.
+    peaks.add([(1 * GiB, 1 * GiB, 16 * GiB), (1 * GiB, 1 * GiB, 16 * GiB), (1 * GiB, 15 * GiB, 16 * GiB)])
+    assert peaks.fullest() == "GPU:2"
+    assert peaks.evidence()["gpu_peaks"] == {"GPU:0": 2 * GiB, "GPU:1": 6 * GiB, "GPU:2": GiB}
+    assert peaks.evidence()["gpu_share_peaks"]["GPU:2"] == 0.9375
+    # Drivers that hide the capacity: what the worker held decides; one device names none.
+    blind = DevicePeaks(("GPU:0", "GPU:1"))
+    blind.add([(4 * GiB, None, None), (2 * GiB, None, None)])
+    assert blind.fullest() == "GPU:0"
+    one = DevicePeaks(("GPU:0",))
+    one.add([(4 * GiB, 4 * GiB, 16 * GiB)])
+    assert one.fullest() is None
+
+
+def test_an_incident_journaled_before_the_device_field_loads():
+    from resilient._incident import Incident
+
+    old = {"kind": "gpu_oom", "attempt": 0, "plan_before": {"batch_size": 32}, "detail": "OOM"}
+    assert Incident.model_validate(old).device is None
+    new = Incident(kind="gpu_oom", attempt=0, plan_before=Plan(batch_size=32, replicas=2), device="GPU:1")
+    assert Incident.model_validate_json(new.model_dump_json()).device == "GPU:1"

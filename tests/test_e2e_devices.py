@@ -107,7 +107,11 @@ def test_a_two_device_run_resumes_on_one_device_and_back(tmp_path, mirrored_ref)
 def test_a_gpu_oom_under_the_strategy_halves_the_per_device_batch(tmp_path):
     policy = resilient.Policy(ladders={"gpu_oom": [halve_batch(min_batch=4)]})
     history = _fit(tmp_path / "run", faults="gpu_oom@3", policy=policy)
-    assert [i.kind for i in history.incidents] == ["gpu_oom"]
+    incident, = history.incidents
+    assert incident.kind == "gpu_oom"
+    # The rehearsed OOM is raised as a real one is, naming the device that ran out (the last replica's).
+    assert "device:CPU:1" in incident.detail
+    assert (incident.device, incident.evidence["device_source"]) == ("CPU:1", "worker report")
     assert history.plan.batch_size == 16 and history.plan.replicas == 2
     assert history.plan.describe().startswith("batch=16 (2x8)")
     assert _devices_seen(tmp_path / "run") == [2, 2]

@@ -337,6 +337,7 @@ class _FakeGpu:
     """NVML as the supervisor sees it on a GPU machine: this much GPU memory used by the worker."""
 
     available = True
+    count = 1
 
     def __init__(self, used: int) -> None:
         self.used = used
@@ -360,6 +361,44 @@ def test_the_gpu_memory_peak_is_journaled_reported_and_shown_in_the_status(super
     row, = [line for line in str(err).splitlines() if re.match(r"^\s+0  batch=", line)]
     assert re.search(r"\d+\.\d MiB, GPU 3\.0 GiB", row), row
     assert re.search(r"peak \d+\.\d MiB, GPU 3\.0 GiB", status_of(h, Plan(batch_size=32)))
+
+
+class _TwoGpus(_FakeGpu):
+    """Two GPUs of 16 GiB: the worker holds 3 and 5 GiB, and another job takes 9 GiB more of the first."""
+
+    count = 2
+
+    def per_device(self, pids: set[int]) -> list[tuple[int | None, int | None, int | None]]:
+        return [(3 << 30, 12 << 30, 16 << 30), (5 << 30, 5 << 30, 16 << 30)]
+
+
+@pytest.mark.parametrize(("message", "device", "source"), [
+    ("OOM when allocating tensor with shape[64,4096] and type float on /job:localhost/replica:0/task:0/device:GPU:1 "
+     "by allocator GPU_1_bfc", "GPU:1", "worker report"),
+    ("OOM when allocating tensor with shape[64,4096]", "GPU:0", "nvml (fullest)"),  # 12 of 16 GiB in use
+])
+def test_a_gpu_oom_over_two_gpus_names_the_device(supervise, message, device, source):
+    h = supervise({"default": [HELLO, beat(5, interval=0.05), report(None, type="ResourceExhaustedError",
+                                                                      message=message)]},
+                  max_restarts=0, plan=Plan(batch_size=32, replicas=2), devices=("gpu:0", "gpu:1"))
+    h.supervisor.gpu = _TwoGpus(8 << 30)
+    err = failed_run(h)
+    incident, = err.incidents
+    assert (incident.kind, incident.device, incident.evidence["device_source"]) == ("gpu_oom", device, source)
+    assert incident.evidence["gpu_peaks"] == {"GPU:0": 3 << 30, "GPU:1": 5 << 30}
+    assert incident.evidence["gpu_share_peaks"] == {"GPU:0": 0.75, "GPU:1": 0.3125}
+    assert h.events("incident")[0]["device"] == device
+    assert f"[device {device}]" in str(err)
+
+
+def test_on_one_device_the_incident_names_none(supervise):
+    message = "OOM when allocating tensor on /job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc"
+    h = supervise({"default": [HELLO, beat(2), report(None, type="ResourceExhaustedError", message=message)]},
+                  max_restarts=0)
+    h.supervisor.gpu = _FakeGpu(3 << 30)
+    incident, = failed_run(h).incidents
+    assert incident.device is None and incident.evidence["device"] == "GPU:0"  # the error's word stays evidence
+    assert "gpu_peaks" not in incident.evidence
 
 
 def test_without_a_gpu_nothing_about_gpu_memory_is_written(supervise):

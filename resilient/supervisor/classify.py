@@ -11,7 +11,8 @@ Pure and deterministic, so every rule is tested on hand-built evidence. Rules, f
    exception's chain (checked first: TensorFlow reports a full disk as ``ResourceExhaustedError``),
    ``gpu_oom`` for a ``ResourceExhaustedError``, "OOM when allocating" or a CUDA/GPU "out of memory"
    anywhere in the chain, ``host_oom`` for a ``MemoryError`` in the chain, ``nan_loss`` for the
-   worker's ``NanLoss``, ``user_error`` for anything else;
+   worker's ``NanLoss``, ``user_error`` for anything else; the device a TensorFlow error names
+   (``reported_device``) goes into the evidence;
 4. the exit status: SIGKILL with RSS near the limit at the last sample is ``host_oom``, without
    memory evidence ``killed``; SIGTERM is ``preempted``; other signals and non-zero exits ``crash``.
 """
@@ -19,6 +20,7 @@ Pure and deterministic, so every rule is tested on hand-built evidence. Rules, f
 from __future__ import annotations
 
 import errno as _errno
+import re
 import signal as _signal
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -76,6 +78,9 @@ def classify(outcome: AttemptOutcome) -> tuple[str | None, str, dict[str, Any]]:
     reported = report_kind(report) if report is not None else None
     if report is not None:
         evidence["report"] = reported
+        device = reported_device(report)
+        if device is not None:
+            evidence["device"] = device
 
     if outcome.completed and outcome.returncode == 0:
         return None, "completed", evidence
@@ -159,6 +164,26 @@ def report_kind(report: ErrorReport) -> str | None:
         if kind is not None:
             return kind
     return "user_error"
+
+
+#: Where TensorFlow's errors name a device: "... on /job:localhost/replica:0/task:0/device:GPU:1 by allocator
+#: GPU_1_bfc" (an OOM), or only the allocator, or a device path elsewhere in the text; in that order of trust.
+_DEVICE_PATTERNS = (
+    re.compile(r"\bon (?:/job:[^/\s]+)?(?:/replica:\d+)?(?:/task:\d+)?/device:([A-Za-z_]+):(\d+)"),
+    re.compile(r"\ballocator ([A-Za-z]+)_(\d+)_bfc\b"),
+    re.compile(r"/device:([A-Za-z_]+):(\d+)"),
+)
+
+
+def reported_device(report: ErrorReport) -> str | None:
+    """The device the worker's error names, as TensorFlow numbers it (``"GPU:1"``); None when it names none."""
+    texts = [facts.message for facts in report.chain]
+    for pattern in _DEVICE_PATTERNS:
+        for text in texts:
+            found = pattern.search(text or "")
+            if found:
+                return f"{found.group(1).upper()}:{found.group(2)}"
+    return None
 
 
 def is_disk_full(errno: int | None, message: str = "") -> bool:

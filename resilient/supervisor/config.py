@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from .._devices import Devices
 from .._rundir import RunDir
 from ..policy.policy import Policy, StepContext
 from .telemetry import DOWNSAMPLE
@@ -29,6 +30,8 @@ class SupervisorConfig:
     startup_timeout: float = 600.0
     host_memory_limit: int | None = None
     gpu_memory_limit: int | None = None  # per device; journaled with the memory samples
+    #: fit's ``devices`` (``_devices.check_devices``): which GPUs the monitor watches one by one (gpu.run_gpus).
+    devices: Devices = "auto"
     rehearse_host_oom: bool = False
     kill_grace: float = 5.0
     preempt_grace: float = 120.0

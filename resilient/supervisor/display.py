@@ -219,6 +219,8 @@ def _changes(before: Plan, after: Plan) -> str:
         parts.append(f"images {after.image_size[0]}x{after.image_size[1]} (was {was})")
     if before.cache and not after.cache:
         parts.append("no dataset cache")
+    if before.replicas != after.replicas:
+        parts.append(f"{after.replicas} device{'s' if after.replicas > 1 else ''} (was {before.replicas})")
     if not parts:
         parts.append(f"plan {after.describe()} (was {before.describe()})")
     return " and ".join(parts)
@@ -235,7 +237,8 @@ def incident_text(incident: Incident, *, outcome: str = "restart", log: str | Pa
     if incident.step is not None:
         epoch = f"epoch {incident.epoch + 1}, " if incident.epoch is not None else ""
         where = f" at {epoch}step {incident.step}"
-    text = f"{_what(incident)}{where}{_peak(incident, host_limit, gpu_limit)}."
+    on = f" on {incident.device}" if incident.device else ""
+    text = f"{_what(incident)}{on}{where}{_peak(incident, host_limit, gpu_limit)}."
     resume = f"step {incident.checkpoint_step}" if incident.checkpoint_step is not None else "the beginning"
     if incident.kind == "user_error":
         text += " Not retried: fix the error and call fit again to resume."

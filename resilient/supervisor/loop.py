@@ -33,7 +33,9 @@ a last copy.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .._checkpoint import CheckpointStore
 from .._errors import DiskFullError, TrainingFailedError, UserCodeError
@@ -46,6 +48,7 @@ from .classify import classify, signal_name
 from .config import SupervisorConfig
 from .decide import AttemptFacts, Decision, RestartRules, attempt_label, decide
 from .disk import DiskSpace, is_disk_full_error, measure, own_write_text
+from .gpu import run_gpus
 from .memory import GpuMemory, reap_stale_cgroups
 from .mirror import Mirror
 from .process import AttemptEnd, Progress, WorkerProcess
@@ -155,7 +158,9 @@ class Supervisor:
         self._probe = self.search.probing == self.plan
         worker = WorkerProcess(self.cfg, attempt, journal=self.journal, gpu=self.gpu,
                                judge=self._judge if self.search.active else None,
-                               warmup_steps=self.search.settings.warmup_steps(), startup=self.startup)
+                               warmup_steps=self.search.settings.warmup_steps(), startup=self.startup,
+                               gpus=run_gpus(self.cfg.devices, self.plan.replicas, self.gpu.count,
+                                             os.environ.get("CUDA_VISIBLE_DEVICES")) if self.gpu.available else ())
         if self._mirror is not None:
             worker.on_checkpoint = self._mirror.notify
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
@@ -329,10 +334,13 @@ class Supervisor:
         # The worker's own report is exact; heartbeats are throttled and may lag a step or two.
         epoch = report.epoch if report is not None and report.epoch is not None else progress.epoch
         step = report.step if report is not None and report.step is not None else progress.step
+        device = None
+        if self.plan.replicas > 1:
+            device, evidence = _device_of(kind, evidence, self._end)
         incident = Incident(
             kind=kind, attempt=facts.attempt, epoch=epoch, step=step, detail=detail, evidence=evidence,
             returncode=outcome.returncode, signal=outcome.signal, memory_peak_bytes=self._end.memory_peak,
-            gpu_memory_peak_bytes=self._end.gpu_memory_peak,
+            gpu_memory_peak_bytes=self._end.gpu_memory_peak, device=device,
             checkpoint_step=checkpoint.step if checkpoint else None, plan_before=self.plan,
         )
         return replace(facts, incident=incident, step=step)
@@ -392,6 +400,23 @@ class Supervisor:
             self.cfg.say(verdict.message)
         self._switch_to = verdict.switch_to
         return verdict.switch_to is not None
+
+
+def _device_of(kind: str, evidence: dict[str, Any], end: AttemptEnd) -> tuple[str | None, dict[str, Any]]:
+    """Over several devices: the device an incident names (the worker's error first; for a GPU OOM whose
+    error names none, the fullest GPU at NVML's samples), and the evidence with the per-device peaks."""
+    evidence = dict(evidence)
+    peaks = end.gpu_devices
+    if peaks is not None:
+        evidence.update(peaks.evidence())
+    device = evidence.get("device")
+    if device is None and kind == "gpu_oom" and peaks is not None:
+        device = peaks.fullest()
+        if device is not None:
+            evidence.update(device=device, device_source="nvml (fullest)")
+    elif device is not None:
+        evidence["device_source"] = "worker report"
+    return device, evidence
 
 
 def _how_it_stopped(worker: WorkerProcess) -> str:

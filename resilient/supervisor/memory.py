@@ -256,6 +256,11 @@ class GpuMemory:
         except Exception:  # no driver, no GPU, or no pynvml: GPU evidence is simply absent
             self._handles = []
 
+    @property
+    def count(self) -> int:
+        """The GPUs NVML sees (every GPU of the machine, whatever CUDA_VISIBLE_DEVICES says)."""
+        return len(self._handles)
+
     def used_by(self, pids: set[int]) -> int | None:
         """GPU bytes held by ``pids`` across devices."""
         if not self.available:

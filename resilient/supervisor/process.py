@@ -44,6 +44,7 @@ from .._rundir import FILE_MODE, Journal
 from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig
+from .gpu import DevicePeaks
 from .memory import GpuMemory, MemoryCgroup, tree_rss
 from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
 from .telemetry import MemorySample, MemoryTelemetry
@@ -157,6 +158,8 @@ class AttemptEnd:
     memory_peak: int | None = None
     cgroup_peak: int | None = None  # includes page cache the kernel could have reclaimed
     gpu_memory_peak: int | None = None
+    #: Per-device GPU peaks of the run's GPUs (gpu.DevicePeaks); None where none is watched.
+    gpu_devices: DevicePeaks | None = None
     #: Seconds of each start-up phase that ended in this attempt (startup.py).
     startup_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -174,13 +177,16 @@ class WorkerProcess:
 
     def __init__(self, cfg: SupervisorConfig, attempt: int, *, journal: Journal, gpu: GpuMemory,
                  judge: Judge | None = None, warmup_steps: int = 0,
-                 startup: StartupCalibration | None = None) -> None:
+                 startup: StartupCalibration | None = None, gpus: tuple[tuple[int, str], ...] = ()) -> None:
         self.cfg = cfg
         self.attempt = attempt
         self.dir = cfg.run.attempt_dir(attempt)
         self.journal = journal
         self.gpu = gpu
         self.judge = judge
+        #: The run's GPUs, (NVML index, TensorFlow's name) each (gpu.run_gpus): watched one by one.
+        self.gpus = gpus
+        self._device_peaks = DevicePeaks(tuple(name for _, name in gpus)) if gpus else None
         self.warmup_steps = warmup_steps
         #: Told each committed checkpoint's step (the mirror's wake-up, mirror.py); must not block.
         self.on_checkpoint: Callable[[int], None] | None = None
@@ -316,6 +322,8 @@ class WorkerProcess:
             self._peak = max(self._peak or 0, rss)
         devices = self.gpu.per_device({self._proc.pid}) if self.gpu.available else []
         used = sum(held or 0 for held, _, _ in devices)
+        if self._device_peaks is not None and devices:
+            self._device_peaks.add([devices[i] if i < len(devices) else (None, None, None) for i, _ in self.gpus])
         if used:
             self._gpu_peak = max(self._gpu_peak or 0, used)
         group = self._group
@@ -428,7 +436,7 @@ class WorkerProcess:
         with self._lock:
             progress, startup = self._progress, self._clock.measured()
         return AttemptEnd(outcome, progress, memory_peak=peak, cgroup_peak=cgroup_peak,
-                          gpu_memory_peak=self._gpu_peak, startup_seconds=startup)
+                          gpu_memory_peak=self._gpu_peak, gpu_devices=self._device_peaks, startup_seconds=startup)
 
     def _leave_cgroup(self) -> None:
         if self._group is not None:

@@ -93,7 +93,7 @@ def root_cause_report(incidents: list[Incident], run: RunDir, reason: str) -> st
         where = f"{inc.epoch if inc.epoch is not None else '-'}/{inc.step if inc.step is not None else '-'}"
         lines.append(
             f"{inc.attempt:>7}  {inc.plan_before.describe():<34} {ended:<14} {inc.kind:<10} {where:<11} "
-            f"{_memory_text(inc):<12} {inc.detail}"
+            f"{_memory_text(inc):<12} {inc.detail}" + (f" [device {inc.device}]" if inc.device else "")
         )
         if inc.action:
             lines.append(f"{'':>9}-> {inc.action}")

@@ -69,6 +69,18 @@ class FaultSchedule:
         self.channel.send(FaultFired(kind=fault.kind, step=step, key=fault.key))
 
 
+def _on_last_replica() -> str:
+    """Under several devices, where a rehearsed OOM happens: on the last replica's device, named as
+    TensorFlow names it in a real OOM ("on /job:localhost/replica:0/task:0/device:GPU:1"); "" on one."""
+    import tensorflow as tf
+
+    try:
+        devices = tf.distribute.get_strategy().extended.worker_devices
+    except Exception:  # a strategy without the attribute: the message names no device
+        return ""
+    return f" on {devices[-1]}" if len(devices) > 1 else ""
+
+
 def inject(fault: Fault, model: Any, sigterm: threading.Event) -> None:
     """Meet ``fault`` through the real mechanism (``sigterm``: set when the supervisor's SIGTERM arrives)."""
     kind = fault.kind
@@ -78,7 +90,7 @@ def inject(fault: Fault, model: Any, sigterm: threading.Event) -> None:
         import tensorflow as tf
 
         raise tf.errors.ResourceExhaustedError(
-            None, None, f"OOM when allocating tensor (rehearsed fault {fault.key})"
+            None, None, f"OOM when allocating tensor{_on_last_replica()} (rehearsed fault {fault.key})"
         )
     if kind == "host_oom":
         _eat_memory()
