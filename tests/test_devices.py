@@ -228,3 +228,23 @@ def test_an_incident_journaled_before_the_device_field_loads():
     assert Incident.model_validate(old).device is None
     new = Incident(kind="gpu_oom", attempt=0, plan_before=Plan(batch_size=32, replicas=2), device="GPU:1")
     assert Incident.model_validate_json(new.model_dump_json()).device == "GPU:1"
+
+
+def test_the_gpu_check_script_skips_cleanly_without_a_gpu():
+    """bench/gpu_check.py on a machine (or with CUDA_VISIBLE_DEVICES) that shows no GPU: SKIP and exit 0."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(root)}
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("SKIP  gpu_check: "), done.stdout
+    assert "run it where NVIDIA GPUs are visible" in done.stdout
+    assert "PASS" not in done.stdout and "MISS" not in done.stdout
+    assert time.monotonic() - started < 60  # the skip decides before any training (and before TensorFlow here)

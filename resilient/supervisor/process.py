@@ -508,6 +508,11 @@ class WorkerProcess:
                     log.write(chunk)
                 except OSError:
                     log = None  # a full disk: the pipe is still drained, so the worker is not blocked
+        # The end of the output: our end of the pipe closes here (left open, each attempt leaked a descriptor).
+        try:
+            proc.stdout.close()
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ stopping
 
