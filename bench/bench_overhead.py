@@ -181,13 +181,14 @@ def resilient_fit(x, y, batch, epochs, run_dir, mon, cpu):
     }
 
 
-def recovery_run(x, y, batch, epochs, fault_steps, run_dir, mon):
+def recovery_run(x, y, batch, epochs, fault_steps, run_dir, mon, policy=None):
     marks_path = str(Path(run_dir).with_suffix(".marks.jsonl"))
     faults = ",".join(f"segfault@{s}" for s in fault_steps)
     t0 = time.time()
     model = C.small_cnn(x.shape[1:])
     resilient.fit(model, x, y, batch_size=batch, epochs=epochs, verbose=0, run_dir=run_dir, seed=0,
-                  faults=faults, callbacks=[StepMarks(marks_path, fault_steps)])
+                  faults=faults, callbacks=[StepMarks(marks_path, fault_steps)],
+                  **({"policy": policy} if policy is not None else {}))
     wall = time.time() - t0
     j = C.read_journal(run_dir)
     marks = [json.loads(line) for line in open(marks_path) if line.strip()]

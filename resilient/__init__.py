@@ -24,6 +24,7 @@ from ._fit import fit
 from ._history import History
 from ._incident import Incident
 from ._plan import Plan
+from ._resume import resume
 from .policy import Policy, Step, StepContext, load_policy, register_step
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "fit",
     "load_policy",
     "register_step",
+    "resume",
     "steps",
 ]
 

@@ -7,6 +7,8 @@ Commands::
     policies show NAME               print a policy's ladders
     policies steps                   list the registered steps
     report RUN_DIR [-o FILE]         write the run's self-contained HTML report (needs the ``report`` extra)
+    resume RUN_DIR [options]         continue a run to its end from its directory alone
+    demo [--faults SPEC] [...]       train a small CNN on scikit-learn's digits through rehearsed faults
 
 A command is a function that adds its subparser and sets ``handler``; add one to ``COMMANDS``.
 """
@@ -88,8 +90,40 @@ def _add_report(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.set_defaults(handler=_report)
 
 
+def _add_resume(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "resume", help="continue a run to its end from its directory alone",
+        description="Continue the run in RUN_DIR from its newest verified checkpoint, with the plan, data and "
+                    "callbacks stored there, as resilient.fit with the same arguments would (for instance on a "
+                    "new VM, or after the notebook that started it is gone). Exit status: 0 completed, 1 failed "
+                    "(the root-cause report is printed), 2 refused (nothing was written), 130 interrupted.")
+    parser.add_argument("run_dir", help="the run_dir passed to resilient.fit")
+    parser.add_argument("--policy", default=None, metavar="NAME_OR_FILE",
+                        help="a preset or a TOML file (default: the policy the run was started with)")
+    parser.add_argument("--max-restarts", type=int, default=None, metavar="N",
+                        help="restarts allowed (default: the policy's)")
+    parser.add_argument("--mirror-dir", default=None, metavar="DIR",
+                        help="restore an empty or older RUN_DIR from this mirror first, and keep copying to it")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
+                        help="0 silent, 1 live line, 2 a line per epoch (default: the run's own)")
+    parser.add_argument("--trust-run-dir", action="store_true",
+                        help="resume a directory another user owns or others can write (it holds code)")
+    parser.set_defaults(handler=_resume)
+
+
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from ._demo import add_arguments
+
+    parser = subparsers.add_parser(
+        "demo", help="train a small CNN on scikit-learn's digits through rehearsed faults (needs the demo extra)",
+        description="A small CNN on scikit-learn's handwritten digits meets a GPU OOM, a segfault, a preemption and "
+                    "a hang, and finishes healed. Needs scikit-learn: pip install 'resilient[demo]'.")
+    add_arguments(parser)
+    parser.set_defaults(handler=_demo)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    _add_policies, _add_status, _add_report]
+    _add_policies, _add_status, _add_report, _add_resume, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,3 +223,39 @@ def _report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if path.with_suffix(".png").exists():
         print(f"curves: {path.with_suffix('.png')}", file=out)
     return 0
+
+
+def _resume(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._errors import ResilientError, TrainingFailedError, UserCodeError
+    from ._resume import resume
+
+    try:
+        history = resume(args.run_dir, policy=args.policy, max_restarts=args.max_restarts,
+                         verbose="auto" if args.verbose is None else args.verbose, mirror_dir=args.mirror_dir,
+                         trust_run_dir=args.trust_run_dir)
+    except KeyboardInterrupt:
+        print("interrupted: the run directory keeps its last checkpoint; run the same command to continue", file=err)
+        return 130
+    except (TrainingFailedError, UserCodeError) as e:
+        print(f"error: {e}", file=err)
+        return 1
+    except ResilientError as e:  # refused: nothing was written
+        print(f"error: {e}", file=err)
+        return EXIT_INVALID
+    epochs = len(history.epoch)
+    last = {k: v[-1] for k, v in history.history.items() if v}
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+    print(f"completed: {epochs} epoch{'s' if epochs != 1 else ''} in {history.run_dir}"
+          + (f"; last epoch: {metrics}" if metrics else "")
+          + (f"; {len(history.incidents)} incident(s) healed" if history.incidents else ""), file=out)
+    return 0
+
+
+def _demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from ._demo import run
+
+    try:
+        return run(args)
+    except ImportError as e:
+        print(f"error: {e}", file=err)
+        return 1

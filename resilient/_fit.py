@@ -24,7 +24,7 @@ from ._faults import Fault, parse_faults
 from ._history import History
 from ._plan import Plan
 from ._replan import PlanBasis, Rederived, learned_from_journal, policy_fingerprint, rederive_plan
-from ._rundir import FILE_MODE, Journal, RunDir, RunSpec, atomic_file, atomic_path, check_run_dir_path
+from ._rundir import FILE_MODE, InputFacts, Journal, RunDir, RunSpec, atomic_file, atomic_path, check_run_dir_path
 from ._units import parse_duration, parse_size
 from .data.checks import ModelFacts
 from .data.dispatch import prepare_inputs
@@ -192,6 +192,7 @@ class _Args:
     run_dir: Path | None  # checked (``check_run_dir_path``); None: the default under ./resilient_runs
     trust_run_dir: bool
     mirror_dir: Path | None = None  # checked as run_dir is; None: no mirror
+    policy_name: str | None = None  # the policy as a preset name or a file path (None: a Policy object)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +276,7 @@ def _validate(model: Any, *, callbacks: Sequence[Any] | None, batch_size: Any, e
         checkpoint_every_steps=every_steps, checkpoint_every_seconds=every_seconds, hang_timeout=hang,
         host_memory_limit=host_limit, gpu_memory_limit=gpu_limit, faults=fault_specs, run_dir=run_path,
         trust_run_dir=bool(trust_run_dir), devices=checked_devices, mirror_dir=mirror_path,
+        policy_name=_policy_name(policy),
     )
 
 
@@ -389,7 +391,7 @@ def _store_run(args: _Args, prepared: _Prepared, target: _Target) -> None:
         faults=args.faults, gpu_memory_limit_bytes=args.gpu_memory_limit,
         host_memory_limit_bytes=args.host_memory_limit, initial_plan=plan, has_callbacks=prepared.has_callbacks,
         versions=target.versions, flexible_input=prepared.flexible, plan_basis=target.basis,
-        devices=args.devices, **args.fit_args,
+        devices=args.devices, input_facts=_input_facts(prepared), policy_name=args.policy_name, **args.fit_args,
     )
     if not args.is_builder and not (resuming and run.model_file.exists()):
         with atomic_path(run.model_file) as tmp:
@@ -441,14 +443,8 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
     from .supervisor.display import make_display
     from .supervisor.loop import Supervisor, SupervisorConfig
 
-    inputs = prepared.inputs
-    context = StepContext(
-        requested_plan=prepared.initial_plan,
-        resizable_input=inputs.resizable_input(prepared.facts) or prepared.flexible,
-        source_image_size=inputs.source_image_size, batch_size_fixed=inputs.kind == "pydataset",
-        cacheable=inputs.kind != "arrays", buffered=inputs.kind != "arrays",
-        **target.device,
-    )
+    facts = _input_facts(prepared)
+    context = StepContext(requested_plan=prepared.initial_plan, **facts.model_dump(), **target.device)
     supervisor = Supervisor(SupervisorConfig(
         run=target.run, policy=args.policy, context=context, max_restarts=args.max_restarts,
         hang_timeout=args.hang_timeout, host_memory_limit=args.host_memory_limit,
@@ -458,6 +454,27 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
         display=make_display(args.verbose_level, host_limit=args.host_memory_limit, gpu_limit=args.gpu_memory_limit),
     ))
     return supervisor.run()
+
+
+def _input_facts(prepared: _Prepared) -> InputFacts:
+    """What the policy steps know of the inputs (stored in run.json for ``resume``)."""
+    inputs = prepared.inputs
+    return InputFacts(
+        resizable_input=inputs.resizable_input(prepared.facts) or prepared.flexible,
+        source_image_size=inputs.source_image_size, batch_size_fixed=inputs.kind == "pydataset",
+        cacheable=inputs.kind != "arrays", buffered=inputs.kind != "arrays",
+    )
+
+
+def _policy_name(policy: Any) -> str | None:
+    """fit's ``policy`` as resume can load it again: a preset name or a file's absolute path."""
+    if isinstance(policy, os.PathLike):
+        policy = os.fspath(policy)
+    if not isinstance(policy, str):
+        return None
+    if os.sep in policy or policy.endswith(".toml"):  # a file, as load_policy tells them apart
+        return str(Path(policy).expanduser().absolute())
+    return policy
 
 
 # ---------------------------------------------------------------------------- after training

@@ -123,6 +123,19 @@ class ObjectData(BaseModel):
     samples: int | None = None
 
 
+class InputFacts(BaseModel):
+    """What the policy steps may know of the inputs (``policy.StepContext``), kept so that a run can be
+    resumed from its directory alone (``resilient.resume``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    resizable_input: bool = False
+    source_image_size: tuple[int, int] | None = None
+    batch_size_fixed: bool = False
+    cacheable: bool = True
+    buffered: bool = True
+
+
 class RunSpec(BaseModel):
     """What fit() was asked to do; written once as run.json and read by every worker."""
 
@@ -161,6 +174,10 @@ class RunSpec(BaseModel):
     plan_basis: PlanBasis | None = None
     #: fit's ``devices`` (``_devices.check_devices``); "auto" for a run.json written before it existed.
     devices: str | tuple[str, ...] = "auto"
+    #: The inputs' facts for the policy steps, and the policy as fit named it (a preset or a file; None
+    #: for a Policy object): what ``resilient.resume`` continues with. None in older run.json files.
+    input_facts: InputFacts | None = None
+    policy_name: str | None = None
 
     def basis(self) -> PlanBasis:
         """The settings of the call that wrote this spec (0.1.0: its memory limits, device and policy unknown)."""

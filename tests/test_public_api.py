@@ -12,7 +12,7 @@ import resilient
 EXPECTED = [
     "DiskFullError", "History", "Incident", "InvalidArgumentError", "InvalidPolicyError", "Plan", "Policy", "ResilientError",
     "RunDirError", "Step", "StepContext", "TrainingFailedError", "UserCodeError", "data", "fit", "load_policy",
-    "register_step", "steps",
+    "register_step", "resume", "steps",
 ]
 
 INTERNAL = {"policy", "supervisor", "worker"}
