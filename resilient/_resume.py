@@ -127,7 +127,7 @@ def _supervise(run: RunDir, spec: RunSpec, policy: Any, max_restarts: int | None
     supervisor = Supervisor(SupervisorConfig(
         run=run, policy=policy, context=context,
         max_restarts=policy.max_restarts if max_restarts is None else max_restarts, hang_timeout=hang,
-        host_memory_limit=host, gpu_memory_limit=gpu, mirror_dir=mirror,
+        host_memory_limit=host, gpu_memory_limit=gpu, mirror_dir=mirror, devices=spec.devices,
         rehearse_host_oom=any(f.kind == "host_oom" for f in spec.faults), echo=level != 0,
         display=make_display(level, host_limit=host, gpu_limit=gpu),
     ))
