@@ -54,7 +54,8 @@ def summarize(path: str | Path, *, now: float | None = None) -> str:
         end = ended.get(a, {})
         status = end.get("signal") or (f"exit {end['returncode']}" if "returncode" in end else "running or lost")
         inc = incidents.get(a)
-        what = f"{inc['kind']}: {inc.get('detail', '')}" if inc else ("completed" if end.get("returncode") == 0 else "")
+        on = f" on {inc['device']}" if inc and inc.get("device") else ""  # several devices: the one that ran out
+        what = f"{inc['kind']}{on}: {inc.get('detail', '')}" if inc else ("completed" if end.get("returncode") == 0 else "")
         if end.get("interrupted"):
             what = "interrupted (Ctrl-C)"
         if e.get("probe"):
@@ -348,7 +349,8 @@ def story_line(event: dict[str, Any], epochs: int | None) -> str | None:
         where = f" at epoch {e['epoch'] + 1}" if e.get("epoch") is not None else ""
         where += f", step {e['step']}" if e.get("step") is not None else ""
         action = f" -> {e['action']}" if e.get("action") else ""
-        return f"incident: {e.get('kind')} in attempt {e.get('attempt')}{where}: {e.get('detail', '')}{action}"
+        on = f" on {e['device']}" if e.get("device") else ""
+        return f"incident: {e.get('kind')}{on} in attempt {e.get('attempt')}{where}: {e.get('detail', '')}{action}"
     if kind == "plan_changed":
         to = Plan.model_validate(e["to"]).describe() if e.get("to") else "?"
         return f"plan changed to {to} ({e.get('reason', '')})"

@@ -248,3 +248,25 @@ def test_the_gpu_check_script_skips_cleanly_without_a_gpu():
     assert "run it where NVIDIA GPUs are visible" in done.stdout
     assert "PASS" not in done.stdout and "MISS" not in done.stdout
     assert time.monotonic() - started < 60  # the skip decides before any training (and before TensorFlow here)
+
+
+def test_the_texts_a_person_reads_name_the_device_and_the_new_device_count():
+    from resilient._incident import Incident
+    from resilient._status import story_line
+    from resilient.supervisor.decide import incident_entry
+    from resilient.supervisor.display import incident_text
+
+    two = Plan(batch_size=64, replicas=2)
+    incident = Incident(kind="gpu_oom", attempt=0, epoch=1, step=40, detail="ResourceExhaustedError: OOM",
+                        plan_before=two, plan_after=two.replace(replicas=1), device="GPU:1", checkpoint_step=38,
+                        action="degrade: fewer_devices()")
+    text = incident_text(incident)
+    assert text.startswith("GPU out of memory on GPU:1 at epoch 2, step 40."), text
+    assert "1 device (was 2)" in text, text
+    _, fields = incident_entry(incident)
+    assert fields["device"] == "GPU:1"
+    line = story_line({"event": "incident", **fields}, epochs=2)
+    assert line.startswith("incident: gpu_oom on GPU:1 in attempt 0 at epoch 2, step 40"), line
+    one = incident.model_copy(update={"device": None})
+    assert " on " not in incident_text(one).split(".")[0]
+    assert story_line({"event": "incident", **incident_entry(one)[1]}, epochs=2).startswith("incident: gpu_oom in")
