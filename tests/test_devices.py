@@ -168,7 +168,8 @@ OOM_ON_GPU1 = ("Graph execution error:\n\nDetected at node StatefulPartitionedCa
     ("Exception encountered when calling Dense.call().", [("ResourceExhaustedError", OOM_ON_GPU1)], "GPU:1"),
     ("OOM when allocating tensor with shape[32,512]", [], None),
     ("OOM when allocating tensor (rehearsed fault gpu_oom@3)", [], None),
-])
+], ids=["keras-graph-error", "eager-op", "xla-allocator", "copy-between-devices", "in-the-cause", "unnamed",
+        "rehearsal-on-one-device"])
 def test_the_device_named_by_a_tensorflow_error(message, causes, expected):
     from resilient._protocol import ErrorReport, ExceptionFacts
     from resilient.supervisor.classify import AttemptOutcome, classify, reported_device

@@ -376,7 +376,7 @@ class _TwoGpus(_FakeGpu):
     ("OOM when allocating tensor with shape[64,4096] and type float on /job:localhost/replica:0/task:0/device:GPU:1 "
      "by allocator GPU_1_bfc", "GPU:1", "worker report"),
     ("OOM when allocating tensor with shape[64,4096]", "GPU:0", "nvml (fullest)"),  # 12 of 16 GiB in use
-])
+], ids=["named-by-the-error", "fullest-by-nvml"])
 def test_a_gpu_oom_over_two_gpus_names_the_device(supervise, message, device, source):
     h = supervise({"default": [HELLO, beat(5, interval=0.05), report(None, type="ResourceExhaustedError",
                                                                       message=message)]},
