@@ -65,14 +65,18 @@ def test_the_colab_quickstart_notebook_runs_top_to_bottom_off_colab(tmp_path, mo
     run, mirror = RunDir(base / "content" / "runs" / "digits"), RunDir(base / "drive" / "MyDrive" / "resilient" / "digits")
     finished = [e for e in run.read_events() if e["event"] == "run_finished"]
     assert finished[0]["status"] == "completed"
-    assert [e for e in mirror.read_events() if e["event"] == "run_finished"][0]["status"] == "completed"
+    assert next(e for e in mirror.read_events() if e["event"] == "run_finished")["status"] == "completed"
     assert CheckpointStore(mirror.checkpoints).latest().step == 72
-    assert (run.path / "report.html").exists() and (run.path / "report.png").exists()
+    report_cell = next(c for c in code if "history.report()" in c.source)
+    assert "report.html" in "".join(_texts(report_cell))
+    assert any("image/png" in o.get("data", {}) for o in report_cell.outputs)  # the report's figure, shown
 
     joined = "\n".join(t for cell in code for t in _texts(cell))
     assert "run_dir:" in joined and "drive" in joined  # the Drive cell ran its off-Colab branch
     assert "validation accuracy of the trained model" in joined
-    assert "the mirror" in joined  # resilient status read it
+    status = "\n".join(_texts(next(c for c in code if "resilient status" in c.source)))
+    assert "mirror: step 72 verified" in status and "in sync with the local checkpoint" in status, status
+    assert "on the mirror" in status and "status: completed" in status
     new_vm = code[-1]
     new_vm_text = "\n".join(_texts(new_vm))
     assert "restored the run from the mirror" in new_vm_text and "already complete" in new_vm_text

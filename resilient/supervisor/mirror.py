@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,16 +58,28 @@ def copy_file(src: Path, dst: Path) -> None:
 
 @dataclass(frozen=True)
 class MirrorState:
-    """What the mirror holds: its newest verified generation's step (None: none yet) and the local newest."""
+    """What the mirror holds: its newest verified generation's step (None: none yet) and the local newest.
+
+    ``lag_seconds``: from the local save of the mirrored generation to its verified copy; ``saved_at``: that
+    local save's wall-clock time (``time.time()``), from which the display tells the mirror's age live.
+    """
 
     step: int | None
     local_step: int | None
     lag_seconds: float | None
+    saved_at: float | None = None
+
+    @property
+    def behind_steps(self) -> int | None:
+        """Steps the mirror lacks against the newest local checkpoint (None: unknown)."""
+        if self.step is None or self.local_step is None:
+            return None
+        return max(0, self.local_step - self.step)
 
     def text(self, mirror: Path) -> str:
         if self.step is None:
             return f"no checkpoint is on the mirror {mirror} yet"
-        behind = "" if self.local_step in (None, self.step) else f", behind the local step {self.local_step}"
+        behind = "" if not self.behind_steps else f", behind the local step {self.local_step}"
         return f"the mirror {mirror} holds the checkpoint of step {self.step}{behind}"
 
 
@@ -74,8 +87,11 @@ class Mirror:
     """Copies a run directory to ``mirror`` on a background thread; ``notify`` wakes it, ``close`` flushes."""
 
     def __init__(self, run: RunDir, mirror: Path, *, journal: Journal, keep: int = 2,
-                 copy: Callable[[Path, Path], None] | None = None, wait_max: float = 30.0) -> None:
+                 copy: Callable[[Path, Path], None] | None = None, wait_max: float = 30.0,
+                 on_state: Callable[[MirrorState], None] | None = None) -> None:
         self.run, self.mirror = run, RunDir(mirror)
+        #: Told each new state (the mirror's thread; must not block): the live display's mirror figures.
+        self.on_state = on_state
         self.journal = journal
         self.keep = max(1, keep)
         self._copy = copy
@@ -98,6 +114,7 @@ class Mirror:
         # missing parent means the mount dropped (``_sync_once``).
         with contextlib.suppress(OSError):
             self.mirror.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self._tell()  # what an earlier call left on the mirror
         self._thread.start()
 
     def notify(self, step: int | None = None) -> None:
@@ -162,7 +179,10 @@ class Mirror:
             if current is not None and step is not None and step <= current and not self._resaved(path, step, current):
                 # Already there: the name says so, without hashing the local files on every idle pass.
                 with self._lock:
-                    self._state = MirrorState(current, step, self._state.lag_seconds)
+                    old = self._state
+                    self._state = MirrorState(current, step, old.lag_seconds, old.saved_at)
+                if old.local_step != step:
+                    self._tell()
                 return
             try:
                 ckpt = local.verify(path)
@@ -174,12 +194,23 @@ class Mirror:
         copied = self._copy_generation(ckpt)
         if copied is None:
             return  # the local generation was pruned mid-copy: the next pass takes the newer one
-        lag = _seconds_since(ckpt)
+        saved_at = _saved_at(ckpt)
+        lag = None if saved_at is None else round(max(0.0, time.time() - saved_at), 3)
+        local_step = _newest_local_step(local)  # the worker may have saved again while this copy ran
+        state = MirrorState(ckpt.step, max(ckpt.step, local_step or ckpt.step), lag, saved_at)
         with self._lock:
-            self._state = MirrorState(ckpt.step, ckpt.step, lag)
+            self._state = state
+        # ``behind_steps``: what the mirror lacks against the newest local checkpoint at this moment.
         self._note("mirror_synced", step=ckpt.step, epoch=ckpt.meta.get("epoch"), lag_seconds=lag,
-                   bytes=ckpt.nbytes, path=str(self.mirror.path))
+                   behind_steps=state.behind_steps, local_step=state.local_step, bytes=ckpt.nbytes,
+                   path=str(self.mirror.path))
+        self._tell()
         self._prune()
+
+    def _tell(self) -> None:
+        if self.on_state is not None:
+            with contextlib.suppress(Exception):  # a display's trouble never stops the copies
+                self.on_state(self.state)
 
     def _resaved(self, path: Path, step: int, current: int) -> bool:
         """The mirrored step was saved again locally (an epoch end right after an interval save): copy it anew."""
@@ -301,14 +332,22 @@ def _is_run_file(name: str) -> bool:
     return not name.startswith(".") and name not in _SKIP
 
 
-def _seconds_since(ckpt: Checkpoint) -> float | None:
-    """Seconds from the local save (the manifest's ``created``) to now."""
+def _saved_at(ckpt: Checkpoint) -> float | None:
+    """The local save's wall-clock time (the manifest's ``created``), as ``time.time()``; None: unreadable."""
     try:
         manifest = (ckpt.path / "manifest.json").read_text()
         created = _dt.datetime.fromisoformat(json.loads(manifest)["created"].replace("Z", "+00:00"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return round((_dt.datetime.now(_dt.timezone.utc) - created).total_seconds(), 3)
+    return created.timestamp()
+
+
+def _newest_local_step(store: CheckpointStore) -> int | None:
+    for path in store.generations():
+        step = _step_of(path)
+        if step is not None:
+            return step
+    return None
 
 
 def _newest_verified_step(run: RunDir) -> int | None:
