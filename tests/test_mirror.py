@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import resilient
@@ -274,3 +275,59 @@ def test_ctrl_c_flushes_the_mirror_and_says_what_is_on_it(supervise, monkeypatch
     assert [e["step"] for e in h.events("mirror_synced")] == [2]
     assert f"the mirror {drive} holds the checkpoint of step 2" in h.stream.getvalue()
     assert "run_finished" in [e["event"] for e in RunDir(drive).read_events()]  # the journal went last
+
+
+# ---------------------------------------------------------------------------- whose run the mirror holds
+
+
+def _spec_on(path: Path, fingerprint: str, seed: int) -> None:
+    from resilient._plan import Plan
+    from resilient._rundir import ArraysData, RunSpec
+    from tests.conftest import make_data
+
+    RunDir(path).write_spec(RunSpec(epochs=2, seed=seed, data=ArraysData(x="data/x.npy", y="data/y.npy", samples=256),
+                                    model_fingerprint=fingerprint, initial_plan=Plan(batch_size=32)))
+    x, y = make_data()
+    (path / "data").mkdir(mode=0o700, exist_ok=True)
+    np.save(path / "data" / "x.npy", x)
+    np.save(path / "data" / "y.npy", y)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_mirror_holding_another_models_run_is_refused_before_anything_is_restored(tmp_path):
+    from tests.conftest import make_data, make_model
+
+    drive = _mirrored(tmp_path, (2, 4))  # verified generations: without the check they would be restored
+    _spec_on(drive, fingerprint="f" * 64, seed=1)
+    x, y = make_data()
+    with pytest.raises(resilient.RunDirError) as info:
+        resilient.fit(make_model(), x, y, run_dir=tmp_path / "vm2", mirror_dir=drive, verbose=0)
+    text = str(info.value)
+    assert f"The mirror_dir {drive} holds the run of another model (fingerprint ffffffffffff" in text
+    assert "Nothing was restored" in text and "new folder as mirror_dir" in text
+    assert not (tmp_path / "vm2").exists()
+
+
+def test_a_mirror_holding_another_run_of_the_same_model_is_refused_and_the_local_run_untouched(tmp_path):
+    from resilient._fit import _fingerprint
+    from tests.conftest import make_data, make_model
+
+    model = make_model()
+    fingerprint, _ = _fingerprint(model, False)
+    drive = _mirrored(tmp_path, (2, 4))
+    _spec_on(drive, fingerprint=fingerprint, seed=1)
+    local = _run(tmp_path / "local")  # an older run of the same model, another seed: restoring would mix them
+    _save(local, 3)
+    _spec_on(local.path, fingerprint=fingerprint, seed=2)
+    before = _tree(local.path)
+    x, y = make_data()
+    with pytest.raises(resilient.RunDirError) as info:
+        resilient.fit(model, x, y, run_dir=local.path, mirror_dir=drive, verbose=0)
+    assert f"run_dir {local.path} and mirror_dir {drive} hold different runs (seed 2 and 1" in str(info.value)
+    assert _tree(local.path) == before
+    # The same run (the local seed is the mirror's): restored as before.
+    _spec_on(local.path, fingerprint=fingerprint, seed=1)
+    assert restore_from_mirror(local, drive, check=lambda mirror: None) == 4

@@ -362,16 +362,23 @@ def _newest_verified_step(run: RunDir) -> int | None:
 
 
 def restore_from_mirror(run: RunDir, mirror_path: Path, *, trust: bool = False,
+                        check: Callable[[RunDir], None] | None = None,
                         say: Callable[[str], None] | None = None) -> int | None:
     """Bring the mirror's run into ``run`` when the local one is missing or older; the step restored, or None.
 
     Older means: the newest verified local generation has fewer steps than the mirror's newest verified
     one (or there is none). A partial copy on the mirror (a temporary name, a generation that does not
     verify) is never used. A local directory another live process trains in is left alone.
+
+    ``check(mirror)`` runs first whenever the mirror holds a run, before anything local is touched: fit
+    refuses there a mirror that holds another run (another model, other data, another seed than the local
+    run's), which would otherwise be restored or, with a newer local run, overwritten by this one's copies.
     """
     mirror = RunDir(mirror_path)
     if not mirror.exists():
         return None
+    if check is not None:
+        check(mirror)
     remote = CheckpointStore(mirror.checkpoints).latest()
     if remote is None:
         return None
