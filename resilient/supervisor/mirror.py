@@ -126,7 +126,18 @@ class Mirror:
         self._closing.set()
         self._wake.set()
         self._thread.join(timeout)
-        return self.state
+        with contextlib.suppress(OSError):
+            local_step = _newest_local_step(CheckpointStore(self.run.checkpoints))
+            with self._lock:
+                old = self._state
+                self._state = MirrorState(old.step, local_step, old.lag_seconds, old.saved_at)
+        state = self.state
+        # What the run leaves on the mirror: behind (a failing or slow mount) or not, and whether the last copy
+        # was still running when the wait ran out.
+        self._note("mirror_flushed", step=state.step, local_step=state.local_step, behind_steps=state.behind_steps,
+                   timed_out=self._thread.is_alive(), path=str(self.mirror.path))
+        self._tell()
+        return state
 
     # ------------------------------------------------------------------ the thread
 
@@ -139,6 +150,7 @@ class Mirror:
                 self._retrying(self._sync_once)
             except Exception as exc:  # never let the thread die silently: the run goes on without it
                 self._note("mirror_error", error=f"{type(exc).__name__}: {exc}")
+                closing = closing or self._closing.is_set()  # the retries already made the flush's last try
             if closing:
                 return
 
