@@ -78,8 +78,12 @@ def test_each_generation_is_copied_verified_and_the_newest_two_are_kept(tmp_path
     assert (target / "data" / "x.npy").read_bytes() == (run.data_dir / "x.npy").read_bytes()
     synced = _events(run, "mirror_synced")
     assert synced[-1]["step"] == 3 and synced[-1]["lag_seconds"] >= 0
-    # The mirrored journal is the local one, mirror_synced lines included (copied last).
-    assert [e["event"] for e in RunDir(target).read_events()] == [e["event"] for e in run.read_events()]
+    # The mirrored journal is the local one, mirror_synced lines included (copied last); the flush's own line,
+    # written after its last copy, is local only.
+    local = [e["event"] for e in run.read_events()]
+    assert local[-1] == "mirror_flushed" and [e["event"] for e in RunDir(target).read_events()] == local[:-1]
+    [flushed] = _events(run, "mirror_flushed")
+    assert (flushed["step"], flushed["local_step"], flushed["behind_steps"], flushed["timed_out"]) == (3, 3, 0, False)
     assert "the mirror" in state.text(target) and "step 3" in state.text(target)
 
 
