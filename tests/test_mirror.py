@@ -335,3 +335,17 @@ def test_a_mirror_holding_another_run_of_the_same_model_is_refused_and_the_local
     # The same run (the local seed is the mirror's): restored as before.
     _spec_on(local.path, fingerprint=fingerprint, seed=1)
     assert restore_from_mirror(local, drive, check=lambda mirror: None) == 4
+
+
+def test_the_slow_mirror_seam_makes_each_generation_take_that_long(tmp_path, monkeypatch):
+    run = _run(tmp_path / "run")
+    _save(run, 1)
+    monkeypatch.setenv(mirror_module.SLOW_ENV, "0.3")
+    mirror = Mirror(run, tmp_path / "drive", journal=Journal(run.events))
+    start = time.monotonic()
+    mirror._sync_once()
+    assert time.monotonic() - start >= 0.3
+    assert CheckpointStore(tmp_path / "drive" / "checkpoints").latest().step == 1
+    monkeypatch.setenv(mirror_module.SLOW_ENV, "soon")
+    with pytest.raises(ValueError, match=r"RESILIENT_MIRROR_SECONDS_PER_GENERATION.*Received: 'soon'"):
+        Mirror(run, tmp_path / "drive", journal=Journal(run.events))

@@ -44,6 +44,9 @@ __all__ = ["Mirror", "MirrorState", "copy_file", "restore_from_mirror"]
 
 #: How often the thread looks for changed run files (the journal) when no checkpoint woke it.
 IDLE_INTERVAL = 5.0
+#: A test seam, not a setting: each generation's copy takes at least this many seconds more (a float), to
+#: rehearse a slow mount in tests and in bench/bench_mirror.py. Read when a ``Mirror`` is made; unset: no delay.
+SLOW_ENV = "RESILIENT_MIRROR_SECONDS_PER_GENERATION"
 _TMP_PREFIX = ".tmp-mirror-"
 _SKIP = {".lock"}
 
@@ -96,6 +99,7 @@ class Mirror:
         self.keep = max(1, keep)
         self._copy = copy
         self._wait_max = wait_max
+        self._slow = _slow_seconds()
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -250,6 +254,8 @@ class Mirror:
                     shutil.rmtree(tmp, ignore_errors=True)
                     return None
             fsync_dir(tmp)
+            if self._slow:
+                time.sleep(self._slow)  # the test seam (SLOW_ENV): a mount this slow, blocking as a real one does
             try:
                 copied = CheckpointStore(root).verify(tmp)
             except CorruptCheckpoint as exc:
@@ -331,6 +337,20 @@ class _stop_when(tenacity.stop.stop_base):
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
         return self.flag()
+
+
+def _slow_seconds() -> float:
+    value = os.environ.get(SLOW_ENV, "").strip()
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # NaN included
+        raise ValueError(f"Invalid value for the environment variable {SLOW_ENV} (a test seam). Received: "
+                         f"{value!r}. Expected seconds, a number >= 0; unset it for no delay.")
+    return seconds
 
 
 def _step_of(path: Path) -> int | None:
