@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -89,7 +90,7 @@ SLOW_FILESYSTEMS = ("fuse", "nfs", "cifs", "smb", "9p", "afs", "davfs")
 def filesystem_of(path: str, mounts: str | None = None) -> tuple[str, str] | None:
     """(mount point, type) of the file system that holds ``path``, from the mount table (None: unknown)."""
     try:
-        table = mounts if mounts is not None else open(MOUNTS).read()
+        table = mounts if mounts is not None else Path(MOUNTS).read_text()
     except OSError:
         return None
     target = os.path.realpath(path)
