@@ -326,6 +326,7 @@ def _open_run(args: _Args, prepared: _Prepared) -> _Target:
         from .supervisor.mirror import restore_from_mirror
 
         restore_from_mirror(run, args.mirror_dir, trust=args.trust_run_dir,
+                            check=lambda mirror: _check_mirror(run, mirror, prepared),
                             say=(lambda text: print(f"resilient: {text}", flush=True)) if args.verbose_level else None)
     versions = _versions()
     seed = prepared.seed
@@ -775,6 +776,37 @@ def _strip_names(obj: Any) -> Any:
 def _default_run_dir(model_name: str) -> Path:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path.cwd() / DEFAULT_RUNS_DIR / f"{stamp}-{model_name}"
+
+
+def _check_mirror(run: RunDir, mirror: RunDir, prepared: _Prepared) -> None:
+    """Before anything is restored from the mirror (or copied to it): the mirror must hold this run, the
+    call's model and data, and the local run's seed where run_dir holds a run."""
+    untouched = f"Nothing was restored; {run.path} is untouched."
+    try:
+        spec = mirror.read_spec()
+    except Exception as e:
+        raise RunDirError(
+            f"The mirror_dir {mirror.path} holds a run.json that cannot be read as a resilient run ({_reason(e)}). "
+            f"{untouched} Pass the mirror_dir this run was mirrored to, or an empty folder for a new mirror."
+        ) from None
+    if spec.model_fingerprint != prepared.fingerprint:
+        raise RunDirError(
+            f"The mirror_dir {mirror.path} holds the run of another model (fingerprint {spec.model_fingerprint[:12]}, "
+            f"this model {prepared.fingerprint[:12]}). {untouched} Pass this model's mirror_dir, or a new folder "
+            "as mirror_dir to start a new run."
+        )
+    try:
+        prepared.inputs.check_resume(mirror, spec)
+    except RunDirError as e:
+        raise RunDirError(f"The mirror_dir holds a run on other data: {e} {untouched}") from None
+    if run.exists():
+        local = _read_spec_or_refuse(run)
+        if (local.model_fingerprint, local.seed) != (spec.model_fingerprint, spec.seed):
+            raise RunDirError(
+                f"run_dir {run.path} and mirror_dir {mirror.path} hold different runs (seed {local.seed} and "
+                f"{spec.seed}; fingerprint {local.model_fingerprint[:12]} and {spec.model_fingerprint[:12]}). "
+                f"{untouched} Pass the mirror_dir this run was mirrored to, or a new folder as mirror_dir."
+            )
 
 
 def _read_spec_or_refuse(run: RunDir) -> RunSpec:

@@ -29,15 +29,19 @@ from ._units import format_bytes
 from .supervisor.report import latest_checkpoint
 
 
-def summarize(path: str | Path, *, now: float | None = None) -> str:
-    """A plain-text account of the run in ``path``: state, plan, attempts, incidents, checkpoint, outcome."""
-    run = _open(path)
+def summarize(path: str | Path, *, now: float | None = None, mirror_dir: str | Path | None = None) -> str:
+    """A plain-text account of the run in ``path``: state, plan, attempts, incidents, checkpoint, the mirror's
+    lag, outcome. With ``mirror_dir`` (fit's): what the mirror holds, and the run read from the mirror when
+    ``path`` holds none (a new VM, the local run directory gone with the old one)."""
+    run, gone = _open_or_mirror(path, mirror_dir)
     spec = run.read_spec()
     plan = run.read_plan() if run.plan_json.exists() else spec.initial_plan
     events = run.read_events()
     now = time.time() if now is None else now
     state = run_state(run, events, spec.epochs, now)
-    lines = [f"run {run.path}", f"  state: {state.describe(now)}",
+    header = f"run {run.path}" if gone is None else (
+        f"run {run.path} (the mirror: {gone} holds no run, so this is read from the mirror_dir)")
+    lines = [header, f"  state: {state.describe(now)}",
              f"  model {spec.model_name}, {spec.epochs} epochs, seed {spec.seed}",
              f"  plan in force: {plan.describe()}"]
     if plan != spec.initial_plan:
@@ -85,6 +89,7 @@ def summarize(path: str | Path, *, now: float | None = None) -> str:
         logs = ", ".join(f"{k}={v:.4g}" for k, v in sorted(last.get("logs", {}).items()))
         lines.append(f"  last epoch finished: {last['epoch']} (step {last['step']}) {logs}")
     lines += _checkpoint_and_lock(run, state.holder, now)
+    lines += mirror_lines(events, now, None if mirror_dir is None else RunDir(mirror_dir))
     lines += _damage_lines(run, events)
     finished = [e for e in events if e["event"] == "run_finished"]
     lines.append(f"  status: {finished[-1]['status'] if finished else f'not finished ({state.state})'}")
@@ -96,6 +101,52 @@ def _checkpoint_and_lock(run: RunDir, holder: int | None, now: float) -> list[st
     ckpt = latest_checkpoint(run)
     saved = (f"step {ckpt.step}, epoch {ckpt.epoch}, sample {ckpt.offset}{_age(ckpt.path, now)}" if ckpt else "none")
     return [f"  last checkpoint: {saved}", f"  lock: {_lock_text(holder)}"]
+
+
+def mirror_lines(events: list[dict[str, Any]], now: float, mirror: RunDir | None = None) -> list[str]:
+    """The mirror's lag from the journal (``mirror_synced``: its newest verified copy, how long ago, how many
+    steps behind the newest local checkpoint), whether it is failing now (``mirror_retry``/``mirror_error``
+    since), and with ``mirror``, the newest generation on the mirror itself."""
+    synced = [e for e in events if e["event"] == "mirror_synced"]
+    if not synced and mirror is None and not any(e["event"].startswith("mirror_") for e in events):
+        return []
+    saves = [e for e in events if e["event"] == "checkpoint_saved" and e.get("step") is not None]
+    local = max((e["step"] for e in saves), default=None)
+    lines = []
+    if synced:
+        last = synced[-1]
+        behind = max(0, local - last["step"]) if local is not None else 0
+        lag = f"{behind} step{'' if behind == 1 else 's'} behind the local checkpoint (step {local})" if behind \
+            else "in sync with the local checkpoint"
+        copy = f", copied {last['lag_seconds']:.1f} s after its save" if last.get("lag_seconds") is not None else ""
+        lines.append(f"  mirror: step {last['step']} verified {_duration(max(0.0, now - _epoch_seconds(last['time'])))} "
+                     f"ago, {lag}{copy}" + (f" ({last['path']})" if last.get("path") and mirror is None else ""))
+    else:
+        lines.append("  mirror: no verified copy journaled yet")
+    after = events[events.index(synced[-1]) + 1:] if synced else events
+    trouble = [e for e in after if e["event"] in ("mirror_retry", "mirror_error")]
+    if trouble:
+        first, last_err = trouble[0], trouble[-1]
+        lines.append(f"  mirror failing since {_duration(max(0.0, now - _epoch_seconds(first['time'])))} ago "
+                     f"({len(trouble)} failed pass{'es' if len(trouble) > 1 else ''}): {last_err.get('error', '')}")
+    if mirror is not None:
+        newest = _newest_generation(mirror)
+        where = f"step {newest}" if newest is not None else "no checkpoint"
+        lines.append(f"  on the mirror {mirror.path}: {where}")
+    return lines
+
+
+def _newest_generation(mirror: RunDir) -> int | None:
+    """The newest generation's step by its name: the mirror renames a copy into place only once it verified."""
+    try:
+        for path in CheckpointStore(mirror.checkpoints).generations():
+            try:
+                return int(path.name.removeprefix("ckpt-"))
+            except ValueError:
+                continue
+    except OSError:
+        return None
+    return None
 
 
 def _damage_lines(run: RunDir, events: list[dict[str, Any]]) -> list[str]:
@@ -290,6 +341,18 @@ def _lock_text(holder: int | None) -> str:
     return f"held by pid {holder}" if holder else "held by a live process"
 
 
+def _open_or_mirror(path: str | Path, mirror_dir: str | Path | None) -> tuple[RunDir, Path | None]:
+    """The run in ``path``; when it holds none and ``mirror_dir`` does, the mirror's (with the missing path)."""
+    run = RunDir(path)
+    if run.exists() or mirror_dir is None:
+        return _open(path), None
+    mirror = RunDir(mirror_dir)
+    if not mirror.exists():
+        raise FileNotFoundError(f"neither {run.path} nor the mirror_dir {mirror.path} holds a resilient run (no "
+                                "run.json). Expected the run_dir and mirror_dir passed to fit.")
+    return mirror, run.path
+
+
 def _open(path: str | Path) -> RunDir:
     run = RunDir(path)
     if not run.exists():
@@ -354,6 +417,12 @@ def story_line(event: dict[str, Any], epochs: int | None) -> str | None:
     if kind == "plan_changed":
         to = Plan.model_validate(e["to"]).describe() if e.get("to") else "?"
         return f"plan changed to {to} ({e.get('reason', '')})"
+    if kind == "mirror_synced":
+        behind = f", {e['behind_steps']} steps behind" if e.get("behind_steps") else ""
+        lag = f" {e['lag_seconds']:.1f} s after its save" if e.get("lag_seconds") is not None else ""
+        return f"mirror: step {e.get('step')} copied and verified{lag}{behind}"
+    if kind == "mirror_error":
+        return f"mirror failed: {e.get('error', '')}"
     if kind == "run_finished":
         return f"run {_FINISHED.get(str(e.get('status')), str(e.get('status')))}"
     return None
@@ -458,6 +527,9 @@ def add_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("status", help="summarize a run directory, or follow a live run",
                                    description=summarize.__doc__)
     parser.add_argument("run_dir", help="the run_dir passed to resilient.fit")
+    parser.add_argument("--mirror-dir", metavar="MIRROR_DIR", default=None,
+                        help="the mirror_dir passed to fit: show what it holds, and read the run from it when "
+                             "run_dir holds none (a new VM)")
     parser.add_argument("-f", "--follow", action="store_true",
                         help="follow the run live from its journal until it ends (Ctrl-C stops following)")
     parser.set_defaults(handler=_status)
@@ -467,11 +539,12 @@ def _status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         if args.follow:
             try:
-                return follow(args.run_dir, out)
+                run, _ = _open_or_mirror(args.run_dir, args.mirror_dir)
+                return follow(run.path, out)
             except KeyboardInterrupt:
                 out.write("\n")
                 return 130
-        print(summarize(args.run_dir), file=out)
+        print(summarize(args.run_dir, mirror_dir=args.mirror_dir), file=out)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=err)
         return 2

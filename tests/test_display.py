@@ -305,3 +305,18 @@ def test_a_fit_writing_to_a_pipe_tells_one_line_per_epoch_and_incident(tmp_path)
     assert lines[-1].startswith("resilient: attempt 2 completed")
     assert len(lines) <= 8, out  # starting, 3 epochs, 2 incidents, completed
 
+
+
+def test_the_progress_line_tells_the_mirrors_lag():
+    from resilient.supervisor.display import Display, mirror_text
+
+    view = RunView(epochs=3, epoch=1, step=30, checkpoint_step=30, checkpoint_time=1000.0)
+    assert mirror_text(view) is None  # no mirror_dir: nothing said
+    display = Display()
+    display.view = view
+    display.mirror(None, None)
+    assert progress_text(view, now=1010.0).endswith("checkpoint 0:10 ago | mirror: no copy yet")
+    display.mirror(20, 990.0)
+    assert progress_text(view, now=1010.0).endswith("mirror step 20, 10 steps / 0:20 behind")
+    display.mirror(30, 1000.0)
+    assert "mirror step 30 in sync" in panel_html(view, now=1010.0)

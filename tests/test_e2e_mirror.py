@@ -167,3 +167,67 @@ def test_a_mirror_that_vanishes_mid_run_is_caught_up_and_the_run_completes(tmp_p
     assert "mirror_synced" in names[names.index("mirror_retry"):]  # caught up after it came back
     assert CheckpointStore(mount / "run" / "checkpoints").latest().step == 16
     assert _events(mount / "run", "run_finished")[-1]["status"] == "completed"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted for the test (root, CAP_SYS_ADMIN); skipped, with the reason, where not permitted."""
+    mount = tmp_path / "drive"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
+
+
+@pytest.mark.fault("mirror_full", "mid-epoch", incident="none (the mirror is not the training)",
+                   outcome="the run completes; the journal says the mirror failed (ENOSPC) and how far behind it is; "
+                           "only verified generations on the mirror", lost="0 steps", corrupted="no")
+def test_a_mirror_on_a_tmpfs_that_fills_up_never_stops_the_training(small_tmpfs, tmp_path):
+    import keras
+
+    run_dir, mirror = tmp_path / "local", small_tmpfs / "run"
+    events, filled = run_dir / "events.jsonl", tmp_path / "filled"
+
+    def on_batch_end(batch: int, logs: dict) -> None:  # runs in the worker
+        import time as _time
+        from pathlib import Path as _Path
+
+        if batch + 1 == 5 and not _Path(filled).exists():  # once, in the first epoch
+            _Path(filled).touch()
+            deadline = _time.monotonic() + 60  # one generation on the mirror first (bounded)
+            while _time.monotonic() < deadline and '"mirror_synced"' not in _Path(events).read_text():
+                _time.sleep(0.05)
+            try:  # then the "Drive quota" runs out: a file takes all the room left
+                with open(_Path(small_tmpfs) / "filler", "wb") as f:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+            except OSError:
+                pass
+
+    x, y = make_data()
+    history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=4, run_dir=run_dir, verbose=0,
+                            checkpoint_every=2, mirror_dir=mirror,
+                            callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=on_batch_end)])
+    assert history.epoch == [0, 1] and history.incidents == []  # training went on, unharmed
+    assert _events(run_dir, "run_finished")[-1]["status"] == "completed"
+    failures = _events(run_dir, "mirror_retry") + _events(run_dir, "mirror_error")
+    assert failures and any("No space left on device" in e["error"] for e in failures), failures
+    [flushed] = _events(run_dir, "mirror_flushed")
+    assert flushed["local_step"] == 16 and flushed["step"] < 16 and flushed["behind_steps"] == 16 - flushed["step"]
+    # Only whole, verified generations on the mirror: a copy that met the full disk was removed, never renamed.
+    store = CheckpointStore(mirror / "checkpoints")
+    assert next(int(p.name.removeprefix("ckpt-")) for p in store.generations()) == flushed["step"]
+    for path in store.generations():
+        store.verify(path)
+    assert not [p for p in mirror.rglob(".tmp-mirror-*")]
+    from resilient._status import summarize
+
+    text = summarize(run_dir, mirror_dir=mirror)
+    assert "behind the local checkpoint (step 16)" in text and "mirror failing since" in text
+    assert f"on the mirror {mirror}: step {flushed['step']}" in text

@@ -470,3 +470,43 @@ def test_make_source_pairs_each_training_input_with_its_validation_input(tmp_pat
     val = _concat(_batches(source.validation(Plan(batch_size=10))))
     np.testing.assert_array_equal(val[0], vx)
     np.testing.assert_array_equal(val[1], vy)
+
+
+# ------------------------------------------------------------------------------------ an image folder on Drive
+
+MOUNTS_TEXT = """overlay / overlay rw,relatime 0 0
+/dev/sda1 /content ext4 rw,relatime 0 0
+drive /content/drive fuse.drive rw,nosuid,nodev,relatime,user_id=0,group_id=0 0 0
+server:/export /mnt/nfs\\040share nfs4 rw 0 0
+"""
+
+
+def test_the_file_system_of_a_path_is_read_from_the_mount_table():
+    from resilient.data.folder import filesystem_of, is_slow_filesystem
+
+    assert filesystem_of("/content/drive/MyDrive/cats", MOUNTS_TEXT) == ("/content/drive", "fuse.drive")
+    assert filesystem_of("/content/drivelike/cats", MOUNTS_TEXT) == ("/content", "ext4")  # a prefix, not a parent
+    assert filesystem_of("/mnt/nfs share/x", MOUNTS_TEXT) == ("/mnt/nfs share", "nfs4")
+    assert filesystem_of("/tmp/x", MOUNTS_TEXT) == ("/", "overlay")
+    assert [is_slow_filesystem(t) for t in ("fuse.drive", "nfs4", "ext4", "overlay", "tmpfs", "fuseblk")] == [
+        True, True, False, False, False, False]
+
+
+def test_an_image_folder_on_a_fuse_mount_is_read_with_a_warning_about_speed(tmp_path, monkeypatch):
+    from resilient.data import folder as folder_module
+
+    root = write_image_folder(tmp_path / "drive" / "cats", per_class=2)
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\ndrive {tmp_path / 'drive'} fuse.drive rw 0 0\n")
+    monkeypatch.setattr(folder_module, "MOUNTS", str(mounts))
+    x = resilient.data.image_folder(root, image_size=(12, 10), validation_split=0)
+    with pytest.warns(UserWarning, match=r"is on a fuse.drive file system .* Copy the folder to local disk") as got:
+        prepare_inputs(x, None, x, model=make_image_model(), plan=Plan())
+    ours = [str(w.message) for w in got if "image folder" in str(w.message)]
+    assert sorted(text.split(f"{root} (")[1].split(")")[0] for text in ours) == ["validation_data", "x"], ours
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\n")  # local disk: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_inputs(x, None, None, model=make_image_model(), plan=Plan())

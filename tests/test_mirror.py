@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import resilient
@@ -77,8 +78,12 @@ def test_each_generation_is_copied_verified_and_the_newest_two_are_kept(tmp_path
     assert (target / "data" / "x.npy").read_bytes() == (run.data_dir / "x.npy").read_bytes()
     synced = _events(run, "mirror_synced")
     assert synced[-1]["step"] == 3 and synced[-1]["lag_seconds"] >= 0
-    # The mirrored journal is the local one, mirror_synced lines included (copied last).
-    assert [e["event"] for e in RunDir(target).read_events()] == [e["event"] for e in run.read_events()]
+    # The mirrored journal is the local one, mirror_synced lines included (copied last); the flush's own line,
+    # written after its last copy, is local only.
+    local = [e["event"] for e in run.read_events()]
+    assert local[-1] == "mirror_flushed" and [e["event"] for e in RunDir(target).read_events()] == local[:-1]
+    [flushed] = _events(run, "mirror_flushed")
+    assert (flushed["step"], flushed["local_step"], flushed["behind_steps"], flushed["timed_out"]) == (3, 3, 0, False)
     assert "the mirror" in state.text(target) and "step 3" in state.text(target)
 
 
@@ -274,3 +279,73 @@ def test_ctrl_c_flushes_the_mirror_and_says_what_is_on_it(supervise, monkeypatch
     assert [e["step"] for e in h.events("mirror_synced")] == [2]
     assert f"the mirror {drive} holds the checkpoint of step 2" in h.stream.getvalue()
     assert "run_finished" in [e["event"] for e in RunDir(drive).read_events()]  # the journal went last
+
+
+# ---------------------------------------------------------------------------- whose run the mirror holds
+
+
+def _spec_on(path: Path, fingerprint: str, seed: int) -> None:
+    from resilient._plan import Plan
+    from resilient._rundir import ArraysData, RunSpec
+    from tests.conftest import make_data
+
+    RunDir(path).write_spec(RunSpec(epochs=2, seed=seed, data=ArraysData(x="data/x.npy", y="data/y.npy", samples=256),
+                                    model_fingerprint=fingerprint, initial_plan=Plan(batch_size=32)))
+    x, y = make_data()
+    (path / "data").mkdir(mode=0o700, exist_ok=True)
+    np.save(path / "data" / "x.npy", x)
+    np.save(path / "data" / "y.npy", y)
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_mirror_holding_another_models_run_is_refused_before_anything_is_restored(tmp_path):
+    from tests.conftest import make_data, make_model
+
+    drive = _mirrored(tmp_path, (2, 4))  # verified generations: without the check they would be restored
+    _spec_on(drive, fingerprint="f" * 64, seed=1)
+    x, y = make_data()
+    with pytest.raises(resilient.RunDirError) as info:
+        resilient.fit(make_model(), x, y, run_dir=tmp_path / "vm2", mirror_dir=drive, verbose=0)
+    text = str(info.value)
+    assert f"The mirror_dir {drive} holds the run of another model (fingerprint ffffffffffff" in text
+    assert "Nothing was restored" in text and "new folder as mirror_dir" in text
+    assert not (tmp_path / "vm2").exists()
+
+
+def test_a_mirror_holding_another_run_of_the_same_model_is_refused_and_the_local_run_untouched(tmp_path):
+    from resilient._fit import _fingerprint
+    from tests.conftest import make_data, make_model
+
+    model = make_model()
+    fingerprint, _ = _fingerprint(model, False)
+    drive = _mirrored(tmp_path, (2, 4))
+    _spec_on(drive, fingerprint=fingerprint, seed=1)
+    local = _run(tmp_path / "local")  # an older run of the same model, another seed: restoring would mix them
+    _save(local, 3)
+    _spec_on(local.path, fingerprint=fingerprint, seed=2)
+    before = _tree(local.path)
+    x, y = make_data()
+    with pytest.raises(resilient.RunDirError) as info:
+        resilient.fit(model, x, y, run_dir=local.path, mirror_dir=drive, verbose=0)
+    assert f"run_dir {local.path} and mirror_dir {drive} hold different runs (seed 2 and 1" in str(info.value)
+    assert _tree(local.path) == before
+    # The same run (the local seed is the mirror's): restored as before.
+    _spec_on(local.path, fingerprint=fingerprint, seed=1)
+    assert restore_from_mirror(local, drive, check=lambda mirror: None) == 4
+
+
+def test_the_slow_mirror_seam_makes_each_generation_take_that_long(tmp_path, monkeypatch):
+    run = _run(tmp_path / "run")
+    _save(run, 1)
+    monkeypatch.setenv(mirror_module.SLOW_ENV, "0.3")
+    mirror = Mirror(run, tmp_path / "drive", journal=Journal(run.events))
+    start = time.monotonic()
+    mirror._sync_once()
+    assert time.monotonic() - start >= 0.3
+    assert CheckpointStore(tmp_path / "drive" / "checkpoints").latest().step == 1
+    monkeypatch.setenv(mirror_module.SLOW_ENV, "soon")
+    with pytest.raises(ValueError, match=r"RESILIENT_MIRROR_SECONDS_PER_GENERATION.*Received: 'soon'"):
+        Mirror(run, tmp_path / "drive", journal=Journal(run.events))

@@ -215,3 +215,47 @@ def test_follow_waits_for_a_fit_that_holds_the_lock_to_write_its_run(tmp_path, h
     out = io.StringIO()
     assert follow(run.path, out, tty=False, sleep=sleep) == 0
     assert len(polls) == 2 and out.getvalue().endswith("run finished: completed\n")
+
+
+# ------------------------------------------------------------------------------------------ the mirror
+
+MIRROR_SYNCED = [(12, "checkpoint_saved", {"attempt": 0, "epoch": 1, "step": 12, "reason": "interval"}),
+                 (15, "mirror_synced", {"step": 12, "epoch": 1, "lag_seconds": 3.0, "behind_steps": 0,
+                                        "path": "/drive/run"}),
+                 (24, "checkpoint_saved", {"attempt": 0, "epoch": 2, "step": 24, "reason": "interval"})]
+
+
+def test_status_tells_the_mirrors_lag_in_steps_and_time_and_that_it_is_failing(tmp_path):
+    run = make_run(tmp_path / "run", [*STARTED, *MIRROR_SYNCED,
+                                      (26, "mirror_retry", {"attempt": 1, "error": "OSError: [Errno 107] Transport "
+                                                            "endpoint is not connected", "wait_seconds": 0.5}),
+                                      (28, "mirror_retry", {"attempt": 2, "error": "OSError: [Errno 28] No space left "
+                                                            "on device", "wait_seconds": 1.0})])
+    text = summarize(run.path, now=T0 + 75)
+    assert ("mirror: step 12 verified 60 s ago, 12 steps behind the local checkpoint (step 24), copied 3.0 s after "
+            "its save (/drive/run)") in text
+    assert "mirror failing since 49 s ago (2 failed passes): OSError: [Errno 28] No space left on device" in text
+    # Caught up: in sync, and the failures before the newest copy are history.
+    write_events(run, [(30, "mirror_synced", {"step": 24, "lag_seconds": 6.0, "behind_steps": 0})])
+    text = summarize(run.path, now=T0 + 75)
+    assert "mirror: step 24 verified 45 s ago, in sync with the local checkpoint" in text
+    assert "failing" not in text
+    assert story_line({"event": "mirror_synced", "step": 24, "lag_seconds": 6.0, "behind_steps": 3}, 5) == \
+        "mirror: step 24 copied and verified 6.0 s after its save, 3 steps behind"
+
+
+def test_status_reads_the_run_from_the_mirror_when_the_local_run_dir_is_gone(tmp_path):
+    mirror = make_run(tmp_path / "drive" / "run", [*STARTED, *MIRROR_SYNCED[:2]])
+    (mirror.checkpoints / "ckpt-000000000012").mkdir(parents=True)
+    (mirror.checkpoints / ".tmp-mirror-0123").mkdir()  # a partial copy: not a generation
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["status", str(tmp_path / "vm2" / "run"), "--mirror-dir", str(mirror.path)], out=out, err=err) == 0
+    text = out.getvalue()
+    assert text.startswith(f"run {mirror.path} (the mirror: {tmp_path / 'vm2' / 'run'} holds no run")
+    assert "state: stopped" in text
+    assert f"on the mirror {mirror.path}: step 12" in text
+    # Neither holds a run: said, with both paths.
+    assert main(["status", str(tmp_path / "nothing"), "--mirror-dir", str(tmp_path / "none")], out=out, err=err) == 2
+    assert "neither" in err.getvalue() and str(tmp_path / "none") in err.getvalue()
+    # Without a mirror in the journal or the call, no mirror lines.
+    assert "mirror" not in summarize(make_run(tmp_path / "plain", STARTED).path, now=T0 + 20)

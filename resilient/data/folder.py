@@ -8,6 +8,9 @@ listing with its seeded train/validation split stored as a :class:`FolderIndex` 
 step lowered it), caches and batches per the plan (:class:`FolderPipeline`). Resume is exact, with or
 without the cache. A folder passed as ``validation_data`` is used whole: a :class:`FolderIndex` whose
 ``validation`` holds every file, carried in objects.pkl.
+
+A folder on a FUSE or network file system (Google Drive on Colab) is read there, file by file, and ``fit``
+warns of the speed (:func:`warn_if_slow_folder`); resilient does not copy it to local disk.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -71,6 +76,56 @@ class FolderIndex(BaseModel):
 
 def read_folder_index(run: RunDir, key: str) -> FolderIndex:
     return FolderIndex.model_validate_json((run.path / key).read_text())
+
+
+# ------------------------------------------------------------------------------------ caller: where it lives
+
+#: The mount table read to tell where an image folder lives (a module constant: tests point it at a file).
+MOUNTS = "/proc/self/mounts"
+#: File system types that serve an image folder slowly, one small file at a time: FUSE mounts (Google Drive
+#: on Colab, sshfs, gcsfuse, s3fs...) and network file systems.
+SLOW_FILESYSTEMS = ("fuse", "nfs", "cifs", "smb", "9p", "afs", "davfs")
+
+
+def filesystem_of(path: str, mounts: str | None = None) -> tuple[str, str] | None:
+    """(mount point, type) of the file system that holds ``path``, from the mount table (None: unknown)."""
+    try:
+        table = mounts if mounts is not None else Path(MOUNTS).read_text()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Spaces, tabs and backslashes in mount points are octal escapes in the table.
+        point = fields[1].replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, fields[2])
+    return best
+
+
+def is_slow_filesystem(fstype: str) -> bool:
+    kind = fstype.lower()
+    return kind.startswith(SLOW_FILESYSTEMS) and kind != "fuseblk"  # fuseblk: a local disk (ntfs-3g, exfat)
+
+
+def warn_if_slow_folder(folder: ImageFolder, arg: str, mounts: str | None = None) -> str | None:
+    """Warn (and return the text) when ``folder`` is on a FUSE or network file system: the worker reads it
+    file by file there, in every attempt's first epoch and in every epoch once the plan drops the cache."""
+    where = filesystem_of(folder.path, mounts)
+    if where is None or not is_slow_filesystem(where[1]):
+        return None
+    point, fstype = where
+    text = (f"resilient: the image folder {folder.path} ({arg}) is on a {fstype} file system (mounted at "
+            f"{point}). The worker reads it there, one file at a time, in the first epoch of every attempt and "
+            "in every epoch once the plan drops the cache: expect slow epochs (a Google Drive mount serves tens of "
+            "small files a second). Copy the folder to local disk once (e.g. `cp -r` it under /content) and pass "
+            "that path; keep only the checkpoints' copy on Drive, through mirror_dir.")
+    warnings.warn(text, UserWarning, stacklevel=2)
+    return text
 
 
 # ------------------------------------------------------------------------------------ caller: listing
@@ -257,6 +312,7 @@ def check_folder(folder: ImageFolder, facts: ModelFacts, validation_data: Any) -
         )
     _check_images_fit(facts, folder, "x")
     check_folder_labels(facts, folder, labels, class_names)
+    warn_if_slow_folder(folder, "x")
     return listing
 
 
@@ -265,6 +321,7 @@ def prepare_folder_validation(folder: ImageFolder, facts: ModelFacts) -> ObjectV
     files, labels, class_names = list_folder(folder, arg="validation_data")
     _check_images_fit(facts, folder, "validation_data")
     check_folder_labels(facts, folder, labels, class_names)
+    warn_if_slow_folder(folder, "validation_data")
     index = FolderIndex(folder=folder, root=folder.path, files=files, labels=labels, class_names=class_names,
                         train=(), validation=tuple(range(len(files))))
     return ObjectValidationInput(index)

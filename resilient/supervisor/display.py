@@ -65,6 +65,9 @@ class RunView:
     gpu_memory_limit: int | None = None
     checkpoint_step: int | None = None
     checkpoint_time: float | None = None  # time.time() of the newest checkpoint
+    mirror: bool = False  # the run has a mirror_dir (mirror.py)
+    mirror_step: int | None = None  # the mirror's newest verified generation
+    mirror_saved_at: float | None = None  # time.time() of that generation's local save
     phase: str = "startup"
     incidents: list[str] = field(default_factory=list)  # incident sentences, oldest first
     finished: bool = False
@@ -163,7 +166,24 @@ def progress_text(view: RunView, now: float | None = None) -> str:
     parts.append(_memory(view.gpu_memory, view.gpu_memory_limit, "GPU"))
     if view.checkpoint_time is not None:
         parts.append(f"checkpoint {_duration(max(0.0, now - view.checkpoint_time))} ago")
+    parts.append(mirror_text(view, now))
     return " | ".join(p for p in parts if p)
+
+
+def mirror_text(view: RunView, now: float | None = None) -> str | None:
+    """The mirror's lag: ``mirror step 72 in sync``, or ``mirror step 60, 12 steps / 0:35 behind``, the time
+    being the training the mirror lacks (since the local save of its newest copy); None without a mirror."""
+    if not view.mirror:
+        return None
+    if view.mirror_step is None:
+        return "mirror: no copy yet"
+    newest = view.checkpoint_step if view.checkpoint_step is not None else view.mirror_step
+    behind = max(0, newest - view.mirror_step)
+    if behind == 0:
+        return f"mirror step {view.mirror_step} in sync"
+    now = time.time() if now is None else now
+    age = f" / {_duration(max(0.0, now - view.mirror_saved_at))}" if view.mirror_saved_at is not None else ""
+    return f"mirror step {view.mirror_step}, {behind} step{'' if behind == 1 else 's'}{age} behind"
 
 
 def epoch_text(view: RunView) -> str:
@@ -309,6 +329,15 @@ class Display:
         if line is not None:
             self.epoch_ended(line)
 
+    def mirror(self, step: int | None, saved_at: float | None) -> None:
+        """The mirror's newest verified copy (from the mirror's thread): its step and its local save's time."""
+        with self._lock:
+            self.view.mirror, self.view.mirror_step, self.view.mirror_saved_at = True, step, saved_at
+        self.changed()
+
+    def changed(self) -> None:
+        """The view changed off the supervisor's thread: the live displays redraw at their next tick."""
+
     def incident(self, incident: Incident, *, outcome: str, log: str | Path | None = None) -> None:
         with self._lock:
             self.view.restarts += outcome != "give_up"
@@ -427,6 +456,9 @@ class NotebookDisplay(Display):
 
     def progress(self, msg: Any, **kwargs: Any) -> None:
         super().progress(msg, **kwargs)
+        self._dirty = True
+
+    def changed(self) -> None:
         self._dirty = True
 
     def tick(self) -> None:

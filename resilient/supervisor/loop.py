@@ -106,7 +106,8 @@ class Supervisor:
         self._decision: Decision | None = None
         self._result: TrainingResult | None = None
         self._mirror = None if config.mirror_dir is None else Mirror(
-            config.run, config.mirror_dir, journal=self.journal, keep=config.mirror_keep, copy=config.mirror_copy)
+            config.run, config.mirror_dir, journal=self.journal, keep=config.mirror_keep, copy=config.mirror_copy,
+            on_state=None if config.display is None else (lambda s: config.display.mirror(s.step, s.saved_at)))
 
     # ------------------------------------------------------------------ the loop
 

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ __all__ = ["Mirror", "MirrorState", "copy_file", "restore_from_mirror"]
 
 #: How often the thread looks for changed run files (the journal) when no checkpoint woke it.
 IDLE_INTERVAL = 5.0
+#: A test seam, not a setting: each generation's copy takes at least this many seconds more (a float), to
+#: rehearse a slow mount in tests and in bench/bench_mirror.py. Read when a ``Mirror`` is made; unset: no delay.
+SLOW_ENV = "RESILIENT_MIRROR_SECONDS_PER_GENERATION"
 _TMP_PREFIX = ".tmp-mirror-"
 _SKIP = {".lock"}
 
@@ -57,16 +61,28 @@ def copy_file(src: Path, dst: Path) -> None:
 
 @dataclass(frozen=True)
 class MirrorState:
-    """What the mirror holds: its newest verified generation's step (None: none yet) and the local newest."""
+    """What the mirror holds: its newest verified generation's step (None: none yet) and the local newest.
+
+    ``lag_seconds``: from the local save of the mirrored generation to its verified copy; ``saved_at``: that
+    local save's wall-clock time (``time.time()``), from which the display tells the mirror's age live.
+    """
 
     step: int | None
     local_step: int | None
     lag_seconds: float | None
+    saved_at: float | None = None
+
+    @property
+    def behind_steps(self) -> int | None:
+        """Steps the mirror lacks against the newest local checkpoint (None: unknown)."""
+        if self.step is None or self.local_step is None:
+            return None
+        return max(0, self.local_step - self.step)
 
     def text(self, mirror: Path) -> str:
         if self.step is None:
             return f"no checkpoint is on the mirror {mirror} yet"
-        behind = "" if self.local_step in (None, self.step) else f", behind the local step {self.local_step}"
+        behind = "" if not self.behind_steps else f", behind the local step {self.local_step}"
         return f"the mirror {mirror} holds the checkpoint of step {self.step}{behind}"
 
 
@@ -74,12 +90,16 @@ class Mirror:
     """Copies a run directory to ``mirror`` on a background thread; ``notify`` wakes it, ``close`` flushes."""
 
     def __init__(self, run: RunDir, mirror: Path, *, journal: Journal, keep: int = 2,
-                 copy: Callable[[Path, Path], None] | None = None, wait_max: float = 30.0) -> None:
+                 copy: Callable[[Path, Path], None] | None = None, wait_max: float = 30.0,
+                 on_state: Callable[[MirrorState], None] | None = None) -> None:
         self.run, self.mirror = run, RunDir(mirror)
+        #: Told each new state (the mirror's thread; must not block): the live display's mirror figures.
+        self.on_state = on_state
         self.journal = journal
         self.keep = max(1, keep)
         self._copy = copy
         self._wait_max = wait_max
+        self._slow = _slow_seconds()
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -98,6 +118,7 @@ class Mirror:
         # missing parent means the mount dropped (``_sync_once``).
         with contextlib.suppress(OSError):
             self.mirror.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self._tell()  # what an earlier call left on the mirror
         self._thread.start()
 
     def notify(self, step: int | None = None) -> None:
@@ -109,7 +130,18 @@ class Mirror:
         self._closing.set()
         self._wake.set()
         self._thread.join(timeout)
-        return self.state
+        with contextlib.suppress(OSError):
+            local_step = _newest_local_step(CheckpointStore(self.run.checkpoints))
+            with self._lock:
+                old = self._state
+                self._state = MirrorState(old.step, local_step, old.lag_seconds, old.saved_at)
+        state = self.state
+        # What the run leaves on the mirror: behind (a failing or slow mount) or not, and whether the last copy
+        # was still running when the wait ran out.
+        self._note("mirror_flushed", step=state.step, local_step=state.local_step, behind_steps=state.behind_steps,
+                   timed_out=self._thread.is_alive(), path=str(self.mirror.path))
+        self._tell()
+        return state
 
     # ------------------------------------------------------------------ the thread
 
@@ -122,6 +154,7 @@ class Mirror:
                 self._retrying(self._sync_once)
             except Exception as exc:  # never let the thread die silently: the run goes on without it
                 self._note("mirror_error", error=f"{type(exc).__name__}: {exc}")
+                closing = closing or self._closing.is_set()  # the retries already made the flush's last try
             if closing:
                 return
 
@@ -162,7 +195,10 @@ class Mirror:
             if current is not None and step is not None and step <= current and not self._resaved(path, step, current):
                 # Already there: the name says so, without hashing the local files on every idle pass.
                 with self._lock:
-                    self._state = MirrorState(current, step, self._state.lag_seconds)
+                    old = self._state
+                    self._state = MirrorState(current, step, old.lag_seconds, old.saved_at)
+                if old.local_step != step:
+                    self._tell()
                 return
             try:
                 ckpt = local.verify(path)
@@ -174,12 +210,23 @@ class Mirror:
         copied = self._copy_generation(ckpt)
         if copied is None:
             return  # the local generation was pruned mid-copy: the next pass takes the newer one
-        lag = _seconds_since(ckpt)
+        saved_at = _saved_at(ckpt)
+        lag = None if saved_at is None else round(max(0.0, time.time() - saved_at), 3)
+        local_step = _newest_local_step(local)  # the worker may have saved again while this copy ran
+        state = MirrorState(ckpt.step, max(ckpt.step, local_step or ckpt.step), lag, saved_at)
         with self._lock:
-            self._state = MirrorState(ckpt.step, ckpt.step, lag)
+            self._state = state
+        # ``behind_steps``: what the mirror lacks against the newest local checkpoint at this moment.
         self._note("mirror_synced", step=ckpt.step, epoch=ckpt.meta.get("epoch"), lag_seconds=lag,
-                   bytes=ckpt.nbytes, path=str(self.mirror.path))
+                   behind_steps=state.behind_steps, local_step=state.local_step, bytes=ckpt.nbytes,
+                   path=str(self.mirror.path))
+        self._tell()
         self._prune()
+
+    def _tell(self) -> None:
+        if self.on_state is not None:
+            with contextlib.suppress(Exception):  # a display's trouble never stops the copies
+                self.on_state(self.state)
 
     def _resaved(self, path: Path, step: int, current: int) -> bool:
         """The mirrored step was saved again locally (an epoch end right after an interval save): copy it anew."""
@@ -207,6 +254,8 @@ class Mirror:
                     shutil.rmtree(tmp, ignore_errors=True)
                     return None
             fsync_dir(tmp)
+            if self._slow:
+                time.sleep(self._slow)  # the test seam (SLOW_ENV): a mount this slow, blocking as a real one does
             try:
                 copied = CheckpointStore(root).verify(tmp)
             except CorruptCheckpoint as exc:
@@ -290,6 +339,20 @@ class _stop_when(tenacity.stop.stop_base):
         return self.flag()
 
 
+def _slow_seconds() -> float:
+    value = os.environ.get(SLOW_ENV, "").strip()
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # NaN included
+        raise ValueError(f"Invalid value for the environment variable {SLOW_ENV} (a test seam). Received: "
+                         f"{value!r}. Expected seconds, a number >= 0; unset it for no delay.")
+    return seconds
+
+
 def _step_of(path: Path) -> int | None:
     try:
         return int(path.name.removeprefix("ckpt-"))
@@ -301,14 +364,22 @@ def _is_run_file(name: str) -> bool:
     return not name.startswith(".") and name not in _SKIP
 
 
-def _seconds_since(ckpt: Checkpoint) -> float | None:
-    """Seconds from the local save (the manifest's ``created``) to now."""
+def _saved_at(ckpt: Checkpoint) -> float | None:
+    """The local save's wall-clock time (the manifest's ``created``), as ``time.time()``; None: unreadable."""
     try:
         manifest = (ckpt.path / "manifest.json").read_text()
         created = _dt.datetime.fromisoformat(json.loads(manifest)["created"].replace("Z", "+00:00"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return round((_dt.datetime.now(_dt.timezone.utc) - created).total_seconds(), 3)
+    return created.timestamp()
+
+
+def _newest_local_step(store: CheckpointStore) -> int | None:
+    for path in store.generations():
+        step = _step_of(path)
+        if step is not None:
+            return step
+    return None
 
 
 def _newest_verified_step(run: RunDir) -> int | None:
@@ -323,16 +394,23 @@ def _newest_verified_step(run: RunDir) -> int | None:
 
 
 def restore_from_mirror(run: RunDir, mirror_path: Path, *, trust: bool = False,
+                        check: Callable[[RunDir], None] | None = None,
                         say: Callable[[str], None] | None = None) -> int | None:
     """Bring the mirror's run into ``run`` when the local one is missing or older; the step restored, or None.
 
     Older means: the newest verified local generation has fewer steps than the mirror's newest verified
     one (or there is none). A partial copy on the mirror (a temporary name, a generation that does not
     verify) is never used. A local directory another live process trains in is left alone.
+
+    ``check(mirror)`` runs first whenever the mirror holds a run, before anything local is touched: fit
+    refuses there a mirror that holds another run (another model, other data, another seed than the local
+    run's), which would otherwise be restored or, with a newer local run, overwritten by this one's copies.
     """
     mirror = RunDir(mirror_path)
     if not mirror.exists():
         return None
+    if check is not None:
+        check(mirror)
     remote = CheckpointStore(mirror.checkpoints).latest()
     if remote is None:
         return None
