@@ -458,7 +458,8 @@ class WorkerProcess:
                                resumed_from_step=msg.resumed_from, skip_steps=msg.skip_steps)
         elif isinstance(msg, CheckpointSaved):
             self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
-                               seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason, path=msg.path)
+                               seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason, path=msg.path,
+                               **_save_timing(msg))
             if self.on_checkpoint is not None:
                 self.on_checkpoint(msg.step)
         elif isinstance(msg, EpochEnd):
@@ -576,6 +577,14 @@ class WorkerProcess:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _save_timing(msg: CheckpointSaved) -> dict[str, Any]:
+    """A checkpoint's split timing for its journal line (absent for a worker that does not report it)."""
+    if msg.snapshot_seconds is None:
+        return {}
+    return {"snapshot_seconds": round(msg.snapshot_seconds, 4), "write_seconds": round(msg.write_seconds or 0.0, 4),
+            "background": msg.background}
 
 
 def interrupt_patience(progress: Progress) -> float:
