@@ -137,8 +137,10 @@ def advance(progress: Progress, msg: Any, warmup_steps: int) -> Progress:
     if isinstance(msg, Hello):
         return replace(progress, epoch=msg.epoch, step=msg.step, start_step=msg.step, skip_steps=msg.skip_steps)
     if isinstance(msg, CheckpointSaved):
-        return replace(progress, epoch=msg.epoch, step=msg.step, phase="train",
-                       max_save_seconds=max(progress.max_save_seconds, msg.seconds))
+        slowest = max(progress.max_save_seconds, msg.seconds)
+        if msg.background:  # written while the training went on: it says nothing of where the training is now
+            return replace(progress, max_save_seconds=slowest)
+        return replace(progress, epoch=msg.epoch, step=msg.step, phase="train", max_save_seconds=slowest)
     if isinstance(msg, EpochBegin):
         return replace(progress, epoch=msg.epoch, step=msg.step, end_step=msg.end_step(),
                        samples_per_step=msg.samples_per_step)

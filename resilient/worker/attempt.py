@@ -88,6 +88,7 @@ class Attempt:
         self.faults = FaultSchedule(self.spec.faults, FiredFaults(run.faults_fired), channel, self.sigterm)
         self.store = CheckpointStore(run.checkpoints)
         self.writer = BackgroundWriter()  # asynchronous checkpoint writes, one at a time
+        self.faults.settle = self.finish_writes
         # Progress: what a checkpoint's meta records (a checkpoint's values override these).
         self.epoch = self.spec.initial_epoch  # fit's initial_epoch
         self.offset = 0  # samples into the current epoch
