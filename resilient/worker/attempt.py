@@ -338,7 +338,7 @@ class Attempt:
         if self.spec.checkpoint_every_seconds is not None:
             return elapsed >= self.spec.checkpoint_every_seconds
         return elapsed >= auto_interval(self.last_snapshot_seconds, self.last_write_seconds,
-                                        self.last_write_cpu_seconds, os.cpu_count() or 1)
+                                        self.last_write_cpu_seconds, _cpus())
 
     def save_checkpoint(self, model: Any, reason: str) -> None:
         """Snapshot the training state to host memory, then write it: in the background (``interval``,
@@ -412,6 +412,14 @@ class Attempt:
         self.stopped = meta.stopped
         self.last_logs = meta.last_logs  # on_train_end gets them, as model.fit's callbacks do
         return restored.step
+
+
+def _cpus() -> int:
+    """Processors this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def validation_args(spec: RunSpec) -> dict[str, Any]:
