@@ -4,6 +4,10 @@ A checkpoint is a directory ``checkpoints/ckpt-<step>/`` holding payload files a
 ``manifest.json`` that lists each file's size and SHA-256. It is written under a temporary
 name, every file fsynced, then renamed into place, so a reader sees a whole checkpoint or none.
 Loading verifies the checksums and falls back to the previous generation when one is damaged.
+
+``BackgroundWriter`` runs one save at a time off the training thread (the worker's asynchronous
+checkpoints): a generation is durable only once its rename is done, and a failed write is raised on
+the training thread, as if the save had run there.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +186,56 @@ class CheckpointStore:
                     shutil.rmtree(tmp, ignore_errors=True)
             except OSError:
                 pass
+
+
+class BackgroundWriter:
+    """Runs one job at a time (a checkpoint write) on a background thread; its error surfaces on the caller's.
+
+    ``submit`` waits for the previous job first, so at most one generation is in flight and generations
+    commit in order. A job's exception is kept and raised, unchanged (its errno, its traceback), by the
+    next ``check``, ``wait`` or ``submit``: a write that fails in the background fails the training as a
+    write on the training thread would.
+    """
+
+    def __init__(self, name: str = "resilient-checkpoint-writer") -> None:
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Wait for the previous job (raising its error), then start ``job`` in the background."""
+        self.wait()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # raised on the training thread by the next check/wait
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise the error of a job that failed (cheap: no waiting)."""
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the job in flight (at most ``timeout`` seconds) and raise its error; whether it is done."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                return False
+            self._thread = None
+        self.check()
+        return True
 
 
 def check_resumable(run_path: Path) -> Checkpoint | None:

@@ -112,9 +112,14 @@ def fit(
         policy: a preset name (``"default"``, ``"colab-free"``, ``"conservative"``), a TOML file, or a
             ``resilient.Policy``.
         max_restarts: restarts allowed in this call; None takes the policy's value.
-        checkpoint_every: ``"auto"`` (under 2% of training time, at most 5 minutes apart), a number of
-            steps, or a duration such as ``"5min"``. Checkpoints are also written at every epoch end
-            and on SIGTERM.
+        checkpoint_every: ``"auto"``, a number of steps, or a duration such as ``"5min"``. At a step
+            boundary the worker copies the training state to host memory (the training's only pause) and a
+            background thread writes it; the next checkpoint waits for that write. ``"auto"`` saves every
+            ``max(100 x snapshot, 100 x the write's CPU time / cores, 2 x the write)`` seconds of the last
+            save, clamped to [5 s, 300 s]: the pause and the write's processor time stay under 1% of the
+            training time. Checkpoints are also written at every epoch end, on SIGTERM (before the
+            worker exits), at the end, and when the worker's memory nears its limit (the policy's
+            ``[memory]`` section), so an OOM kill that follows loses almost nothing.
         hang_timeout: ``"auto"`` (calibrated from observed step times) or seconds / a duration. It also
             bounds the start-up phases (import, restore, first step) from below once they were measured.
         host_memory_limit: a RAM budget for the worker such as ``"12.7GB"``, enforced by a memory

@@ -68,6 +68,10 @@ class CheckpointSaved(_Msg):
     bytes: int
     path: str
     reason: str = "interval"
+    #: The training thread's pause (the copy to host memory) and the write (files, fsync, rename).
+    snapshot_seconds: float | None = None
+    write_seconds: float | None = None
+    background: bool = False  # written off the training thread
 
 
 class EpochBegin(_Msg):

@@ -246,6 +246,8 @@ def _position(call: list[dict[str, Any]]) -> tuple[int | None, int | None]:
     for e in call:
         if e.get("step") is None or e["event"] not in ("worker_ready", "checkpoint_saved", "epoch_end", "memory_sample"):
             continue
+        if e.get("background"):
+            continue  # written after the training moved on: not where it stands
         step = int(e["step"])
         if e.get("epoch") is not None:
             epoch = int(e["epoch"]) + (1 if e["event"] == "epoch_end" else 0)
@@ -255,7 +257,8 @@ def _position(call: list[dict[str, Any]]) -> tuple[int | None, int | None]:
 def _points(attempt: list[dict[str, Any]]) -> list[tuple[float, int]]:
     """(time, step) of the attempt's journal lines after its first trained step (start-up is not the rate)."""
     points = [(_epoch_seconds(e["time"]), int(e["step"])) for e in attempt
-              if e["event"] in ("checkpoint_saved", "epoch_end", "memory_sample") and e.get("step") is not None]
+              if e["event"] in ("checkpoint_saved", "epoch_end", "memory_sample") and e.get("step") is not None
+              and not e.get("background")]
     first = points[0][1] if points else 0
     return [p for p in points if p[1] > first] or points[-1:]
 

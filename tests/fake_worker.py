@@ -38,7 +38,8 @@ its own list, or ``default``. An action is ``{"do": name, ...}``:
     result epochs=1                write result.json (history carries plan.json's batch size), exit 0
     exit code=...                  exit with that code
 
-Whatever the script says, the process ends itself after ``--max-life`` seconds or when its parent goes.
+SIGUSR1 (the supervisor's memory-pressure request) appends a line to attempts/N/pressure, as the
+worker's handler sets its checkpoint flag. Whatever the script says, the process ends itself after ``--max-life`` seconds or when its parent goes.
 """
 
 from __future__ import annotations
@@ -122,6 +123,12 @@ def main() -> int:
     timed_steps, timed_seconds = 0, 0.0
     sigterm = threading.Event()
     held: list[bytes] = []
+
+    def on_pressure(*_: object) -> None:
+        with open(adir / "pressure", "a") as f:
+            f.write(f"{time.time()}\n")
+
+    signal.signal(signal.SIGUSR1, on_pressure)
 
     for action in actions:
         do = action["do"]

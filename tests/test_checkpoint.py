@@ -454,3 +454,53 @@ def test_a_damaged_newest_checkpoint_is_warned_about_and_the_older_one_resumes(t
 def test_a_run_without_checkpoints_resumes_from_the_start(tmp_path, recwarn):
     assert check_resumable(tmp_path) is None
     assert not recwarn.list
+
+
+# ------------------------------------------------------------------------------------- background writes
+
+
+def test_background_writer_runs_one_job_at_a_time_in_order(tmp_path):
+    import threading
+    import time
+
+    from resilient._checkpoint import BackgroundWriter
+
+    store, writer, threads = CheckpointStore(tmp_path / "ckpt"), BackgroundWriter(), []
+
+    def job(step: int):
+        def run() -> None:
+            threads.append(threading.current_thread().name)
+            time.sleep(0.05)
+            save(store, step)
+
+        return run
+
+    writer.submit(job(1))
+    assert writer.busy
+    writer.submit(job(2))  # waits for step 1 first: one generation in flight, committed in order
+    assert [p.name for p in store.generations()] == ["ckpt-000000000001"]
+    assert writer.wait(timeout=10) and not writer.busy
+    assert [store.verify(p).step for p in store.generations()] == [2, 1]
+    assert threads == ["resilient-checkpoint-writer"] * 2
+
+
+def test_a_background_write_error_is_raised_unchanged_on_the_callers_thread(tmp_path):
+    from resilient._checkpoint import BackgroundWriter
+
+    failure = OSError(errno.ENOSPC, "No space left on device")
+
+    def full() -> None:
+        raise failure
+
+    writer = BackgroundWriter()
+    writer.submit(full)
+    while writer.busy:
+        pass
+    with pytest.raises(OSError) as info:
+        writer.check()  # what the training thread calls between steps
+    assert info.value is failure and info.value.errno == errno.ENOSPC  # classified as disk_full, as before
+    writer.check()  # raised once
+    writer.submit(full)
+    with pytest.raises(OSError):
+        writer.submit(lambda: None)  # the next save waits for the write, and meets its error
+    assert writer.wait()

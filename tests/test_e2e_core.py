@@ -167,6 +167,12 @@ def test_a_kill_in_the_middle_of_a_checkpoint_write_resumes_from_the_previous_ge
     assert fired["fault"] == "save_kill@4" and fired["step"] == 6
     ready = events(tmp_path / "killed", "worker_ready")
     assert ready[-1]["resumed_from_step"] == 3
+    # Interval saves are written in the background, so the kill came during a background write; the
+    # supervisor heard of no generation at step 6: a save is announced only once it is renamed into place.
+    saved = events(tmp_path / "killed", "checkpoint_saved")
+    interval = [e for e in saved if e["reason"] == "interval"]
+    assert interval and all(e["background"] and e["snapshot_seconds"] <= e["seconds"] for e in interval)
+    assert [e["step"] for e in saved if e["attempt"] == 0] == [3]
     for a, b in zip(ref_model.get_weights(), model.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     for key in ref.history:

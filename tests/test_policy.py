@@ -18,7 +18,14 @@ from resilient._cli import main
 from resilient._errors import InvalidPolicyError
 from resilient._incident import RETRYABLE_KINDS, Incident
 from resilient._plan import Plan
-from resilient.policy.policy import Policy, ProbeSettings, list_presets, load_policy, resolve_policy_path
+from resilient.policy.policy import (
+    MemorySettings,
+    Policy,
+    ProbeSettings,
+    list_presets,
+    load_policy,
+    resolve_policy_path,
+)
 from resilient.policy.search import next_probe
 from resilient.policy.step import Step, StepContext, get_step, list_steps, register_step
 from resilient.steps import (
@@ -775,3 +782,29 @@ def test_python_m_resilient_policies_check_is_fast(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "halve_batch" in done.stdout
     assert elapsed < 5, f"policies check took {elapsed:.1f}s; something imports TensorFlow"
+
+
+# ------------------------------------------------------------------------------------------- [memory]
+
+
+def test_memory_section_defaults_and_toml(tmp_path):
+    assert Policy().memory == MemorySettings(pressure_checkpoint=True, pressure_threshold=0.85,
+                                             rearm_threshold=0.75, available_margin=1 << 30)
+    assert load_policy("default").memory == Policy().memory
+    policy = load_policy(write(tmp_path, '[memory]\npressure_threshold = 0.9\navailable_margin = "512MiB"\n'))
+    assert policy.memory.pressure_threshold == 0.9 and policy.memory.available_margin == 512 << 20
+    assert "a checkpoint at 90% of the host memory limit" in policy.describe()
+    assert "memory: no pressure checkpoint" in Policy(memory={"pressure_checkpoint": False}).describe()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("pressure_threshold = 1.5", "memory.pressure_threshold: received 1.5 (float); expected a value less than or "
+                                 "equal to 1"),
+    ('available_margin = "lots"', "memory.available_margin: received 'lots' (str); expected a size such as"),
+    ("rearm_threshold = 0.9", "memory.rearm_threshold: received rearm_threshold = 0.9 with pressure_threshold = "
+                              "0.85; expected rearm_threshold below pressure_threshold"),
+    ("presure_threshold = 0.8", "memory.presure_threshold: received unknown key 'presure_threshold'"),
+])
+def test_memory_section_mistakes_name_the_key(tmp_path, text, expected):
+    error = load_error(tmp_path, f"[memory]\n{text}\n")
+    assert expected in error and "policy.toml" in error

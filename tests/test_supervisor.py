@@ -33,7 +33,7 @@ from resilient._status import summarize
 from resilient.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
-from resilient.supervisor.memory import cgroup_support
+from resilient.supervisor.memory import PressureWatch, cgroup_support
 from resilient.supervisor.process import INTERRUPT_SILENCE, Progress, interrupt_patience, worker_env
 from resilient.supervisor.startup import STARTUP_MIN_TIMEOUT
 from resilient.supervisor.telemetry import journal_interval
@@ -1016,6 +1016,52 @@ def test_the_kernel_kills_a_worker_over_its_cgroup_limit(supervise):
     assert not Path(enforcement[0]["path"]).exists()  # the group is removed after the attempt
     assert h.events("run_finished")[0]["status"] == "completed"
     h.assert_workers_gone()
+
+
+def test_pressure_watch_asks_once_per_climb_with_a_limit_and_rearms_under_the_lower_mark():
+    watch = PressureWatch(threshold=0.85, rearm=0.75)
+    limit = 1000
+    climb = [500, 800, 849, 850, 900, 990, 900, 800, 760]  # 850: the mark; it stays above 750 after
+    assert [watch.observe(used, limit, None) for used in climb] == [False] * 3 + [True] + [False] * 5
+    assert [watch.observe(used, limit, None) for used in (749, 870, 600, 851)] == [False, True, False, True]
+    assert watch.observe(None, limit, None) is False  # no sample: nothing decided
+
+
+def test_pressure_watch_without_a_limit_reads_the_machines_available_memory():
+    watch = PressureWatch(margin=1000)
+    # Below the margin: once; re-armed only with twice the margin available again.
+    assert [watch.observe(5, None, free) for free in (3000, 1000, 999, 500, 1999, 800)] == [False] * 2 + [True] + [
+        False] * 3
+    assert [watch.observe(5, None, free) for free in (2000, 900)] == [False, True]
+    assert watch.observe(5, None, None) is False
+
+
+def test_memory_pressure_asks_the_worker_for_one_checkpoint_per_climb(supervise, monkeypatch):
+    _no_cgroups(monkeypatch)  # the watchdog's budget is the limit: the same on every machine
+    limit = 250 * MB  # the fake worker's own 20-30 MB plus 200 MB: over 85%, under the limit
+    h = supervise({"attempts": {"0": [HELLO, beat(2), {"do": "alloc", "mb": 200},
+                                      beat(40, interval=0.025), RESULT]}, "default": COMPLETE},
+                  host_memory_limit=limit, hang_timeout=MEMORY_TEST_HANG_TIMEOUT)
+    result = h.supervisor.run()
+
+    assert result.incidents == []
+    # Memory stayed over the mark for about a second of samples: one request, to the worker (SIGUSR1).
+    assert len((h.run.attempt_dir(0) / "pressure").read_text().splitlines()) == 1
+    [request] = h.events("checkpoint_requested")
+    assert request["reason"] == "memory_pressure" and request["attempt"] == 0
+    assert request["limit_bytes"] == limit and 0.85 * limit <= request["used_bytes"] < limit
+    assert "memory pressure" in h.stream.getvalue()
+    h.assert_workers_gone()
+
+
+def test_no_pressure_checkpoint_when_the_policy_turns_it_off(supervise, monkeypatch):
+    _no_cgroups(monkeypatch)
+    h = supervise({"attempts": {"0": [HELLO, beat(2), {"do": "alloc", "mb": 200}, beat(20, interval=0.025),
+                                      RESULT]}, "default": COMPLETE},
+                  host_memory_limit=250 * MB, hang_timeout=MEMORY_TEST_HANG_TIMEOUT,
+                  policy=Policy(memory={"pressure_checkpoint": False}))
+    h.supervisor.run()
+    assert not (h.run.attempt_dir(0) / "pressure").exists() and not h.events("checkpoint_requested")
 
 
 def _no_cgroups(monkeypatch: pytest.MonkeyPatch) -> None:

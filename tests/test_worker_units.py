@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from resilient.worker.model import per_update_schedule
 from resilient.worker.state import optimizer_state, restore_optimizer_state
@@ -211,3 +212,37 @@ def test_the_worker_reports_what_was_raised_and_leaves_the_judging_to_the_superv
     _write_report(tmp_path, None, None, kind="preempted")
     report = ErrorReport.model_validate_json((tmp_path / "error.json").read_text())
     assert (report.kind, report.type, report.traceback) == ("preempted", None, "")
+
+
+def test_the_auto_checkpoint_interval_keeps_the_snapshot_and_the_write_under_one_percent():
+    from resilient.worker.attempt import AUTO_CEILING, AUTO_FLOOR, auto_interval
+
+    assert auto_interval(None) == AUTO_FLOOR == 5.0  # before the first save is measured
+    assert auto_interval(0.001, 0.01, 0.005, cpus=2) == AUTO_FLOOR  # a tiny model: the floor
+    assert auto_interval(0.2, 0.5, 0.1, cpus=2) == pytest.approx(20.0)  # 0.2 s snapshot / 1%
+    assert auto_interval(0.01, 0.5, 0.8, cpus=2) == pytest.approx(40.0)  # the write's CPU per core / 1%
+    assert auto_interval(0.01, 30.0, 0.1, cpus=2) == pytest.approx(60.0)  # a slow disk: twice the write
+    assert auto_interval(10.0, 1.0, 1.0) == AUTO_CEILING == 300.0
+
+
+def test_a_snapshot_is_a_copy_written_later_as_the_same_checkpoint(tmp_path):
+    from resilient._checkpoint import CheckpointStore
+    from resilient._protocol import CheckpointMeta
+    from resilient.worker import state
+
+    x, y = make_data(n=64)
+    model = make_model()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    meta = CheckpointMeta(epoch=1, offset=0, global_step=4, epochs_done=[0], history={"loss": [0.5]},
+                          plan={"batch_size": 16}, attempt=0, reason="interval")
+    metrics = [np.asarray(v.numpy()) for v in model.metrics_variables]
+    now = CheckpointStore(tmp_path / "now")
+    state.save(now, model, meta, metrics, [])
+    snap = state.snapshot(model, meta, metrics, [])
+    assert snap.nbytes > 0
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)  # the training goes on meanwhile
+    later = CheckpointStore(tmp_path / "later")
+    state.write(later, snap)
+    a, b = now.latest(), later.latest()
+    for name in ("weights.npz", "optimizer.npz", "metrics.npz", "rng.npz", "callbacks.pkl"):
+        assert a.file(name).read_bytes() == b.file(name).read_bytes(), name  # the state at the snapshot

@@ -30,12 +30,14 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from .._errors import InvalidPolicyError
 from .._incident import RETRYABLE_KINDS, Incident
 from .._plan import Plan
+from .._units import format_bytes, parse_size
 from .step import (
     _REGISTRY,
     Step,
@@ -195,6 +197,53 @@ class ProbeSettings(BaseModel):
         return max(1, min(20, self.stable_steps // 4))
 
 
+def _size(value: object) -> int:
+    """A size in bytes from an int or a string such as ``"1GB"``."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        try:
+            return parse_size(value)
+        except ValueError:
+            pass
+    raise _policy_error(f"{value!r} ({type(value).__name__})", 'a size such as "1GB", "512MiB" or a number of bytes')
+
+
+class MemorySettings(BaseModel):
+    """When the supervisor asks the worker for a checkpoint because memory runs short (TOML: ``[memory]``).
+
+    The supervisor samples the worker's memory four times a second. With a host memory limit (the
+    worker's memory cgroup, or the watchdog's budget), a checkpoint is asked for when the worker's
+    memory (its private RSS, or the cgroup's usage less reclaimable file cache, whichever is larger)
+    reaches ``pressure_threshold`` of the limit; without one, when the machine's available memory
+    falls below ``available_margin``. The worker saves it at its next step boundary, so an OOM kill
+    that follows loses almost nothing. Once per climb: the request is re-armed when memory falls back
+    under ``rearm_threshold`` of the limit (without a limit: when twice ``available_margin`` is available).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    pressure_checkpoint: bool = True
+    pressure_threshold: float = Field(0.85, gt=0.0, le=1.0, description="Share of the limit that asks for a checkpoint.")
+    rearm_threshold: float = Field(0.75, gt=0.0, le=1.0, description="Share of the limit under which it is re-armed.")
+    available_margin: Annotated[int, BeforeValidator(_size)] = Field(
+        1 << 30, description="Without a limit: the machine's available memory below which a checkpoint is asked for.")
+
+    @model_validator(mode="after")
+    def _check_marks(self) -> MemorySettings:
+        if self.rearm_threshold >= self.pressure_threshold:
+            raise _policy_error(
+                f"rearm_threshold = {self.rearm_threshold} with pressure_threshold = {self.pressure_threshold}",
+                "rearm_threshold below pressure_threshold (memory must fall back before the next request)",
+                subkey="rearm_threshold",
+            )
+        return self
+
+    def describe(self) -> str:
+        if not self.pressure_checkpoint:
+            return "memory: no pressure checkpoint"
+        return (f"memory: a checkpoint at {self.pressure_threshold:.0%} of the host memory limit (re-armed under "
+                f"{self.rearm_threshold:.0%}), or under {format_bytes(self.available_margin)} available without one")
+
+
 class Policy(BaseModel):
     """For each retryable incident kind, a ladder of steps; plus the restart budget and probe settings.
 
@@ -211,6 +260,7 @@ class Policy(BaseModel):
         default_factory=dict, validate_default=True
     )
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
 
     def __init__(self, /, **data: Any) -> None:
         try:
@@ -289,6 +339,7 @@ class Policy(BaseModel):
             )
         else:
             lines.append("probe: disabled")
+        lines.append(self.memory.describe())
         lines.append("ladders:")
         width = max(len(kind) for kind in RETRYABLE_KINDS)
         for kind in RETRYABLE_KINDS:
@@ -311,7 +362,7 @@ _FIX_HINT = (
     '({ step = "halve_batch", min_batch = 8 }) or a Step object.'
 )
 _TOP_LEVEL_KEYS = list(Policy.model_fields)
-_PROBE_KEYS = list(ProbeSettings.model_fields)
+_SECTION_KEYS = {"probe": list(ProbeSettings.model_fields), "memory": list(MemorySettings.model_fields)}
 
 
 def _bullets(problems: list[str]) -> str:
@@ -347,7 +398,7 @@ def _problems(exc: ValidationError) -> list[str]:
                 last = number == len(items)
                 lines.append(f"{line} {context['hint']}" if context.get("hint") and last else line)
             continue
-        known = _PROBE_KEYS if loc[:1] == ["probe"] else _TOP_LEVEL_KEYS
+        known = _SECTION_KEYS.get(str(loc[0]), _TOP_LEVEL_KEYS) if len(loc) > 1 else _TOP_LEVEL_KEYS
         received, expected = _explain(error, known, what="keys")
         lines.append(f"{_format_key(loc)}: received {received}; expected {expected}.")
     return lines

@@ -5,6 +5,9 @@ limit, so the kernel's real OOM killer enforces the budget on the worker alone a
 group's ``oom_kill`` counter tells us afterwards that it did. Where cgroups are not writable
 the supervisor falls back to a psutil watchdog (see loop.py).
 
+``PressureWatch`` decides when memory is running short enough to ask the worker for a checkpoint
+(once per climb); process.py samples and signals.
+
 A group is named ``resilient-<pid of the supervisor>-<random>``. A supervisor killed with SIGKILL
 cannot remove its group; the next supervisor to start reaps it (``reap_stale_cgroups``).
 """
@@ -152,6 +155,21 @@ class MemoryCgroup:
         except (OSError, ValueError):
             return None
 
+    def working_set(self) -> int | None:
+        """The group's usage less its inactive file cache (what the kernel cannot simply drop before an OOM kill)."""
+        usage = self.usage()
+        if usage is None:
+            return None
+        key = "total_inactive_file" if self.version == 1 else "inactive_file"
+        try:
+            for line in (self.path / "memory.stat").read_text().splitlines():
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return max(0, usage - int(value))
+        except (OSError, ValueError):
+            pass
+        return usage
+
     def peak(self) -> int | None:
         name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
         try:
@@ -171,6 +189,43 @@ class MemoryCgroup:
                 return
             except OSError:
                 time.sleep(0.05)
+
+
+@dataclass
+class PressureWatch:
+    """Whether memory is short enough to ask the worker for a checkpoint now: once per climb.
+
+    With a limit: when ``used`` reaches ``threshold`` of it; re-armed once ``used`` falls under
+    ``rearm`` of it. Without one: when the machine's ``available`` memory falls below ``margin``;
+    re-armed once twice ``margin`` is available again.
+    """
+
+    threshold: float = 0.85
+    rearm: float = 0.75
+    margin: int = 1 << 30
+    armed: bool = True
+
+    def observe(self, used: int | None, limit: int | None, available: int | None) -> bool:
+        """One sample; True when a checkpoint should be asked for now."""
+        if limit is not None:
+            if used is None:
+                return False
+            high, low = used >= self.threshold * limit, used < self.rearm * limit
+        else:
+            if available is None:
+                return False
+            high, low = available < self.margin, available >= 2 * self.margin
+        if high and self.armed:
+            self.armed = False
+            return True
+        if low:
+            self.armed = True
+        return False
+
+
+def available_memory() -> int:
+    """Bytes the machine can still give without swapping (psutil's ``available``)."""
+    return int(psutil.virtual_memory().available)
 
 
 #: The names this module gives its groups (``create`` and ``cgroup_support``), with the creator's pid.

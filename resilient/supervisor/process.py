@@ -7,7 +7,8 @@
   channel (heartbeats, progress, checkpoints, faults) and feeds the caller's display (display.py),
   samples memory (private RSS of the process tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
   start-up phases after their own calibrated timeouts, startup.py); a worker
-  over the memory budget without a cgroup is killed by the watchdog; a rehearsed ``preempt`` gets
+  over the memory budget without a cgroup is killed by the watchdog; a worker whose memory runs short
+  (``[memory]`` in the policy, ``PressureWatch``) gets SIGUSR1: a checkpoint at its next step; a rehearsed ``preempt`` gets
   SIGTERM, and so does a healthy worker the plan search wants to leave for another plan (``judge``).
 
 What the supervisor did to the worker is the outcome's ``decision``; classify.py reads it first.
@@ -41,11 +42,12 @@ from .._protocol import (
     Notice,
 )
 from .._rundir import FILE_MODE, Journal
+from .._units import format_bytes
 from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig
 from .gpu import DevicePeaks
-from .memory import GpuMemory, MemoryCgroup, tree_rss
+from .memory import GpuMemory, MemoryCgroup, PressureWatch, available_memory, tree_rss
 from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
 from .telemetry import MemorySample, MemoryTelemetry
 
@@ -138,8 +140,10 @@ def advance(progress: Progress, msg: Any, warmup_steps: int) -> Progress:
     if isinstance(msg, Hello):
         return replace(progress, epoch=msg.epoch, step=msg.step, start_step=msg.step, skip_steps=msg.skip_steps)
     if isinstance(msg, CheckpointSaved):
-        return replace(progress, epoch=msg.epoch, step=msg.step, phase="train",
-                       max_save_seconds=max(progress.max_save_seconds, msg.seconds))
+        slowest = max(progress.max_save_seconds, msg.seconds)
+        if msg.background:  # written while the training went on: it says nothing of where the training is now
+            return replace(progress, max_save_seconds=slowest)
+        return replace(progress, epoch=msg.epoch, step=msg.step, phase="train", max_save_seconds=slowest)
     if isinstance(msg, EpochBegin):
         return replace(progress, epoch=msg.epoch, step=msg.step, end_step=msg.end_step(),
                        samples_per_step=msg.samples_per_step)
@@ -219,6 +223,10 @@ class WorkerProcess:
         self.interrupted = False  # Ctrl-C reached this attempt (interrupt())
         self.killed = False  # interrupt() had to SIGKILL it
         self._hang_timeout: float | None = None
+        memory = getattr(cfg.policy, "memory", None)
+        #: Asks for a checkpoint when memory runs short (None: the policy turned it off).
+        self._pressure = (PressureWatch(memory.pressure_threshold, memory.rearm_threshold, memory.available_margin)
+                          if memory is not None and memory.pressure_checkpoint else None)
 
     # ------------------------------------------------------------------ START
 
@@ -331,6 +339,38 @@ class WorkerProcess:
                               gpu=tuple(d[0] for d in devices), gpu_device=tuple(d[1] for d in devices),
                               gpu_total=tuple(d[2] for d in devices))
         self._journal_memory(self._telemetry.add(sample, now))
+        self._watch_pressure(rss, group)
+
+    def _watch_pressure(self, rss: int | None, group: MemoryCgroup | None) -> None:
+        """Memory running short: ask the worker (SIGUSR1, to it alone) for a checkpoint at its next step
+        boundary, once per climb (``PressureWatch``), journaled as ``checkpoint_requested``."""
+        watch, proc = self._pressure, self._proc
+        if watch is None or proc is None or self.decision is not None:
+            return
+        with self._lock:
+            progress = self._progress
+        if progress.start_step is None:
+            return  # no Hello yet: nothing to checkpoint
+        limit = self.memory_limit
+        used = max(rss or 0, (group.working_set() or 0) if group is not None else 0) or None
+        available = available_memory() if limit is None else None
+        if not watch.observe(used, limit, available):
+            return
+        if limit is not None:
+            why = f"{format_bytes(used)} of the {format_bytes(limit)} limit ({(used or 0) / limit:.0%})"
+        else:
+            why = f"{format_bytes(available)} left available on the machine"
+        try:
+            self.journal.write("checkpoint_requested", attempt=self.attempt, reason="memory_pressure",
+                               epoch=progress.epoch, step=progress.step, used_bytes=used, limit_bytes=limit,
+                               available_bytes=available)
+        except OSError:
+            pass  # a full disk must not stop the request
+        self.cfg.say(f"memory pressure: {why}; asking the worker for a checkpoint at its next step")
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)  # not the group: its children keep SIGUSR1's default (exit)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _journal_memory(self, sample: MemorySample | None) -> None:
         """A ``memory_sample`` line (telemetry.py): best effort, so a full disk never stops the monitor."""
@@ -466,7 +506,8 @@ class WorkerProcess:
                                resumed_from_step=msg.resumed_from, skip_steps=msg.skip_steps)
         elif isinstance(msg, CheckpointSaved):
             self.journal.write("checkpoint_saved", attempt=attempt, epoch=msg.epoch, step=msg.step,
-                               seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason, path=msg.path)
+                               seconds=round(msg.seconds, 4), bytes=msg.bytes, reason=msg.reason, path=msg.path,
+                               **_save_timing(msg))
             if self.on_checkpoint is not None:
                 self.on_checkpoint(msg.step)
         elif isinstance(msg, EpochEnd):
@@ -589,6 +630,14 @@ class WorkerProcess:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def _save_timing(msg: CheckpointSaved) -> dict[str, Any]:
+    """A checkpoint's split timing for its journal line (absent for a worker that does not report it)."""
+    if msg.snapshot_seconds is None:
+        return {}
+    return {"snapshot_seconds": round(msg.snapshot_seconds, 4), "write_seconds": round(msg.write_seconds or 0.0, 4),
+            "background": msg.background}
 
 
 def interrupt_patience(progress: Progress) -> float:

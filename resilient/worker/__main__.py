@@ -2,7 +2,8 @@
 
 The process is armed before anything slow: it dies with the supervisor (``PR_SET_PDEATHSIG`` and a
 parent watch), is the kernel's first choice when the machine runs out of RAM, dumps a Python stack
-on a segfault, and turns SIGTERM into a flag the training honours at the next optimizer update.
+on a segfault, and turns SIGTERM into a flag the training honours at the next optimizer update
+(SIGUSR1, the supervisor's memory-pressure request, into a flag for a checkpoint at the next one).
 
 Exit codes (``resilient._protocol``): 0 the training completed; ``EXIT_REPORTED`` an exception ended
 it and ``attempts/NNN/error.json`` (an ``ErrorReport``) says what was raised; ``EXIT_PREEMPTED``
@@ -68,13 +69,15 @@ def _volunteer_for_oom_kill() -> None:
         pass
 
 
-def setup_process(supervisor_pid: int, sigterm: threading.Event) -> None:
-    """Arm the process before TensorFlow loads; SIGTERM sets ``sigterm``."""
+def setup_process(supervisor_pid: int, sigterm: threading.Event, pressure: threading.Event | None = None) -> None:
+    """Arm the process before TensorFlow loads; SIGTERM sets ``sigterm``, SIGUSR1 ``pressure``."""
     os.umask(0o077)  # what the worker writes in the run directory (which holds code) is private: 0600 / 0700
     _die_with_parent(supervisor_pid)
     _volunteer_for_oom_kill()
     _watch_parent(supervisor_pid)
     signal.signal(signal.SIGTERM, lambda *_: sigterm.set())
+    if pressure is not None:
+        signal.signal(signal.SIGUSR1, lambda *_: pressure.set())
     faulthandler.enable()  # a segfault still leaves a Python stack in worker.log
 
 
@@ -91,8 +94,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run one attempt; the exit code says how it ended."""
     args = _parse_args(argv)
-    sigterm = threading.Event()
-    setup_process(args.supervisor_pid, sigterm)
+    sigterm, pressure = threading.Event(), threading.Event()
+    setup_process(args.supervisor_pid, sigterm, pressure)
     channel = ChannelWriter(args.channel_fd)
     run = RunDir(args.run_dir)
     attempt_dir = run.attempt_dir(args.attempt)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     channel.send(Heartbeat(phase="startup", epoch=0, step=0))
     attempt: Attempt | None = None
     try:
-        attempt = Attempt(run, args.attempt, channel, plan_file=args.plan, sigterm=sigterm)
+        attempt = Attempt(run, args.attempt, channel, plan_file=args.plan, sigterm=sigterm, pressure=pressure)
         attempt.run_training()
     except Preempted:
         _write_report(attempt_dir, None, attempt, kind="preempted", channel=channel)
@@ -108,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
+        if attempt is not None:
+            try:
+                attempt.finish_writes()  # a snapshot taken before the failure still becomes a generation
+            except BaseException:
+                pass  # the failure that ended the training is the one reported
         _write_report(attempt_dir, exc, attempt, channel=channel)
         traceback.print_exc()
         return EXIT_REPORTED

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._checkpoint import CheckpointStore
+from .._checkpoint import BackgroundWriter, CheckpointStore
 from .._faults import FiredFaults
 from .._plan import Plan
 from .._protocol import (
@@ -37,6 +37,30 @@ from .._rundir import RunDir, RunSpec
 from . import state
 from .faults import FaultSchedule
 
+#: Saves written on the training thread whatever the cadence: the worker exits or reports right after them
+#: (``preempted``, ``final``), or memory may run out before a background write would end (``memory_pressure``).
+SYNC_REASONS = frozenset({"preempted", "final", "memory_pressure"})
+#: ``checkpoint_every="auto"``: the training thread's share of a checkpoint (its snapshot) stays under this
+#: fraction of the training time, and so does the background write's processor time per core.
+AUTO_COST = 0.01
+#: ``checkpoint_every="auto"``: never more often than this (seconds), never less often.
+AUTO_FLOOR = 5.0
+AUTO_CEILING = 300.0
+
+
+def auto_interval(snapshot_seconds: float | None, write_seconds: float | None = None,
+                  write_cpu_seconds: float | None = None, cpus: int = 1) -> float:
+    """Seconds between ``checkpoint_every="auto"`` checkpoints, from the last save's measured costs.
+
+    ``max(snapshot / 1%, write CPU / cpus / 1%, 2 x write)``, clamped to [5 s, 300 s]: the snapshot
+    (the training thread's pause) and the background write's processor time stay under 1% of the
+    training time, and a write ends well before the next snapshot would wait for it. Before the first
+    save is measured: the floor.
+    """
+    interval = max((snapshot_seconds or 0.0) / AUTO_COST, (write_cpu_seconds or 0.0) / max(1, cpus) / AUTO_COST,
+                   2.0 * (write_seconds or 0.0))
+    return min(max(interval, AUTO_FLOOR), AUTO_CEILING)
+
 
 class Preempted(BaseException):
     """Raised inside fit after the SIGTERM checkpoint was saved; unwinds to a clean exit."""
@@ -50,17 +74,21 @@ class Attempt:
     """Everything one worker process does, in order: restore, build, train, report."""
 
     def __init__(self, run: RunDir, attempt: int, channel: ChannelWriter, plan_file: str | None = None,
-                 sigterm: threading.Event | None = None) -> None:
+                 sigterm: threading.Event | None = None, pressure: threading.Event | None = None) -> None:
         self.run = run
         self.attempt = attempt
         self.channel = channel
         #: Set by the SIGTERM handler: save a checkpoint at the next optimizer update and exit.
         self.sigterm = sigterm if sigterm is not None else threading.Event()
+        #: Set by the SIGUSR1 handler (the supervisor saw memory pressure): save a checkpoint at the next update.
+        self.pressure = pressure if pressure is not None else threading.Event()
         self.spec = run.read_spec()
         # The supervisor hands each attempt its plan (a probe may differ from the settled plan.json).
         self.plan = Plan.model_validate_json(Path(plan_file).read_text()) if plan_file else run.read_plan()
         self.faults = FaultSchedule(self.spec.faults, FiredFaults(run.faults_fired), channel, self.sigterm)
         self.store = CheckpointStore(run.checkpoints)
+        self.writer = BackgroundWriter()  # asynchronous checkpoint writes, one at a time
+        self.faults.settle = self.finish_writes
         # Progress: what a checkpoint's meta records (a checkpoint's values override these).
         self.epoch = self.spec.initial_epoch  # fit's initial_epoch
         self.offset = 0  # samples into the current epoch
@@ -87,7 +115,10 @@ class Attempt:
         self.started = time.monotonic()
         self.first_step_reported = False
         self.last_save_time = time.monotonic()
-        self.last_save_seconds = 0.0
+        self.last_save_seconds = 0.0  # the training thread's part of the last save
+        self.last_snapshot_seconds: float | None = None
+        self.last_write_seconds: float | None = None  # set by the writer thread
+        self.last_write_cpu_seconds: float | None = None
         self.last_beat = 0.0
         self.last_beat_step = -1  # the step the channel last heard
         self.step_seconds: float | None = None
@@ -233,13 +264,17 @@ class Attempt:
                 "seconds_since_start": round(time.monotonic() - self.started, 3)}))
 
     def between_steps(self, model: Any) -> None:
-        """After a counted step: honour a SIGTERM, or save a checkpoint when one is due."""
+        """After a counted step: honour a SIGTERM or a memory-pressure request, or save a checkpoint when one is due."""
+        self.writer.check()  # a background write that failed fails the training here, as one on this thread would
         if self.sigterm.is_set() and not self.window_pos:
             # At an optimizer update: a window cut short could not continue under another plan.
             # (Finishing one takes fewer than grad_accum_steps steps.)
             self.save_checkpoint(model, "preempted")
             raise Preempted()
-        if self.checkpoint_due():
+        if self.pressure.is_set() and not self.window_pos:
+            self.pressure.clear()
+            self.save_checkpoint(model, "memory_pressure")
+        elif self.checkpoint_due():
             self.save_checkpoint(model, "interval")
 
     def keep_training_metrics(self, model: Any) -> None:
@@ -304,14 +339,19 @@ class Attempt:
         elapsed = time.monotonic() - self.last_save_time
         if self.spec.checkpoint_every_seconds is not None:
             return elapsed >= self.spec.checkpoint_every_seconds
-        # "auto": saving costs under 2% of training time, and never more than 5 minutes go unsaved.
-        interval = max(50.0 * self.last_save_seconds, 30.0)
-        return elapsed >= min(interval, 300.0)
+        return elapsed >= auto_interval(self.last_snapshot_seconds, self.last_write_seconds,
+                                        self.last_write_cpu_seconds, _cpus())
 
     def save_checkpoint(self, model: Any, reason: str) -> None:
+        """Snapshot the training state to host memory, then write it: in the background (``interval``,
+        ``epoch_end``) or here (``SYNC_REASONS``, and any save once SIGTERM came). ``CheckpointSaved``
+        goes out once the generation is renamed into place, so the supervisor never counts on one that
+        is not on disk."""
         self.check_nan(model)  # a diverged state is never saved: the last checkpoint stays good
         self.beat("save", force=True)
         t0 = time.monotonic()
+        self.writer.wait()  # one generation in flight: the previous write ends first (its error is raised here)
+        t1 = time.monotonic()
         meta = CheckpointMeta(
             epoch=self.epoch, offset=self.offset, global_step=self.global_step, epochs_done=self.epochs_done,
             history=self.history, plan=self.plan.model_dump(mode="json"), attempt=self.attempt, reason=reason,
@@ -323,12 +363,31 @@ class Attempt:
             import numpy as np
 
             metrics = [np.asarray(v.numpy()) for v in model.metrics_variables]
-        ckpt = state.save(self.store, model, meta, metrics, self.user_callbacks,
-                          midway=self.faults.during_save(self.global_step))
+        snap = state.snapshot(model, meta, metrics, self.user_callbacks)
+        snapshot_seconds = self.last_snapshot_seconds = time.monotonic() - t1
+        midway = self.faults.during_save(self.global_step)
+        background = reason not in SYNC_REASONS and not self.sigterm.is_set()
+
+        def write() -> None:
+            w0, c0 = time.monotonic(), time.thread_time()
+            ckpt = state.write(self.store, snap, midway)
+            self.last_write_seconds = time.monotonic() - w0
+            self.last_write_cpu_seconds = time.thread_time() - c0
+            self.channel.send(CheckpointSaved(
+                epoch=meta.epoch, step=meta.global_step, seconds=snapshot_seconds + self.last_write_seconds,
+                bytes=ckpt.nbytes, path=str(ckpt.path), reason=reason, snapshot_seconds=snapshot_seconds,
+                write_seconds=self.last_write_seconds, background=background))
+
+        if background:
+            self.writer.submit(write)
+        else:
+            write()
         self.last_save_seconds = time.monotonic() - t0
         self.last_save_time = time.monotonic()
-        self.channel.send(CheckpointSaved(epoch=self.epoch, step=self.global_step, seconds=self.last_save_seconds,
-                                          bytes=ckpt.nbytes, path=str(ckpt.path), reason=reason))
+
+    def finish_writes(self, timeout: float = 60.0) -> None:
+        """Wait (at most ``timeout`` seconds) for a background write in flight, and raise its error."""
+        self.writer.wait(timeout)
 
     def restore_checkpoint(self, model: Any) -> int | None:
         """Load the newest checkpoint that verifies into ``model`` and take up its progress; its step."""
@@ -355,6 +414,14 @@ class Attempt:
         self.stopped = meta.stopped
         self.last_logs = meta.last_logs  # on_train_end gets them, as model.fit's callbacks do
         return restored.step
+
+
+def _cpus() -> int:
+    """Processors this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def validation_args(spec: RunSpec) -> dict[str, Any]:

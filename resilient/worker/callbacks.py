@@ -134,6 +134,7 @@ class Tail(keras.callbacks.Callback):
         self.head.finish_steps(self.head.epoch_steps, timed=False)
         self.attempt.end_epoch(self.model, epoch, {k: float(v) for k, v in (logs or {}).items()})
         if self.attempt.sigterm.is_set():
+            self.attempt.finish_writes(timeout=None)  # the epoch's checkpoint is on disk before the exit
             raise Preempted()
 
 

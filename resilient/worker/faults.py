@@ -31,6 +31,9 @@ class FaultSchedule:
         self.sigterm = sigterm
         self._steps = {f.step for f in faults if f.kind != "save_kill"}
         self._save_kills = [f for f in faults if f.kind == "save_kill"]
+        #: Called before a fault fires: the attempt waits there for a checkpoint write in flight, so what a
+        #: rehearsed fault loses does not depend on how fast the disk was (``save_kill`` aims at the write).
+        self.settle: Callable[[], None] | None = None
 
     def at(self, step: int, model: Any) -> None:
         """Meet every fault due at ``step`` that has not fired yet (recorded first: it never fires twice)."""
@@ -39,6 +42,8 @@ class FaultSchedule:
         fired = self.fired.load()
         for fault in self.faults:
             if fault.step == step and fault.kind != "save_kill" and fault.key not in fired:
+                if self.settle is not None:
+                    self.settle()
                 self._fire(fault, step)
                 inject(fault, model, self.sigterm)
 

@@ -224,28 +224,66 @@ def _assign_weights(ckpt: Checkpoint, model: Any, *, strict: bool) -> None:
         var.assign(value)
 
 
-def save(store: CheckpointStore, model: Any, meta: CheckpointMeta, metric_values: Sequence[Any],
-         callbacks: Sequence[Any], midway: Callable[[], None] | None = None) -> Checkpoint:
-    """Write one checkpoint of ``model`` (at ``meta.global_step``) with the training state around it.
+@dataclass
+class Snapshot:
+    """One checkpoint's content, copied to host memory at a step boundary: what ``write`` puts on disk.
+
+    Everything is a copy (``Variable.numpy()`` copies; the callbacks' state is pickled), so the training
+    may go on while a background thread writes it.
+    """
+
+    meta: CheckpointMeta
+    weights: list[np.ndarray]
+    optimizer: dict[str, np.ndarray]
+    metrics: list[np.ndarray]
+    rng: list[np.ndarray]
+    callbacks: bytes  # cloudpickled list of each callback's state
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the snapshot holds (its arrays and pickled callbacks)."""
+        arrays = [*self.weights, *self.optimizer.values(), *self.metrics, *self.rng]
+        return sum(int(a.nbytes) for a in arrays) + len(self.callbacks)
+
+
+def snapshot(model: Any, meta: CheckpointMeta, metric_values: Sequence[Any], callbacks: Sequence[Any]) -> Snapshot:
+    """Copy the training state of ``model`` (at ``meta.global_step``) to host memory: the fast half of a save."""
+    import cloudpickle
+
+    return Snapshot(
+        meta=meta,
+        weights=[np.asarray(w.numpy()) for w in model.weights],
+        optimizer=optimizer_state(model),
+        metrics=[np.array(v) for v in metric_values],
+        rng=seed_generator_states(model),
+        callbacks=cloudpickle.dumps([callback_state(cb) for cb in callbacks]),
+    )
+
+
+def write(store: CheckpointStore, snap: Snapshot, midway: Callable[[], None] | None = None) -> Checkpoint:
+    """Write ``snap`` as one checkpoint generation (files fsynced, then renamed into place): the slow half.
 
     ``midway``: called after the first payload files are written, before the rest and the commit
     (a rehearsed ``save_kill`` dies there, leaving a half-written generation behind).
     """
-    import cloudpickle
 
-    opt_state = optimizer_state(model)
-
-    def write(tmp: Path) -> None:
-        np.savez(tmp / "weights.npz", *[np.asarray(w.numpy()) for w in model.weights])
-        np.savez(tmp / "optimizer.npz", **opt_state)
+    def write_files(tmp: Path) -> None:
+        np.savez(tmp / "weights.npz", *snap.weights)
+        np.savez(tmp / "optimizer.npz", **snap.optimizer)
         if midway is not None:
             midway()
-        np.savez(tmp / "metrics.npz", *metric_values)
-        np.savez(tmp / "rng.npz", *seed_generator_states(model))
+        np.savez(tmp / "metrics.npz", *snap.metrics)
+        np.savez(tmp / "rng.npz", *snap.rng)
         with open(tmp / "callbacks.pkl", "wb") as f:
-            cloudpickle.dump([callback_state(cb) for cb in callbacks], f)
+            f.write(snap.callbacks)
 
-    return store.save(meta.global_step, meta.model_dump(mode="json"), write)
+    return store.save(snap.meta.global_step, snap.meta.model_dump(mode="json"), write_files)
+
+
+def save(store: CheckpointStore, model: Any, meta: CheckpointMeta, metric_values: Sequence[Any],
+         callbacks: Sequence[Any], midway: Callable[[], None] | None = None) -> Checkpoint:
+    """Write one checkpoint of ``model`` (at ``meta.global_step``) with the training state around it, at once."""
+    return write(store, snapshot(model, meta, metric_values, callbacks), midway)
 
 
 @dataclass
