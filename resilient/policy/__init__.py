@@ -5,7 +5,7 @@ its TOML files and presets, validation), ``search.py`` (the search for the best 
 TensorFlow, no Keras; the supervisor runs all of it.
 """
 
-from .policy import PRESET_DIRS, Policy, ProbeSettings, list_presets, load_policy, resolve_policy_path
+from .policy import PRESET_DIRS, Policy, ProbeSettings, RuntimeSettings, list_presets, load_policy, resolve_policy_path
 from .search import Horizon, PlanSearch, next_probe, probe_below
 from .step import Step, StepContext, get_step, list_steps, register_step
 
@@ -15,6 +15,7 @@ __all__ = [
     "PlanSearch",
     "Policy",
     "ProbeSettings",
+    "RuntimeSettings",
     "Step",
     "StepContext",
     "get_step",

@@ -195,6 +195,20 @@ class ProbeSettings(BaseModel):
         return max(1, min(20, self.stable_steps // 4))
 
 
+class RuntimeSettings(BaseModel):
+    """How the supervisor runs workers (TOML: ``[runtime]``).
+
+    - ``standby = "auto"``: during training a second worker process waits with TensorFlow imported (no
+      device, no data, no model), so a restart skips the import; it is not started after a host OOM in
+      the run, nor when the machine's memory or the headroom under the worker's limit is below its own
+      (about 0.7 GB) plus a margin. ``"off"``: every restart starts a fresh worker.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    standby: Literal["auto", "off"] = "auto"
+
+
 class Policy(BaseModel):
     """For each retryable incident kind, a ladder of steps; plus the restart budget and probe settings.
 
@@ -211,6 +225,7 @@ class Policy(BaseModel):
         default_factory=dict, validate_default=True
     )
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
     def __init__(self, /, **data: Any) -> None:
         try:
@@ -289,6 +304,7 @@ class Policy(BaseModel):
             )
         else:
             lines.append("probe: disabled")
+        lines.append(f"standby: {self.runtime.standby}")
         lines.append("ladders:")
         width = max(len(kind) for kind in RETRYABLE_KINDS)
         for kind in RETRYABLE_KINDS:
@@ -312,6 +328,7 @@ _FIX_HINT = (
 )
 _TOP_LEVEL_KEYS = list(Policy.model_fields)
 _PROBE_KEYS = list(ProbeSettings.model_fields)
+_RUNTIME_KEYS = list(RuntimeSettings.model_fields)
 
 
 def _bullets(problems: list[str]) -> str:
@@ -347,7 +364,7 @@ def _problems(exc: ValidationError) -> list[str]:
                 last = number == len(items)
                 lines.append(f"{line} {context['hint']}" if context.get("hint") and last else line)
             continue
-        known = _PROBE_KEYS if loc[:1] == ["probe"] else _TOP_LEVEL_KEYS
+        known = {"probe": _PROBE_KEYS, "runtime": _RUNTIME_KEYS}.get(str(loc[0]) if loc else "", _TOP_LEVEL_KEYS)
         received, expected = _explain(error, known, what="keys")
         lines.append(f"{_format_key(loc)}: received {received}; expected {expected}.")
     return lines

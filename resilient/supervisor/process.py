@@ -2,7 +2,8 @@
 
 - START spawns ``python -m resilient.worker`` (never a fork of this process: TensorFlow does not
   survive one) in a session of its own, with a pipe for the channel, and moves it into a memory
-  cgroup when the run has a limit (or rehearses a host OOM).
+  cgroup when the run has a limit (or rehearses a host OOM); or it adopts a worker started ahead
+  (standby.py: fit's early worker, the run's warm standby), moves it into the cgroup and sends its go.
 - MONITOR copies the worker's output to the attempt's ``worker.log`` (only there), reads the
   channel (heartbeats, progress, checkpoints, faults) and feeds the caller's display (display.py),
   samples memory (private RSS of the process tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
@@ -39,12 +40,14 @@ from .._protocol import (
     Heartbeat,
     Hello,
     Notice,
+    WorkerGo,
 )
 from .._rundir import FILE_MODE, Journal
 from ..policy.search import Horizon
 from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig
 from .memory import GpuMemory, MemoryCgroup, tree_rss
+from .standby import WaitingWorker, WorkerOutput
 from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
 from .telemetry import MemorySample, MemoryTelemetry
 
@@ -159,6 +162,8 @@ class AttemptEnd:
     gpu_memory_peak: int | None = None
     #: Seconds of each start-up phase that ended in this attempt (startup.py).
     startup_seconds: dict[str, float] = field(default_factory=dict)
+    #: Those that calibrate later attempts' timeouts (not the import of a worker started ahead).
+    calibrating: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------- the process
@@ -213,16 +218,49 @@ class WorkerProcess:
         self.interrupted = False  # Ctrl-C reached this attempt (interrupt())
         self.killed = False  # interrupt() had to SIGKILL it
         self._hang_timeout: float | None = None
+        #: Called from the monitor after each memory sample (the supervisor's standby keeper); must not block.
+        self.on_sample: Callable[[WorkerProcess], None] | None = None
+        self.standby_pid: int | None = None  # the pid of the waiting worker this attempt adopted
 
     # ------------------------------------------------------------------ START
 
-    def start(self) -> None:
-        """Spawn the worker, put it into its memory cgroup, start reading its channel and output."""
+    def start(self, waiting: WaitingWorker | None = None) -> None:
+        """Spawn the worker (or adopt ``waiting``, a worker started ahead: standby.py), put it into its
+        memory cgroup, start reading its channel and output; an adopted worker gets its go last."""
         group, note = self._open_cgroup()
-        read_fd, write_fd = os.pipe()
         # Private (the run directory is code) and unbuffered: a full disk fails the write, not close().
         log = os.fdopen(os.open(self.dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab",
                         buffering=0)
+        try:
+            adopted = self._adopt(waiting, log) if waiting is not None else None
+            proc, read_fd, output = adopted or self._spawn(log)
+        except BaseException:
+            log.close()
+            if group is not None:
+                group.remove()
+            raise
+        self._proc, self._log = proc, log
+        if group is not None:
+            group, note = self._join_cgroup(group, proc.pid)
+        if note:
+            self.cfg.say(note)
+        self._group = group
+        self._oom_before = group.oom_kills() if group else 0
+        self._threads = [ChannelReader(read_fd, self._on_message), output.thread]
+        self._threads[0].start()
+        if adopted is not None and waiting is not None:
+            with self._lock:  # its start-up phases are timed from the go: the import is done or under way
+                self._last_beat = time.monotonic()
+                self._clock = StartupClock(self._last_beat, started_ahead=True)
+            try:
+                waiting.go(WorkerGo(run_dir=str(self.cfg.run.path), attempt=self.attempt,
+                                    plan=str(self.dir / "plan.json")))
+            except OSError:
+                pass  # it died while waiting: the monitor sees it exit, and the attempt is classified as usual
+
+    def _spawn(self, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int, WorkerOutput]:
+        """A fresh worker for this attempt: (its process, the channel's read end, its output's pump)."""
+        read_fd, write_fd = os.pipe()
         with self._lock:
             self._last_beat = time.monotonic()
             self._clock = StartupClock(self._last_beat)
@@ -234,23 +272,19 @@ class WorkerProcess:
             )
         except BaseException:
             os.close(read_fd)
-            os.close(write_fd)
-            log.close()
-            if group is not None:
-                group.remove()
             raise
-        os.close(write_fd)
-        self._proc, self._log = proc, log
-        if group is not None:
-            group, note = self._join_cgroup(group, proc.pid)
-        if note:
-            self.cfg.say(note)
-        self._group = group
-        self._oom_before = group.oom_kills() if group else 0
-        self._threads = [ChannelReader(read_fd, self._on_message),
-                         threading.Thread(target=self._pump, args=(proc, log), name="resilient-output", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        finally:
+            os.close(write_fd)
+        output = WorkerOutput(proc)
+        output.attach(log)
+        return proc, read_fd, output
+
+    def _adopt(self, waiting: WaitingWorker, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int, WorkerOutput]:
+        """Take a waiting worker for this attempt; its output so far goes to the attempt's log first."""
+        proc, read_fd, output = waiting.take()
+        output.attach(log)
+        self.standby_pid = proc.pid
+        return proc, read_fd, output
 
     def _open_cgroup(self) -> tuple[MemoryCgroup | None, str | None]:
         """(the attempt's memory cgroup, or None with the note that says why the watchdog enforces the limit)."""
@@ -286,6 +320,8 @@ class WorkerProcess:
                 if now >= next_sample:
                     next_sample = now + self.cfg.sample_interval
                     self._sample(now)
+                    if self.on_sample is not None:
+                        self.on_sample(self)
                 self._check(now)
                 if self.cfg.display is not None:
                     self.cfg.display.tick()  # the live displays redraw from this thread (a notebook needs it)
@@ -366,6 +402,17 @@ class WorkerProcess:
         if self.decision == "preempt" and age > self.cfg.preempt_grace:
             self._signal(signal.SIGKILL)
 
+    def started_up(self) -> bool:
+        """Whether the worker has trained its first step (its start-up phases are over)."""
+        with self._lock:
+            return self._clock.phase() is None
+
+    def memory_use(self) -> tuple[int | None, int | None]:
+        """(the memory budget in force, the worker's use against it: its cgroup's, else its private RSS)."""
+        group = self._group
+        usage = group.usage() if group is not None else None
+        return self.memory_limit, usage if usage is not None else self._last_rss
+
     def _switch_plans(self, progress: Progress) -> bool:
         assert self.judge is not None
         verdict = self.judge(progress)
@@ -426,9 +473,9 @@ class WorkerProcess:
             startup_phase=self._hang_phase or self._clock.phase(), hang_timeout=self._hang_timeout,
         )
         with self._lock:
-            progress, startup = self._progress, self._clock.measured()
+            progress, startup, calibrating = self._progress, self._clock.measured(), self._clock.calibrating()
         return AttemptEnd(outcome, progress, memory_peak=peak, cgroup_peak=cgroup_peak,
-                          gpu_memory_peak=self._gpu_peak, startup_seconds=startup)
+                          gpu_memory_peak=self._gpu_peak, startup_seconds=startup, calibrating=calibrating)
 
     def _leave_cgroup(self) -> None:
         if self._group is not None:
@@ -482,24 +529,6 @@ class WorkerProcess:
                 self._sent_report = ErrorReport.model_validate(msg.fields.get("report"))
             except ValidationError:
                 pass
-
-    def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes] | None) -> None:
-        """Copy the worker's raw output (TensorFlow's C++ logs, tracebacks, faulthandler's dumps) to worker.log,
-        in full, and nowhere else: the caller sees resilient's display, and an incident names the log."""
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            if log is not None:
-                try:
-                    log.write(chunk)
-                except OSError:
-                    log = None  # a full disk: the pipe is still drained, so the worker is not blocked
 
     # ------------------------------------------------------------------ stopping
 
