@@ -50,8 +50,9 @@ from .memory import tree_rss
 
 StandbyMode = Literal["auto", "off"]
 
-#: What a standby is assumed to hold before one was measured: the private RSS of ``import tensorflow,
-#: keras`` (TensorFlow 2.21, Keras 3.15, CPU build: 658 MB measured on this project's machine).
+#: What a standby is assumed to hold until one was measured (then: its private RSS once imported). ``import
+#: tensorflow, keras`` (TensorFlow 2.21, Keras 3.15, CPU) measured here: 658 MB resident, of which ~300 MB
+#: private; the rest is the libraries' pages, shared with the worker.
 STANDBY_RSS_ESTIMATE = 700 << 20
 #: Memory that must stay free besides a standby's own for one to be started (and kept, on the machine).
 STANDBY_MARGIN = 512 << 20
