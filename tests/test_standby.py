@@ -4,6 +4,9 @@ timed. The processes themselves are exercised in tests/test_e2e_standby.py."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 from pydantic import ValidationError
 
@@ -132,3 +135,65 @@ def test_a_worker_started_ahead_is_timed_from_its_go_and_does_not_calibrate_the_
     cold = StartupClock(0.0)
     cold.saw(Heartbeat(phase="restore", epoch=0, step=0), 6.0)
     assert cold.calibrating()["import"] == 6.0
+
+
+def _waiting(kind="standby", env=None, ready=True):
+    """A WaitingWorker around a plain process (no TensorFlow): what the keeper does with it is the test."""
+    read_fd, write_fd = os.pipe()
+    if ready:
+        os.write(write_fd, Notice(event="standby_ready", fields={"import_seconds": 3.5}).model_dump_json().encode()
+                 + b"\n")
+    proc = subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    os.close(write_fd)
+    return standby_module.WaitingWorker(proc, read_fd, env or {"A": "1"}, kind)
+
+
+def test_a_waiting_standby_is_used_with_the_same_environment(tmp_path):
+    keeper = _keeper(tmp_path)
+    keeper.waiting = waiting = _waiting()
+    try:
+        assert keeper.take(2, {"A": "1"}) is waiting
+        used = _events(tmp_path)[-1]
+        assert (used["event"], used["attempt"], used["kind"], used["imported"]) == ("standby_used", 2, "standby", True)
+        assert waiting.import_seconds == 3.5 and keeper.waiting is None
+        proc, fd, _ = waiting.take()  # what WorkerProcess.start does: the attempt owns it now
+        waiting.kill()
+        assert waiting.alive() and proc is waiting.proc
+        os.close(fd)
+    finally:
+        waiting.taken = False
+        waiting.kill()
+
+
+@pytest.mark.parametrize("why", ["environment_changed", "exited"])
+def test_a_standby_that_cannot_serve_is_killed_and_a_fresh_worker_starts(tmp_path, why):
+    keeper = _keeper(tmp_path)
+    keeper.waiting = waiting = _waiting()
+    if why == "exited":
+        waiting.proc.kill()
+        waiting.proc.wait()
+    assert keeper.take(1, {"A": "2"} if why == "environment_changed" else {"A": "1"}) is None
+    assert waiting.proc.returncode is not None  # killed and reaped
+    [skipped] = [e for e in _events(tmp_path) if e["event"] == "standby_skipped"]
+    assert skipped["reason"] == why and skipped["attempt"] == 1
+
+
+def test_a_waiting_standby_gives_its_memory_back_when_the_machine_runs_short(tmp_path, no_spawn):
+    keeper = _keeper(tmp_path, available=STANDBY_MARGIN - 1)
+    keeper.waiting = waiting = _waiting(ready=False)
+    keeper.tick(0, {"A": "1"}, started_up=True, limit=None, usage=None)
+    assert keeper.waiting is None and waiting.proc.returncode is not None
+    assert [(e["event"], e["reason"]) for e in _events(tmp_path)] == [("standby_stopped", "machine_memory")]
+
+
+def test_the_keeper_measures_a_ready_standby_for_the_next_decision(tmp_path, no_spawn):
+    keeper = _keeper(tmp_path)
+    keeper.waiting = _waiting()
+    try:
+        keeper.tick(0, {"A": "1"}, started_up=True, limit=None, usage=None)
+        [ready] = _events(tmp_path)
+        assert ready["event"] == "standby_ready" and ready["import_seconds"] == 3.5
+        assert keeper.rss == ready["rss_bytes"] > 0  # sleep's own private memory: the next standby's need
+    finally:
+        keeper.close()
+    assert keeper.waiting is None

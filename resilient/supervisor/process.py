@@ -238,6 +238,8 @@ class WorkerProcess:
             log.close()
             if group is not None:
                 group.remove()
+            if waiting is not None:
+                waiting.kill()  # not adopted: nobody else holds it any more
             raise
         self._proc, self._log = proc, log
         if group is not None:
