@@ -220,7 +220,6 @@ class WorkerProcess:
         self._hang_timeout: float | None = None
         #: Called from the monitor after each memory sample (the supervisor's standby keeper); must not block.
         self.on_sample: Callable[[WorkerProcess], None] | None = None
-        self.standby_pid: int | None = None  # the pid of the waiting worker this attempt adopted
 
     # ------------------------------------------------------------------ START
 
@@ -285,7 +284,6 @@ class WorkerProcess:
         """Take a waiting worker for this attempt; its output so far goes to the attempt's log first."""
         proc, read_fd, output = waiting.take()
         output.attach(log)
-        self.standby_pid = proc.pid
         return proc, read_fd, output
 
     def _open_cgroup(self) -> tuple[MemoryCgroup | None, str | None]:

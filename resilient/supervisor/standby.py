@@ -61,8 +61,10 @@ _PENDING_OUTPUT = 1 << 20
 
 
 class WorkerOutput:
-    """Drains a worker's stdout and stderr into its attempt's ``worker.log`` (``attach``), and until
-    then into memory (bounded), so that a waiting worker never blocks on a full pipe."""
+    """Drains a worker's raw output (TensorFlow's C++ logs, tracebacks, faulthandler's dumps) into its
+    attempt's ``worker.log`` (``attach``), in full and nowhere else: the caller sees resilient's display,
+    and an incident names the log. Until it is attached (a waiting worker) the output is kept in memory,
+    bounded, so the worker never blocks on a full pipe."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self._lock = threading.Lock()
