@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -32,21 +33,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class WaitForStandby(keras.callbacks.Callback):
-    """Holds a worker's second step until the run's journal shows a warm standby (bounded): the fault that
-    follows then meets a standby that has finished importing, whatever the machine's speed. (The first
-    step is reported after the callbacks' batch end; the supervisor starts a standby once it is.)"""
+    """Holds the end of the first epoch until the run's journal shows a warm standby (bounded): a fault in the
+    next epoch then meets a standby that has finished importing, whatever the machine's speed. (At an epoch
+    end the wait counts in no step's time, so the hang and interrupt timeouts are not stretched.)"""
 
     def __init__(self, run_dir: str, timeout: float = 90.0) -> None:
         super().__init__()
         self.run_dir, self.timeout = run_dir, timeout
-        self._steps, self._seen = 0, False
 
-    def on_train_batch_begin(self, batch, logs=None):
-        self._steps += 1
+    def on_epoch_end(self, epoch, logs=None):
         deadline = time.monotonic() + self.timeout
-        while self._steps > 1 and not self._seen and time.monotonic() < deadline:
-            self._seen = any(e["event"] == "standby_ready" and e.get("kind") == "standby"
-                             for e in RunDir(self.run_dir).read_events())
+        while time.monotonic() < deadline and not any(
+                e["event"] == "standby_ready" and e.get("kind") == "standby" for e in RunDir(self.run_dir).read_events()):
             time.sleep(0.2)
 
 
@@ -86,7 +84,7 @@ def test_a_restart_takes_the_warm_standby_and_skips_the_import(tmp_path):
     x, y = make_data()
     run_dir = tmp_path / "run"
     history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=1, run_dir=run_dir, verbose=0,
-                            faults="segfault@5", checkpoint_every=1, callbacks=[WaitForStandby(str(run_dir))])
+                            faults="segfault@10", checkpoint_every=1, callbacks=[WaitForStandby(str(run_dir))])
     assert [i.kind for i in history.incidents] == ["crash"] and history.epoch == [0, 1]
     [early] = _events(run_dir, "standby_used", attempt=0)
     assert early["kind"] == "early"  # fit started the first attempt's worker ahead
@@ -110,7 +108,7 @@ def test_the_policy_turns_the_standby_off(tmp_path):
     x, y = make_data()
     run_dir = tmp_path / "run"
     history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=1, run_dir=run_dir, verbose=0,
-                            faults="segfault@5", checkpoint_every=1,
+                            faults="segfault@10", checkpoint_every=1,
                             policy=resilient.Policy(runtime={"standby": "off"}))
     assert [i.kind for i in history.incidents] == ["crash"] and history.epoch == [0, 1]
     assert _events(run_dir, "standby_started") == []
@@ -166,7 +164,7 @@ CALLER = textwrap.dedent(
     import resilient
     x, y = make_data()
     resilient.fit(make_model(), x, y, epochs=50, batch_size=8, seed=1, run_dir={run_dir!r}, verbose=0,
-                  faults="hang@6", hang_timeout=600, callbacks=[WaitForStandby({run_dir!r})])
+                  faults="hang@40", hang_timeout=600, callbacks=[WaitForStandby({run_dir!r})])
     """
 )
 
@@ -196,3 +194,31 @@ def test_killing_the_caller_leaves_no_worker_and_no_standby(tmp_path):
         if caller.poll() is None:
             caller.kill()
             caller.wait()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.fault("ctrl_c", "mid-epoch", incident="none (run_finished: interrupted)", outcome="KeyboardInterrupt; "
+                   "the worker and the waiting standby are killed and reaped", lost="steps since the last checkpoint",
+                   corrupted="no")
+def test_ctrl_c_kills_the_waiting_standby(tmp_path):
+    x, y = make_data()
+    run_dir = tmp_path / "run"
+    standby: list[int] = []
+
+    def press_ctrl_c() -> None:  # once a standby waits, as a person at the keyboard would
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ready = _events(run_dir, "standby_ready", kind="standby")
+            if ready:
+                standby.append(ready[-1]["pid"])
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        resilient.fit(make_model(), x, y, epochs=50, batch_size=8, seed=1, run_dir=run_dir, verbose=0,
+                      callbacks=[WaitForStandby(str(run_dir))])
+    [pid] = standby
+    assert _gone(pid, within=0.5), "the standby outlived the interrupted fit"
+    assert _events(run_dir, "run_finished")[-1]["status"] == "interrupted"
