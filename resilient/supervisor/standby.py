@@ -30,7 +30,7 @@ schedule, the precision policy, the devices) is read by the worker after its go.
 Journal: ``standby_started`` (pid), ``standby_ready`` (pid, import_seconds, rss_bytes),
 ``standby_used`` (attempt, pid, ``early`` or ``standby``, whether it had finished importing),
 ``standby_skipped`` (reason: ``off``, ``host_oom``, ``machine_memory``, ``limit_headroom``,
-``environment_changed``, ``exited``), ``standby_stopped`` (pid, reason).
+``environment_changed``, ``exited``, ``spawn_failed``), ``standby_stopped`` (pid, reason).
 """
 
 from __future__ import annotations
