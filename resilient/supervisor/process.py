@@ -218,6 +218,7 @@ class WorkerProcess:
         self.interrupted = False  # Ctrl-C reached this attempt (interrupt())
         self.killed = False  # interrupt() had to SIGKILL it
         self._hang_timeout: float | None = None
+        self._carried = 0  # memory an adopted worker brought, charged outside its cgroup (start())
         #: Called from the monitor after each memory sample (the supervisor's standby keeper); must not block.
         self.on_sample: Callable[[WorkerProcess], None] | None = None
 
@@ -226,6 +227,10 @@ class WorkerProcess:
     def start(self, waiting: WaitingWorker | None = None) -> None:
         """Spawn the worker (or adopt ``waiting``, a worker started ahead: standby.py), put it into its
         memory cgroup, start reading its channel and output; an adopted worker gets its go last."""
+        # A worker started ahead brings what its import took, charged outside the group (the kernel does not
+        # move charges with a process): the group's limit leaves that out, so the worker's whole memory stays
+        # within the budget, as a fresh worker's does.
+        self._carried = (tree_rss(waiting.pid) or 0) if waiting is not None and waiting.alive() else 0
         group, note = self._open_cgroup()
         # Private (the run directory is code) and unbuffered: a full disk fails the write, not close().
         log = os.fdopen(os.open(self.dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab",
@@ -292,7 +297,8 @@ class WorkerProcess:
         if limit is None and not self.cfg.rehearse_host_oom:
             return None, None
         try:
-            return MemoryCgroup.create(limit if limit is not None else _total_ram()), None
+            cap = max(limit - self._carried, limit // 2) if limit is not None else _total_ram()
+            return MemoryCgroup.create(cap), None
         except OSError as e:
             if limit is not None:
                 self.journal.write("memory_enforcement", attempt=self.attempt, mechanism="watchdog", reason=str(e))
@@ -304,8 +310,10 @@ class WorkerProcess:
         except OSError as e:
             group.remove()
             return None, f"could not move the worker into {group.path} ({e}); the watchdog enforces the limit"
+        carried = {"carried_bytes": self._carried} if self._carried and self.cfg.host_memory_limit else {}
         self.journal.write("memory_enforcement", attempt=self.attempt, mechanism=f"cgroup v{group.version}",
-                           limit=group.limit, requested_limit=self.cfg.host_memory_limit, path=str(group.path))
+                           limit=group.limit, requested_limit=self.cfg.host_memory_limit, path=str(group.path),
+                           **carried)
         return group, None
 
     # ------------------------------------------------------------------ MONITOR
