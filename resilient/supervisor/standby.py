@@ -15,8 +15,9 @@ attempt's memory cgroup, points its output at the attempt's ``worker.log``, then
   limit is below a standby's own memory (measured: its private RSS once imported) plus
   ``STANDBY_MARGIN``; a waiting one is stopped when the machine's available memory falls below the
   margin. Until its go it lives outside the worker's memory cgroup, so its memory is not charged to
-  the worker's budget (the kernel leaves pages charged where they were faulted in: what the import
-  took stays outside, as the libraries' page cache does for a fresh worker).
+  the worker's budget. The kernel leaves pages charged where they were faulted in, so what its import
+  took stays charged outside the group after the move: the group's limit leaves that much out
+  (``carried_bytes`` in ``memory_enforcement``), and the worker's whole memory stays within the budget.
 - A waiting worker dies with the supervisor: ``PR_SET_PDEATHSIG`` and a parent watch in the worker
   (it is spawned on the supervisor's own thread, since the kernel sends that signal when the
   spawning thread ends), and the supervisor kills and reaps it at the end of the run, on Ctrl-C and
