@@ -108,9 +108,16 @@ def test_the_policy_turns_the_standby_off(tmp_path):
     x, y = make_data()
     run_dir = tmp_path / "run"
     history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=1, run_dir=run_dir, verbose=0,
-                            faults="segfault@10", checkpoint_every=1,
+                            faults="segfault@10", checkpoint_every=1, host_memory_limit="4GB",
                             policy=resilient.Policy(runtime={"standby": "off"}))
     assert [i.kind for i in history.incidents] == ["crash"] and history.epoch == [0, 1]
+    # fit's early worker still serves the first attempt. What it imported before its go stays charged
+    # outside the attempt's cgroup, so the group's limit leaves that out: the whole worker keeps to 4 GB.
+    assert _events(run_dir, "standby_used", attempt=0)[0]["kind"] == "early"
+    first, second = _events(run_dir, "memory_enforcement")
+    if first["mechanism"].startswith("cgroup"):
+        assert first["carried_bytes"] > 0 and first["limit"] == 4_000_000_000 - first["carried_bytes"]
+        assert "carried_bytes" not in second and second["limit"] == 4_000_000_000  # a fresh worker
     assert _events(run_dir, "standby_started") == []
     assert _events(run_dir, "standby_used", attempt=1) == []
     assert _events(run_dir, "standby_skipped", attempt=0)[0]["reason"] == "off"
