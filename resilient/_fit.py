@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # imported where used: the policy and the supervisor load onl
     from .data.inputs import Inputs
     from .policy import Policy
     from .supervisor.loop import RunResult
+    from .supervisor.standby import WaitingWorker
 
 DEFAULT_RUNS_DIR = "resilient_runs"
 
@@ -162,11 +163,18 @@ def fit(
         host_memory_limit=host_memory_limit, gpu_memory_limit=gpu_memory_limit, faults=faults, run_dir=run_dir,
         trust_run_dir=trust_run_dir, devices=devices, mirror_dir=mirror_dir,
     )
-    prepared = _prepare(args, x, y, validation_data=validation_data, sample_weight=sample_weight,
-                        validation_split=validation_split, steps_per_epoch=steps_per_epoch,
-                        validation_batch_size=validation_batch_size, seed=seed)
-    target = _open_run(args, prepared)
-    return _run_locked(args, prepared, target)
+    # The worker's interpreter and TensorFlow import run while the inputs are proven and the run is stored;
+    # it reads nothing until the supervisor's go names its attempt (supervisor/standby.py).
+    early = _start_worker_early()
+    try:
+        prepared = _prepare(args, x, y, validation_data=validation_data, sample_weight=sample_weight,
+                            validation_split=validation_split, steps_per_epoch=steps_per_epoch,
+                            validation_batch_size=validation_batch_size, seed=seed)
+        target = _open_run(args, prepared)
+        return _run_locked(args, prepared, target, early)
+    finally:
+        if early is not None:
+            early.kill()  # refused, failed, or the run was finished already; nothing once an attempt took it
 
 
 # ---------------------------------------------------------------------------- the phases of fit
@@ -358,7 +366,18 @@ def _open_run(args: _Args, prepared: _Prepared) -> _Target:
     return _Target(run=run, resuming=resuming, seed=seed, versions=versions, device=device, basis=basis)
 
 
-def _run_locked(args: _Args, prepared: _Prepared, target: _Target) -> History:
+def _start_worker_early() -> WaitingWorker | None:
+    """A worker for the first attempt, started now and waiting for its go; None where it cannot be spawned."""
+    from .supervisor.process import worker_env
+    from .supervisor.standby import WaitingWorker
+
+    try:
+        return WaitingWorker.spawn(worker_env({}), kind="early")
+    except OSError:
+        return None  # the supervisor starts a fresh worker, and says why if that fails too
+
+
+def _run_locked(args: _Args, prepared: _Prepared, target: _Target, early: WaitingWorker | None = None) -> History:
     """Under the run directory's lock: return a finished run's result, or store the run and supervise it."""
     from .supervisor.gpu import warn_if_caller_holds_gpu
 
@@ -376,7 +395,7 @@ def _run_locked(args: _Args, prepared: _Prepared, target: _Target) -> History:
             return _trained_history(run, args.model, args.is_builder, args.callbacks, finished, [],
                                     run.read_plan(), params)
         _store_run(args, prepared, target)
-        result = _supervise(args, prepared, target)
+        result = _supervise(args, prepared, target, early)
     finally:
         _unlock(lock)
 
@@ -443,7 +462,7 @@ def _rederived_plan(run: RunDir, requested: Plan, basis: PlanBasis) -> Rederived
     return rederive_plan(requested, run.read_plan(), learned, last, basis)
 
 
-def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
+def _supervise(args: _Args, prepared: _Prepared, target: _Target, early: WaitingWorker | None = None) -> RunResult:
     """Run the supervisor to the end of the run; it raises UserCodeError or TrainingFailedError."""
     from .policy import StepContext
     from .supervisor.display import make_display
@@ -458,7 +477,8 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target) -> RunResult:
         rehearse_host_oom=any(f.kind == "host_oom" for f in args.faults), echo=args.verbose_level != 0,
         # verbose as Keras means it: 0 silent, 1 live (a terminal line, a notebook panel), 2 a line per epoch.
         display=make_display(args.verbose_level, host_limit=args.host_memory_limit, gpu_limit=args.gpu_memory_limit),
-    ))
+        standby=args.policy.runtime.standby,
+    ), early_worker=early)
     return supervisor.run()
 
 

@@ -3,6 +3,7 @@
 - Exit codes with a meaning of their own (``EXIT_*``).
 - The channel: JSON lines over a dedicated pipe (never stdout), one pydantic model per message;
   a line that does not parse is ignored rather than trusted.
+- A waiting worker's go (``WorkerGo``): one JSON line on its stdin that names its attempt.
 - The files one side writes and the other reads, as pydantic models: ``ErrorReport``
   (``attempts/NNN/error.json``), ``TrainingResult`` (``result.json``) and ``CheckpointMeta`` (the
   ``meta`` of a checkpoint's manifest). They are read with defaults for every field added after
@@ -119,6 +120,22 @@ class Notice(_Msg):
     type: Literal["notice"] = "notice"
     event: str
     fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class WorkerGo(BaseModel):
+    """The go of a worker started ahead of its attempt (``--standby``): one JSON line on its stdin.
+
+    Until it reads this line the worker has imported TensorFlow and Keras and nothing else: no device
+    is listed, and it has not opened the run directory. What an attempt needs from its environment
+    is the same for every attempt of a call, so the supervisor hands a waiting worker an attempt only
+    when the environment it was spawned with is the one a fresh worker would get (``standby.py``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_dir: str
+    attempt: int = Field(ge=0)
+    plan: str | None = None  # this attempt's plan file; None: run_dir/plan.json
 
 
 Message = Annotated[

@@ -59,7 +59,7 @@ def test_the_caller_side_never_imports_tensorflow_or_keras():
         "import resilient.supervisor.config, resilient.supervisor.decide, resilient.supervisor.process, "
         "resilient.supervisor.report, resilient.supervisor.memory, resilient._replan, resilient._devices, "
         "resilient.supervisor.startup, resilient.supervisor.telemetry, resilient.supervisor.display, "
-        "resilient.supervisor.mirror\n"
+        "resilient.supervisor.mirror, resilient.supervisor.standby\n"
         "resilient.load_policy('default')\n"
         "bad = sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)\n"
         "print('IMPORTED', bad)\n"

@@ -5,7 +5,16 @@ its TOML files and presets, validation), ``search.py`` (the search for the best 
 TensorFlow, no Keras; the supervisor runs all of it.
 """
 
-from .policy import PRESET_DIRS, MemorySettings, Policy, ProbeSettings, list_presets, load_policy, resolve_policy_path
+from .policy import (
+    PRESET_DIRS,
+    MemorySettings,
+    Policy,
+    ProbeSettings,
+    RuntimeSettings,
+    list_presets,
+    load_policy,
+    resolve_policy_path,
+)
 from .search import Horizon, PlanSearch, next_probe, probe_below
 from .step import Step, StepContext, get_step, list_steps, register_step
 
@@ -16,6 +25,7 @@ __all__ = [
     "PlanSearch",
     "Policy",
     "ProbeSettings",
+    "RuntimeSettings",
     "Step",
     "StepContext",
     "get_step",

@@ -244,6 +244,20 @@ class MemorySettings(BaseModel):
                 f"{self.rearm_threshold:.0%}), or under {format_bytes(self.available_margin)} available without one")
 
 
+class RuntimeSettings(BaseModel):
+    """How the supervisor runs workers (TOML: ``[runtime]``).
+
+    - ``standby = "auto"``: during training a second worker process waits with TensorFlow imported (no
+      device, no data, no model), so a restart skips the import; it is not started after a host OOM in
+      the run, nor when the machine's memory or the headroom under the worker's limit is below its own
+      (about 0.7 GB) plus a margin. ``"off"``: every restart starts a fresh worker.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    standby: Literal["auto", "off"] = "auto"
+
+
 class Policy(BaseModel):
     """For each retryable incident kind, a ladder of steps; plus the restart budget and probe settings.
 
@@ -261,6 +275,7 @@ class Policy(BaseModel):
     )
     probe: ProbeSettings = Field(default_factory=ProbeSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
     def __init__(self, /, **data: Any) -> None:
         try:
@@ -340,6 +355,7 @@ class Policy(BaseModel):
         else:
             lines.append("probe: disabled")
         lines.append(self.memory.describe())
+        lines.append(f"standby: {self.runtime.standby}")
         lines.append("ladders:")
         width = max(len(kind) for kind in RETRYABLE_KINDS)
         for kind in RETRYABLE_KINDS:
@@ -362,7 +378,8 @@ _FIX_HINT = (
     '({ step = "halve_batch", min_batch = 8 }) or a Step object.'
 )
 _TOP_LEVEL_KEYS = list(Policy.model_fields)
-_SECTION_KEYS = {"probe": list(ProbeSettings.model_fields), "memory": list(MemorySettings.model_fields)}
+_SECTION_KEYS = {"probe": list(ProbeSettings.model_fields), "memory": list(MemorySettings.model_fields),
+                 "runtime": list(RuntimeSettings.model_fields)}
 
 
 def _bullets(problems: list[str]) -> str:

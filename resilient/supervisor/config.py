@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from .._devices import Devices
 from .._rundir import RunDir
@@ -43,6 +43,8 @@ class SupervisorConfig:
     started: float = field(default_factory=time.monotonic)
     telemetry_schedule: tuple[tuple[float, float], ...] = DOWNSAMPLE
     worker_cmd: Callable[[int, int], list[str]] | None = None  # (attempt, channel_fd) -> argv; a seam for tests
+    #: A warm standby worker for the next restart (standby.py): the policy's ``[runtime] standby``.
+    standby: Literal["auto", "off"] = "auto"
     extra_env: dict[str, str] = field(default_factory=dict)
     stream: IO[str] | None = None  # where worker output goes; None: sys.stdout at write time
     sleep: Callable[[float], None] = time.sleep

@@ -25,6 +25,11 @@ the preemption grace), then SIGKILLs and reaps it; a second Ctrl-C SIGKILLs at o
 was saved, journals ``attempt_ended`` (``interrupted``) and ``run_finished`` (``interrupted``), and
 re-raises.
 
+A worker started ahead (standby.py) is adopted at START when one waits: ``fit``'s early worker for
+the first attempt, the warm standby for a restart; the monitor starts the next standby once the
+attempt has trained its first step and memory allows. Whatever still waits is killed and reaped when
+the run ends, on Ctrl-C and on errors.
+
 With ``mirror_dir`` a thread (mirror.py) copies the run to the mirror, woken by each ``CheckpointSaved``;
 it never holds up a state, and when the run ends (finished, given up, Ctrl-C) it gets a bounded wait for
 a last copy.
@@ -51,8 +56,9 @@ from .disk import DiskSpace, is_disk_full_error, measure, own_write_text
 from .gpu import run_gpus
 from .memory import GpuMemory, reap_stale_cgroups
 from .mirror import Mirror
-from .process import AttemptEnd, Progress, WorkerProcess
+from .process import AttemptEnd, Progress, WorkerProcess, worker_env
 from .report import latest_checkpoint, root_cause_report, saved_text, user_error_message
+from .standby import StandbyKeeper, WaitingWorker
 from .startup import StartupCalibration
 
 __all__ = ["RunResult", "State", "Supervisor", "SupervisorConfig"]
@@ -81,7 +87,8 @@ class State(enum.Enum):
 class Supervisor:
     """Runs the training to completion, one worker attempt at a time."""
 
-    def __init__(self, config: SupervisorConfig) -> None:
+    def __init__(self, config: SupervisorConfig, *, early_worker: WaitingWorker | None = None) -> None:
+        """``early_worker``: a worker ``fit`` started ahead for the first attempt; the supervisor owns it now."""
         self.cfg = config
         self.rundir = config.run
         self.journal = Journal(config.run.events)
@@ -94,7 +101,12 @@ class Supervisor:
         # This call's measured start-up phases: the hang timeouts of the next attempt's start-up (startup.py).
         self.startup = StartupCalibration()
         # Attempts are numbered across calls, probe restarts included.
-        self._attempt_base = sum(1 for e in self.rundir.read_events() if e.get("event") == "attempt_started")
+        events = self.rundir.read_events()
+        self._attempt_base = sum(1 for e in events if e.get("event") == "attempt_started")
+        # The waiting worker (standby.py); after a host OOM in this run, none is started.
+        self._standby = StandbyKeeper(
+            self.journal, config.standby, early=early_worker, enabled=config.worker_cmd is None,
+            host_oom=any(e.get("event") == "incident" and e.get("kind") == "host_oom" for e in events))
         self._attempts_started = 0
         # The current attempt, as the states hand it on.
         self._worker: WorkerProcess | None = None
@@ -140,6 +152,7 @@ class Supervisor:
                 raise
             raise self._out_of_disk(exc) from exc
         finally:
+            self._standby.close()
             self._flush_mirror()
             if self.cfg.display is not None:
                 self.cfg.display.close()
@@ -164,6 +177,8 @@ class Supervisor:
                                              os.environ.get("CUDA_VISIBLE_DEVICES")) if self.gpu.available else ())
         if self._mirror is not None:
             worker.on_checkpoint = self._mirror.notify
+        env = worker_env(self.cfg.extra_env)
+        worker.on_sample = lambda w: self._keep_standby(w, env)
         self.journal.write("attempt_started", attempt=attempt, plan=self.plan.model_dump(mode="json"),
                            probe=self._probe, startup_timeouts=worker.startup_timeouts)
         if self.cfg.display is not None:
@@ -172,14 +187,14 @@ class Supervisor:
             self.cfg.say(f"attempt {attempt} starting with plan: {self.plan.describe()}")
         self._switch_to = None
         self._worker = worker
-        worker.start()
+        worker.start(self._standby.take(attempt, env) if self._standby.enabled else None)
         return State.MONITOR
 
     def _monitor(self) -> State:
         assert self._worker is not None
         end = self._worker.watch()
         self._journal_ended(self._worker.attempt, end)
-        self.startup = self.startup.after(end.startup_seconds, end.progress.max_save_seconds,
+        self.startup = self.startup.after(end.calibrating, end.progress.max_save_seconds,
                                           end.progress.max_step_seconds)
         self._end = end
         return State.CLASSIFY
@@ -270,6 +285,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ helpers of the states
 
+    def _keep_standby(self, worker: WorkerProcess, env: dict[str, str]) -> None:
+        """From the monitor, after each memory sample: the standby keeper's look (standby.py)."""
+        limit, usage = worker.memory_use()
+        self._standby.tick(worker.attempt, env, started_up=worker.started_up(), limit=limit, usage=usage)
+
     def _flush_mirror(self) -> None:
         """At the end of the run, Ctrl-C included: a last copy within a bounded wait; say what the mirror holds."""
         if self._mirror is None:
@@ -280,7 +300,8 @@ class Supervisor:
     def _tidy(self, cgroups: bool = False) -> None:
         """Remove what dead processes left: half-written checkpoint generations (``.tmp-*``, ``.old-*``) and,
         with ``cgroups``, the memory cgroups of supervisors killed with SIGKILL. Called only where no worker
-        of this run is alive (before an attempt starts, at the end), so none of them is being written."""
+        of this run is alive (before an attempt starts, at the end), so none of them is being written; a
+        waiting standby (standby.py) writes nothing before its go, and lives in no cgroup of ours until then."""
         removed = CheckpointStore(self.rundir.checkpoints).remove_leftovers()
         if removed:
             self._journal_quietly("leftovers_removed", checkpoints=[p.name for p in removed])
@@ -350,6 +371,8 @@ class Supervisor:
         """Write what the decision says happened: the incident, the journal, plan.json, the console."""
         if decision.incident is not None:
             self.incidents.append(decision.incident)
+            if decision.incident.kind == "host_oom":
+                self._standby.host_oom = True  # memory is tight: no more standbys in this run
         disk_full = decision.incident is not None and decision.incident.kind == "disk_full"
         for event, fields in decision.journal:
             if disk_full:

@@ -2,7 +2,8 @@
 
 - START spawns ``python -m resilient.worker`` (never a fork of this process: TensorFlow does not
   survive one) in a session of its own, with a pipe for the channel, and moves it into a memory
-  cgroup when the run has a limit (or rehearses a host OOM).
+  cgroup when the run has a limit (or rehearses a host OOM); or it adopts a worker started ahead
+  (standby.py: fit's early worker, the run's warm standby), moves it into the cgroup and sends its go.
 - MONITOR copies the worker's output to the attempt's ``worker.log`` (only there), reads the
   channel (heartbeats, progress, checkpoints, faults) and feeds the caller's display (display.py),
   samples memory (private RSS of the process tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
@@ -40,6 +41,7 @@ from .._protocol import (
     Heartbeat,
     Hello,
     Notice,
+    WorkerGo,
 )
 from .._rundir import FILE_MODE, Journal
 from .._units import format_bytes
@@ -48,6 +50,7 @@ from .classify import AttemptOutcome, Intervention
 from .config import SupervisorConfig
 from .gpu import DevicePeaks
 from .memory import GpuMemory, MemoryCgroup, PressureWatch, available_memory, tree_rss
+from .standby import WaitingWorker, WorkerOutput
 from .startup import StartupCalibration, StartupClock, StartupPhase, startup_cap
 from .telemetry import MemorySample, MemoryTelemetry
 
@@ -166,6 +169,8 @@ class AttemptEnd:
     gpu_devices: DevicePeaks | None = None
     #: Seconds of each start-up phase that ended in this attempt (startup.py).
     startup_seconds: dict[str, float] = field(default_factory=dict)
+    #: Those that calibrate later attempts' timeouts (not the import of a worker started ahead).
+    calibrating: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------- the process
@@ -227,16 +232,55 @@ class WorkerProcess:
         #: Asks for a checkpoint when memory runs short (None: the policy turned it off).
         self._pressure = (PressureWatch(memory.pressure_threshold, memory.rearm_threshold, memory.available_margin)
                           if memory is not None and memory.pressure_checkpoint else None)
+        self._carried = 0  # memory an adopted worker brought, charged outside its cgroup (start())
+        #: Called from the monitor after each memory sample (the supervisor's standby keeper); must not block.
+        self.on_sample: Callable[[WorkerProcess], None] | None = None
 
     # ------------------------------------------------------------------ START
 
-    def start(self) -> None:
-        """Spawn the worker, put it into its memory cgroup, start reading its channel and output."""
+    def start(self, waiting: WaitingWorker | None = None) -> None:
+        """Spawn the worker (or adopt ``waiting``, a worker started ahead: standby.py), put it into its
+        memory cgroup, start reading its channel and output; an adopted worker gets its go last."""
+        # A worker started ahead brings what its import took, charged outside the group (the kernel does not
+        # move charges with a process): the group's limit leaves that out, so the worker's whole memory stays
+        # within the budget, as a fresh worker's does.
+        self._carried = (tree_rss(waiting.pid) or 0) if waiting is not None and waiting.alive() else 0
         group, note = self._open_cgroup()
-        read_fd, write_fd = os.pipe()
         # Private (the run directory is code) and unbuffered: a full disk fails the write, not close().
         log = os.fdopen(os.open(self.dir / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE), "ab",
                         buffering=0)
+        try:
+            adopted = self._adopt(waiting, log) if waiting is not None else None
+            proc, read_fd, output = adopted or self._spawn(log)
+        except BaseException:
+            log.close()
+            if group is not None:
+                group.remove()
+            if waiting is not None:
+                waiting.kill()  # not adopted: nobody else holds it any more
+            raise
+        self._proc, self._log = proc, log
+        if group is not None:
+            group, note = self._join_cgroup(group, proc.pid)
+        if note:
+            self.cfg.say(note)
+        self._group = group
+        self._oom_before = group.oom_kills() if group else 0
+        self._threads = [ChannelReader(read_fd, self._on_message), output.thread]
+        self._threads[0].start()
+        if adopted is not None and waiting is not None:
+            with self._lock:  # its start-up phases are timed from the go: the import is done or under way
+                self._last_beat = time.monotonic()
+                self._clock = StartupClock(self._last_beat, started_ahead=True)
+            try:
+                waiting.go(WorkerGo(run_dir=str(self.cfg.run.path), attempt=self.attempt,
+                                    plan=str(self.dir / "plan.json")))
+            except OSError:
+                pass  # it died while waiting: the monitor sees it exit, and the attempt is classified as usual
+
+    def _spawn(self, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int, WorkerOutput]:
+        """A fresh worker for this attempt: (its process, the channel's read end, its output's pump)."""
+        read_fd, write_fd = os.pipe()
         with self._lock:
             self._last_beat = time.monotonic()
             self._clock = StartupClock(self._last_beat)
@@ -248,23 +292,18 @@ class WorkerProcess:
             )
         except BaseException:
             os.close(read_fd)
-            os.close(write_fd)
-            log.close()
-            if group is not None:
-                group.remove()
             raise
-        os.close(write_fd)
-        self._proc, self._log = proc, log
-        if group is not None:
-            group, note = self._join_cgroup(group, proc.pid)
-        if note:
-            self.cfg.say(note)
-        self._group = group
-        self._oom_before = group.oom_kills() if group else 0
-        self._threads = [ChannelReader(read_fd, self._on_message),
-                         threading.Thread(target=self._pump, args=(proc, log), name="resilient-output", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        finally:
+            os.close(write_fd)
+        output = WorkerOutput(proc)
+        output.attach(log)
+        return proc, read_fd, output
+
+    def _adopt(self, waiting: WaitingWorker, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int, WorkerOutput]:
+        """Take a waiting worker for this attempt; its output so far goes to the attempt's log first."""
+        proc, read_fd, output = waiting.take()
+        output.attach(log)
+        return proc, read_fd, output
 
     def _open_cgroup(self) -> tuple[MemoryCgroup | None, str | None]:
         """(the attempt's memory cgroup, or None with the note that says why the watchdog enforces the limit)."""
@@ -272,7 +311,8 @@ class WorkerProcess:
         if limit is None and not self.cfg.rehearse_host_oom:
             return None, None
         try:
-            return MemoryCgroup.create(limit if limit is not None else _total_ram()), None
+            cap = max(limit - self._carried, limit // 2) if limit is not None else _total_ram()
+            return MemoryCgroup.create(cap), None
         except OSError as e:
             if limit is not None:
                 self.journal.write("memory_enforcement", attempt=self.attempt, mechanism="watchdog", reason=str(e))
@@ -284,8 +324,10 @@ class WorkerProcess:
         except OSError as e:
             group.remove()
             return None, f"could not move the worker into {group.path} ({e}); the watchdog enforces the limit"
+        carried = {"carried_bytes": self._carried} if self._carried and self.cfg.host_memory_limit else {}
         self.journal.write("memory_enforcement", attempt=self.attempt, mechanism=f"cgroup v{group.version}",
-                           limit=group.limit, requested_limit=self.cfg.host_memory_limit, path=str(group.path))
+                           limit=group.limit, requested_limit=self.cfg.host_memory_limit, path=str(group.path),
+                           **carried)
         return group, None
 
     # ------------------------------------------------------------------ MONITOR
@@ -300,6 +342,8 @@ class WorkerProcess:
                 if now >= next_sample:
                     next_sample = now + self.cfg.sample_interval
                     self._sample(now)
+                    if self.on_sample is not None:
+                        self.on_sample(self)
                 self._check(now)
                 if self.cfg.display is not None:
                     self.cfg.display.tick()  # the live displays redraw from this thread (a notebook needs it)
@@ -414,6 +458,17 @@ class WorkerProcess:
         if self.decision == "preempt" and age > self.cfg.preempt_grace:
             self._signal(signal.SIGKILL)
 
+    def started_up(self) -> bool:
+        """Whether the worker has trained its first step (its start-up phases are over)."""
+        with self._lock:
+            return self._clock.phase() is None
+
+    def memory_use(self) -> tuple[int | None, int | None]:
+        """(the memory budget in force, the worker's use against it: its cgroup's, else its private RSS)."""
+        group = self._group
+        usage = group.usage() if group is not None else None
+        return self.memory_limit, usage if usage is not None else self._last_rss
+
     def _switch_plans(self, progress: Progress) -> bool:
         assert self.judge is not None
         verdict = self.judge(progress)
@@ -474,9 +529,10 @@ class WorkerProcess:
             startup_phase=self._hang_phase or self._clock.phase(), hang_timeout=self._hang_timeout,
         )
         with self._lock:
-            progress, startup = self._progress, self._clock.measured()
+            progress, startup, calibrating = self._progress, self._clock.measured(), self._clock.calibrating()
         return AttemptEnd(outcome, progress, memory_peak=peak, cgroup_peak=cgroup_peak,
-                          gpu_memory_peak=self._gpu_peak, gpu_devices=self._device_peaks, startup_seconds=startup)
+                          gpu_memory_peak=self._gpu_peak, gpu_devices=self._device_peaks, startup_seconds=startup,
+                          calibrating=calibrating)
 
     def _leave_cgroup(self) -> None:
         if self._group is not None:
@@ -531,29 +587,6 @@ class WorkerProcess:
                 self._sent_report = ErrorReport.model_validate(msg.fields.get("report"))
             except ValidationError:
                 pass
-
-    def _pump(self, proc: subprocess.Popen[bytes], log: IO[bytes] | None) -> None:
-        """Copy the worker's raw output (TensorFlow's C++ logs, tracebacks, faulthandler's dumps) to worker.log,
-        in full, and nowhere else: the caller sees resilient's display, and an incident names the log."""
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            if log is not None:
-                try:
-                    log.write(chunk)
-                except OSError:
-                    log = None  # a full disk: the pipe is still drained, so the worker is not blocked
-        # The end of the output: our end of the pipe closes here (left open, each attempt leaked a descriptor).
-        try:
-            proc.stdout.close()
-        except OSError:
-            pass
 
     # ------------------------------------------------------------------ stopping
 

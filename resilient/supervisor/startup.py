@@ -17,6 +17,10 @@ factory's dataset re-reads them), never less than the floor and never more than 
 than the calibrated time), or ``AUTO_STARTUP_FLOOR`` when ``hang_timeout`` is automatic, and never
 below ``STARTUP_MIN_TIMEOUT``. Measurements come from this call only: a new call may run on another
 machine, or with cold caches, so its first attempt gets the cap.
+
+A worker started ahead of its attempt (standby.py) is timed from its go: its ``import`` phase is what
+was left of the import then, near zero for a warm standby. That measures the attempt's start-up, not
+a fresh worker's import, so it does not calibrate the ``import`` timeout (``StartupClock.calibrating``).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class StartupClock:
     imported: float | None = None  # the worker's "restore" heartbeat: TensorFlow is imported
     ready: float | None = None  # its hello: the model is built and restored
     stepped: float | None = None  # its first trained step
+    started_ahead: bool = False  # a worker started ahead of its attempt, timed from its go (standby.py)
 
     def saw(self, msg: Any, now: float) -> None:
         """Note the end of a phase that ``msg``, received at ``now``, marks."""
@@ -108,6 +113,13 @@ class StartupClock:
         if self.ready is not None:
             return "first_step"
         return "restore" if self.imported is not None else "import"
+
+    def calibrating(self) -> dict[str, float]:
+        """The measured phases that calibrate later attempts' timeouts (``StartupCalibration.after``)."""
+        measured = self.measured()
+        if self.started_ahead:
+            measured.pop("import", None)
+        return measured
 
     def measured(self) -> dict[str, float]:
         """Seconds of each phase that ended in this attempt."""

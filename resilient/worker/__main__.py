@@ -9,6 +9,13 @@ Exit codes (``resilient._protocol``): 0 the training completed; ``EXIT_REPORTED`
 it and ``attempts/NNN/error.json`` (an ``ErrorReport``) says what was raised; ``EXIT_PREEMPTED``
 SIGTERM honoured after a checkpoint; ``EXIT_ORPHANED`` the supervisor went away. The worker does
 not judge its exception: the supervisor classifies the report.
+
+With ``--standby`` the worker is started ahead of its attempt (fit starts one while it stores the run;
+the supervisor keeps one warm during training for the next restart): it arms itself, imports
+TensorFlow and Keras (no device is listed or initialised, no data or model is read), says
+``standby_ready`` over the channel, and waits for its go, a ``WorkerGo`` line on stdin that names the
+run directory, the attempt and its plan. From there it runs exactly as a worker started for that
+attempt. End of input without a go (the supervisor dismissed it) exits 0.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .._protocol import (
     ErrorReport,
     Heartbeat,
     Notice,
+    WorkerGo,
 )
 from .._rundir import RunDir, atomic_write_text
 from .attempt import Attempt, Preempted
@@ -83,12 +91,36 @@ def setup_process(supervisor_pid: int, sigterm: threading.Event, pressure: threa
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m resilient.worker")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--attempt", type=int, required=True)
+    parser.add_argument("--run-dir", default=None)
+    parser.add_argument("--attempt", type=int, default=None)
     parser.add_argument("--channel-fd", type=int, default=None)
     parser.add_argument("--supervisor-pid", type=int, required=True)
     parser.add_argument("--plan", default=None, help="this attempt's plan (JSON); default: run_dir/plan.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--standby", action="store_true",
+                        help="import TensorFlow, then wait for the attempt on stdin (a WorkerGo JSON line)")
+    args = parser.parse_args(argv)
+    if not args.standby and (args.run_dir is None or args.attempt is None):
+        parser.error("--run-dir and --attempt are required without --standby")
+    return args
+
+
+def _wait_for_go(channel: ChannelWriter) -> WorkerGo | None:
+    """A standby's wait: import what every attempt imports, say so, then read the go (None: dismissed)."""
+    started = time.monotonic()
+    try:
+        import keras  # noqa: F401  (TensorFlow with it; importing lists no device and creates no context)
+    except BaseException:
+        pass  # the attempt imports it again and reports what it raises in error.json
+    channel.send(Notice(event="standby_ready", fields={"import_seconds": round(time.monotonic() - started, 3)}))
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return None
+    go = WorkerGo.model_validate_json(line)
+    # The attempt's code must not inherit the supervisor's pipe as its stdin.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return go
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     sigterm, pressure = threading.Event(), threading.Event()
     setup_process(args.supervisor_pid, sigterm, pressure)
     channel = ChannelWriter(args.channel_fd)
+    if args.standby:
+        go = _wait_for_go(channel)
+        if go is None:
+            return 0
+        args.run_dir, args.attempt, args.plan = go.run_dir, go.attempt, go.plan
     run = RunDir(args.run_dir)
     attempt_dir = run.attempt_dir(args.attempt)
     attempt_dir.mkdir(parents=True, exist_ok=True)
