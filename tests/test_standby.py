@@ -77,9 +77,18 @@ def test_the_keeper_skips_a_standby_under_memory_pressure_and_says_why_once(tmp_
 
 
 def test_the_keeper_waits_for_the_attempt_to_start_up(tmp_path, no_spawn):
+    keeper = _keeper(tmp_path)
+    keeper.available = lambda: 100 * GB
+    keeper.tick(0, {}, started_up=False, limit=None, usage=None)  # no standby, no verdict before the first step
+    assert _events(tmp_path) == [] and keeper.waiting is None
+
+
+def test_a_standby_ruled_out_by_the_policy_is_journaled_at_the_attempts_first_look(tmp_path, no_spawn):
+    # Not only once the attempt has trained a step: a fault at an early step must not hide it.
     keeper = _keeper(tmp_path, mode="off")
-    keeper.tick(0, {}, started_up=False, limit=None, usage=None)  # not even a verdict before the first step
-    assert _events(tmp_path) == []
+    keeper.tick(0, {}, started_up=False, limit=None, usage=None)
+    keeper.tick(0, {}, started_up=True, limit=None, usage=None)
+    assert [(e["event"], e["reason"]) for e in _events(tmp_path)] == [("standby_skipped", "off")]
 
 
 def test_a_keeper_for_fake_workers_does_nothing(tmp_path, no_spawn):

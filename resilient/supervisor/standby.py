@@ -285,8 +285,10 @@ class StandbyKeeper:
                 self.waiting = None
                 waiting.kill()
             return
-        if not started_up:
-            return  # its import would compete with the attempt's own start-up for the CPU
+        if not started_up and self.mode != "off" and not self.host_oom:
+            # Its import would compete with the attempt's own start-up for the CPU. (A standby ruled out
+            # whatever the memory, by the policy or a host OOM, is journaled at the attempt's first look.)
+            return
         need = self.rss + STANDBY_MARGIN
         verdict = standby_verdict(self.mode, host_oom=self.host_oom, need=need, available=self.available(),
                                   limit=limit, usage=usage)
