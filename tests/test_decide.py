@@ -171,7 +171,7 @@ def test_the_restart_rules(kind, changes, state, before, budget):
     elif recorded.plan_changed or kind == "preempted":
         assert decision.wait == 0.0, "a new plan, or a polite stop: no reason to wait"
     else:
-        assert decision.wait == {"none": 1.0, "stuck": 2.0, "progress": 1.0}[before]
+        assert decision.wait == {"none": 0.0, "stuck": 1.0, "progress": 0.0}[before]
 
 
 def test_the_grid_is_hundreds_of_cases():
@@ -375,14 +375,14 @@ def crashes(checkpoints: list[int | None], plan: Plan = WORKING) -> list[Inciden
             for i, c in enumerate(checkpoints)]
 
 
-@pytest.mark.parametrize(("n", "seconds"), [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (6, 32.0), (7, 60.0), (12, 60.0)])
+@pytest.mark.parametrize(("n", "seconds"), [(1, 0.0), (2, 1.0), (3, 2.0), (4, 4.0), (7, 32.0), (8, 60.0), (12, 60.0)])
 def test_the_backoff_doubles_up_to_its_maximum(n, seconds):
     assert RestartRules.of(100).wait_after(crashes([4] * n)) == seconds
 
 
 def test_the_backoff_has_its_own_base_and_maximum():
     rules = RestartRules.of(100, backoff_base=0.5, backoff_max=3.0)
-    assert [rules.wait_after(crashes([None] * n)) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert [rules.wait_after(crashes([None] * n)) for n in (1, 2, 3, 4, 5)] == [0.0, 0.5, 1.0, 2.0, 3.0]
 
 
 def test_repeats_stop_at_a_plan_change_a_preemption_or_progress():
@@ -438,7 +438,7 @@ def test_a_disk_still_too_full_for_a_checkpoint_stops_with_the_figures():
 def test_a_disk_full_incident_with_the_space_back_restarts(free):
     decision = run_decide(incident("disk_full", WORKING), WORKING, disk=disk(free))
     assert decision.kind == "restart" and decision.incident.action == "restart with the same plan"
-    assert decision.wait == 1.0
+    assert decision.wait == 0.0  # a first failure
 
 
 def test_no_retry_loop_on_a_disk_that_fills_again_at_the_same_step():

@@ -262,7 +262,7 @@ def test_echo_off_keeps_the_stream_quiet_but_still_logs(supervise):
 # ------------------------------------------------------------------------------------- signals, crashes
 
 
-def test_segfault_is_a_crash_then_the_run_completes_after_a_backoff(supervise):
+def test_segfault_is_a_crash_then_the_run_completes_at_once(supervise):
     h = supervise({"attempts": {"0": [HELLO, beat(5), {"do": "checkpoint"}, beat(2), die("SIGSEGV")]},
                    "default": COMPLETE})
     result = h.supervisor.run()
@@ -278,7 +278,7 @@ def test_segfault_is_a_crash_then_the_run_completes_after_a_backoff(supervise):
     assert incident.evidence["exit"] == "SIGSEGV"
     assert incident.action == "restart with the same plan"
     assert not incident.plan_changed
-    assert h.waits == [1.0]  # exponential backoff: the first repeat waits backoff_base
+    assert h.waits == [0.0]  # a first failure restarts at once; the backoff is for failures that repeat
 
     ended = h.events("attempt_ended")
     assert [(e["attempt"], e["returncode"], e.get("signal")) for e in ended] == [
@@ -313,7 +313,7 @@ def test_sigkill_without_memory_evidence_is_killed(supervise):
     assert incident.returncode == -9
     assert "no memory evidence" in incident.detail
     assert h.events("attempt_ended")[0]["signal"] == "SIGKILL"
-    assert h.waits == [1.0]
+    assert h.waits == [0.0]  # a first failure restarts at once
     h.assert_workers_gone()
 
 
@@ -440,7 +440,7 @@ def test_a_silent_worker_is_killed_as_a_hang(supervise):
     assert HANG_TIMEOUT <= elapsed <= HANG_TIMEOUT + KILL_GRACE + 1.0
     assert not _alive(h.worker_pids()[0])
     assert "no heartbeat for" in h.stream.getvalue()
-    assert h.waits == [1.0]
+    assert h.waits == [0.0]  # a first failure restarts at once
     assert h.events("run_finished")[0]["status"] == "completed"
     h.assert_workers_gone()
 
@@ -571,7 +571,7 @@ def test_an_exhausted_ladder_restarts_with_the_same_plan(supervise):
     assert result.incidents[0].action == "restart with the same plan"
     assert result.plan == Plan(batch_size=32)
     assert "plan_changed" not in h.names()
-    assert h.waits == [1.0]
+    assert h.waits == [0.0]  # a first failure restarts at once
 
 
 # ------------------------------------------------------------------------------------ finding the best plan
@@ -921,7 +921,7 @@ def test_restarts_exhausted_raise_a_root_cause_report(supervise):
     finished, = h.events("run_finished")
     assert finished["status"] == "failed"
     assert "restarts exhausted" in finished["reason"]
-    assert h.waits == [1.0, 1.0]  # each crash came after new checkpoints: the backoff does not grow
+    assert h.waits == [0.0, 0.0]  # each crash came after new checkpoints: no backoff
     h.assert_workers_gone()
 
 
@@ -938,7 +938,7 @@ def test_the_same_incident_at_the_same_step_twice_stops_early(supervise):
     finished, = h.events("run_finished")
     assert finished["status"] == "failed"
     assert finished["reason"].startswith("no progress")
-    assert h.waits == [1.0]
+    assert h.waits == [0.0]  # a first failure restarts at once
     h.assert_workers_gone()
 
 
@@ -1289,10 +1289,10 @@ def test_backoff_grows_while_crashes_repeat_without_progress():
                      for i, c in enumerate(checkpoints)]
         return rules.wait_after(incidents)
 
-    assert wait_after([4]) == 1.0
-    assert wait_after([4, 4]) == 2.0
-    assert wait_after([4, 4, 4]) == 4.0
-    assert wait_after([4, 4, 8]) == 1.0  # progress since the last crash resets the backoff
+    assert wait_after([4]) == 0.0  # a first failure: the restart is the cure
+    assert wait_after([4, 4]) == 1.0
+    assert wait_after([4, 4, 4]) == 2.0
+    assert wait_after([4, 4, 8]) == 0.0  # progress since the last crash resets the backoff
 
 
 # ------------------------------------------------------------------------------------ memory telemetry

@@ -23,7 +23,8 @@ progress: the incident repeats an earlier one at the same point (kind, step and 
 with the same checkpoint, and nothing changed since (the plan, and no checkpoint advanced in
 between; ``repeats_without_change``). A start-up incident before a newer checkpoint is no repeat of
 one after it, whatever step it is recorded at. Else the wait before the restart: nothing after a
-plan change or a preemption, exponential backoff while failures repeat without a new checkpoint.
+plan change, a preemption or a first failure, exponential backoff while failures repeat without a new
+checkpoint.
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ class stop_without_progress(tenacity.stop.stop_base):
 
 
 class wait_repeats_exponential(tenacity.wait.wait_base):
-    """``base * 2 ** (n - 1)`` seconds up to ``maximum``, n the failures repeated without progress;
-    nothing after a plan change (a new plan is its own reason to try) or a preemption (a polite stop)."""
+    """``base * 2 ** (n - 2)`` seconds up to ``maximum``, n >= 2 the failures in a row without progress;
+    nothing after a first failure (the restart is the cure; a warm standby worker makes it cost about a
+    second), after a plan change (a new plan is its own reason to try) or a preemption (a polite stop)."""
 
     def __init__(self, base: float = 1.0, maximum: float = 60.0) -> None:
         self.base = base
@@ -153,8 +155,10 @@ class wait_repeats_exponential(tenacity.wait.wait_base):
         last = incidents[-1]
         if last.plan_changed or last.kind == "preempted":
             return 0.0
-        repeats = max(1, repeats_without_progress(incidents))
-        return float(min(self.maximum, self.base * 2 ** (repeats - 1)))
+        repeats = repeats_without_progress(incidents)
+        if repeats <= 1:
+            return 0.0
+        return float(min(self.maximum, self.base * 2 ** (repeats - 2)))
 
 
 @dataclass(frozen=True)
