@@ -147,10 +147,11 @@ class ContinuingCallbackList(keras.callbacks.CallbackList):
     saved state; ``end_training`` the real end, once the whole training ends.
 
     ``epoch_begins(epoch) -> steps``: when set, called as each epoch begins, before any callback; the
-    epoch's steps become ``params["steps"]`` (a resumed epoch has fewer). A batch Keras begins at or
-    past them is not passed on: in one fit call over epochs of different lengths, Keras bounds every
-    epoch by the longest and a shorter one ends when its data does, after Keras began a batch that
-    never runs (model.fit's callbacks never see that batch either).
+    epoch's steps become ``params["steps"]`` (a resumed epoch has fewer). In one fit call over epochs
+    of different lengths, Keras bounds every epoch by the longest; a batch it begins at or past the
+    epoch's steps ends the epoch here (``StopIteration``, which Keras's epoch iterator takes as the end
+    of the data) before any callback sees it. Letting Keras find the end itself would cost a call of
+    the train function on an exhausted iterator, which still advances the optimizer's step count.
     """
 
     def __init__(self, callbacks: list[Any], *, resume_states: list[tuple[Any, dict[str, Any]]] | None = None,
@@ -168,7 +169,7 @@ class ContinuingCallbackList(keras.callbacks.CallbackList):
     def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
         steps = (self.params or {}).get("steps")
         if steps is not None and batch >= steps:
-            return  # past the epoch's end: no step runs here
+            raise StopIteration  # past the epoch's end: no step may run here
         super().on_train_batch_begin(batch, logs)
 
     def on_train_begin(self, logs: Any = None) -> None:
