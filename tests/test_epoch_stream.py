@@ -128,3 +128,48 @@ def test_a_stream_read_twice_for_an_epoch_gives_the_epoch_twice(tmp_path, offset
     first, second = _batches(stream.dataset), _batches(stream.dataset)
     _assert_same(first, second)
     assert len(first) == stream.steps(1, offset) == (20 - offset + 3) // 4
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_one_fit_call_trains_a_short_first_epoch_then_whole_ones_and_callbacks_see_model_fits_batches(
+        tmp_path, steps_per_execution):
+    """The worker's mechanism in one process: the stream, the claimed cardinality, the continuing callback list."""
+    import keras
+
+    from resilient.worker.callbacks import ContinuingCallbackList
+
+    run = RunDir(tmp_path)
+    (tmp_path / "data").mkdir()
+    x, y = make_data(64)
+    np.save(tmp_path / "data/x.npy", x)
+    np.save(tmp_path / "data/y.npy", y)
+    data = ArraysData(x="data/x.npy", y="data/y.npy", samples=64)
+    spec = RunSpec(epochs=3, seed=3, shuffle=True, data=data, model_fingerprint="f", initial_plan=Plan(batch_size=8))
+    stream = ArraysSource(spec, data, run).epochs(Plan(batch_size=8))
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=steps_per_execution)
+
+    class Seen(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.begun: list[list[int]] = []
+            self.steps: list[int] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.begun.append([])
+            self.steps.append(self.params["steps"])
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.begun[-1].append(batch)
+
+    seen = Seen()
+    offsets = {0: 24}  # epoch 0 resumes 3 batches in: 5 steps, then two whole epochs of 8
+    cbl = ContinuingCallbackList([seen], model=model, epochs=3, verbose=0, add_history=True)
+    cbl.epoch_begins = lambda epoch: stream.begin(epoch, offsets.get(epoch, 0))
+    cbl.set_params({"verbose": 0, "epochs": 3, "steps": cbl.epoch_begins(0)})
+    cbl.begin_training()
+    model.fit(claim_steps(stream.dataset, 8), epochs=3, callbacks=cbl, verbose=0, shuffle=False)
+    assert seen.steps == [5, 8, 8]
+    assert seen.begun == [list(range(0, n, steps_per_execution)) for n in (5, 8, 8)]
+    assert int(model.optimizer.iterations.numpy()) == 21, "no step, and no optimizer count, past an epoch's data"
