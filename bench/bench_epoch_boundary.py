@@ -118,59 +118,61 @@ def resilient_run(x, y, xv, yv, epochs, batch, tmp, name, per_epoch):
     return b, step, len(calls), C.median(list(ckpt.values()))
 
 
+def measure(args, epochs: int, repeats: int, tmp: str, mon) -> None:
+    x, y = C.image_data(args.samples)
+    xv, yv = C.image_data(512, seed=1)
+    print(f"{args.samples} samples, batch {args.batch} ({-(-args.samples // args.batch)} steps an epoch), "
+          f"{epochs} epochs, validation 512 samples", flush=True)
+    t0 = time.time()
+    plain, plain_step = plain_run(x, y, xv, yv, epochs, args.batch, tmp)
+    load = {"plain": [mon.between(t0, time.time())["foreign_cores"]]}
+    rows = [["plain model.fit (one call)", "-", C.median(plain) * 1e3, min(plain) * 1e3, max(plain) * 1e3,
+             plain_step * 1e3, "-", load["plain"][0]]]
+    sides: dict[str, list[float]] = {"per_epoch": [], "all_epochs": []}
+    calls: dict[str, int] = {}
+    steps: dict[str, list[float]] = {}
+    ckpts: dict[str, list[float]] = {}
+    for i in range(repeats):
+        for per_epoch in (True, False):
+            key = "per_epoch" if per_epoch else "all_epochs"
+            t0 = time.time()
+            b, step, n_calls, ckpt = resilient_run(x, y, xv, yv, epochs, args.batch, tmp, f"{key}{i}", per_epoch)
+            load.setdefault(key, []).append(mon.between(t0, time.time())["foreign_cores"])
+            sides[key].extend(b)
+            calls[key] = n_calls
+            steps.setdefault(key, []).append(step)
+            ckpts.setdefault(key, []).append(ckpt)
+    for key, label in (("per_epoch", "resilient, one fit call per epoch (before)"),
+                       ("all_epochs", "resilient, one fit call per attempt (now)")):
+        rows.append([label, calls[key], C.median(sides[key]) * 1e3, min(sides[key]) * 1e3, max(sides[key]) * 1e3,
+                     C.median(steps[key]) * 1e3, C.median(ckpts[key]) * 1e3, max(load[key])])
+    print()
+    C.table(rows, ["side", "fit calls", "boundary median ms", "min ms", "max ms", "step ms", "epoch-end ckpt ms",
+                   "other procs (cores)"])
+    before, now = C.median(sides["per_epoch"]), C.median(sides["all_epochs"])
+    print(f"\nepoch boundary, median: {before * 1e3:.1f} ms before -> {now * 1e3:.1f} ms now "
+          f"(saved {(before - now) * 1e3:.1f} ms an epoch; plain model.fit: {C.median(plain) * 1e3:.1f} ms)")
+    C.write_json("bench_epoch_boundary", {"environment": C.environment(), "epochs": epochs, "samples": args.samples,
+                                          "batch": args.batch, "boundaries_s": {"plain": plain, **sides},
+                                          "fit_calls": calls, "step_s": steps, "epoch_end_checkpoint_s": ckpts,
+                                          "foreign_cores": load})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer epochs, one run of each resilient side")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="runs of each resilient side (default 2, --quick 1)")
     ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
     epochs = args.epochs or (4 if args.quick else 8)
-    repeats = 1 if args.quick else 2
-    x, y = C.image_data(args.samples)
-    xv, yv = C.image_data(512, seed=1)
+    repeats = args.repeats or (1 if args.quick else 2)
     tmp = tempfile.mkdtemp(prefix="bench_boundary_")
-    rows, raw, load = [], {}, {}
-    mon = C.CpuMonitor()
-    mon.__enter__()
     try:
-        print(f"{args.samples} samples, batch {args.batch} ({-(-args.samples // args.batch)} steps an epoch), "
-              f"{epochs} epochs, validation 512 samples", flush=True)
-        t0 = time.time()
-        plain, plain_step = plain_run(x, y, xv, yv, epochs, args.batch, tmp)
-        load["plain"] = [mon.between(t0, time.time())["foreign_cores"]]
-        raw["plain"] = plain
-        rows.append(["plain model.fit (one call)", "-", C.median(plain) * 1e3, max(plain) * 1e3, plain_step * 1e3,
-                     "-", load["plain"][0]])
-        sides = {"per_epoch": [], "all_epochs": []}
-        calls, steps, ckpts = {}, {}, {}
-        for i in range(repeats):
-            for per_epoch in (True, False):
-                key = "per_epoch" if per_epoch else "all_epochs"
-                t0 = time.time()
-                b, step, n_calls, ckpt = resilient_run(x, y, xv, yv, epochs, args.batch, tmp, f"{key}{i}", per_epoch)
-                load.setdefault(key, []).append(mon.between(t0, time.time())["foreign_cores"])
-                sides[key].extend(b)
-                calls[key] = n_calls
-                steps.setdefault(key, []).append(step)
-                ckpts.setdefault(key, []).append(ckpt)
-        raw.update(sides)
-        for key, label in (("per_epoch", "resilient, one fit call per epoch (before)"),
-                           ("all_epochs", "resilient, one fit call per attempt (now)")):
-            rows.append([label, calls[key], C.median(sides[key]) * 1e3, max(sides[key]) * 1e3,
-                         C.median(steps[key]) * 1e3, C.median(ckpts[key]) * 1e3, max(load[key])])
-        print()
-        C.table(rows, ["side", "fit calls", "boundary median ms", "boundary max ms", "step ms", "epoch-end ckpt ms",
-                       "other procs (cores)"])
-        before, now = C.median(sides["per_epoch"]), C.median(sides["all_epochs"])
-        print(f"\nepoch boundary, median: {before * 1e3:.1f} ms before -> {now * 1e3:.1f} ms now "
-              f"(saved {(before - now) * 1e3:.1f} ms an epoch; plain model.fit: {C.median(plain) * 1e3:.1f} ms)")
-        C.write_json("bench_epoch_boundary", {"environment": C.environment(), "epochs": epochs,
-                                              "samples": args.samples, "batch": args.batch, "boundaries_s": raw,
-                                              "fit_calls": calls, "step_s": steps, "epoch_end_checkpoint_s": ckpts,
-                                              "foreign_cores": load})
+        with C.CpuMonitor() as mon:
+            measure(args, epochs, repeats, tmp, mon)
     finally:
-        mon.__exit__(None, None, None)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
