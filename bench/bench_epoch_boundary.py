@@ -16,8 +16,8 @@ seconds, written in that interval on both resilient sides): what is left is the 
 "other procs": CPU cores that processes outside this run's tree used meanwhile (a shared machine);
 boundaries are tens of milliseconds, so read the medians with that column.
 
-    python bench/bench_epoch_boundary.py            # ~1.5 min on 2 cores
-    python bench/bench_epoch_boundary.py --quick    # ~1 min
+    python bench/bench_epoch_boundary.py            # ~1 min on 2 cores
+    python bench/bench_epoch_boundary.py --quick    # ~40 s
 """
 
 from __future__ import annotations
