@@ -8,10 +8,10 @@ Worker side: :class:`Source`, which answers ``epoch(plan, epoch, offset)`` -> ``
 what is left of the epoch after offset, steps or None)``, ``epochs(plan)`` -> an :class:`EpochStream`
 (one dataset for all the epochs of an attempt, or None where the kind cannot give one),
 ``validation(plan)`` -> dataset or None, and ``samples_per_step(plan)``: how far ``offset`` advances
-per training step; :class:`ValidationSource` builds the validation dataset. The order of an epoch is a function of ``(seed, epoch)`` alone
-(:func:`epoch_order`, :func:`epoch_span`) and the position is kept in samples (batches, for a
-PyDataset, which picks its own batch size), so a resume with the same or another batch size
-continues at exactly the right sample.
+per training step; :class:`ValidationSource` builds the validation dataset. The order of an epoch is
+a function of ``(seed, epoch)`` alone (:func:`epoch_order`, :func:`epoch_span`) and the position is
+kept in samples (batches, for a PyDataset, which picks its own batch size), so a resume with the same
+or another batch size continues at exactly the right sample.
 
 TensorFlow is imported inside the worker-side functions only: the caller imports this module.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import math
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -231,13 +232,15 @@ class EpochStream:
     resumed epoch is shorter (it starts at ``offset``) and every other epoch is whole. The orders
     are those of :meth:`Source.epoch`: both come from the same ``positions`` function.
 
-    ``dataset`` claims ``steps`` batches per epoch (:func:`claim_steps`): the longest epoch's. A
-    shorter epoch ends when its iterator runs out; the worker ignores the batch Keras begins past
-    its end (no step runs there).
+    The worker hands Keras ``dataset`` claiming the longest epoch's steps (:func:`claim_steps`), and
+    ends a shorter epoch at its own steps (``worker.callbacks.ContinuingCallbackList``).
+
+    ``positions(epoch, offset)``: the epoch's positions from ``offset``; ``steps(epoch, offset)``: how
+    many batches they make; ``on_epoch(epoch)``: called when an epoch begins (a PyDataset's epoch hooks).
     """
 
-    def __init__(self, positions: Any, steps: Any, on_epoch: Any = None) -> None:
-        #: ``positions(epoch, offset) -> np.ndarray`` (int64), ``steps(epoch, offset) -> int``.
+    def __init__(self, positions: Callable[[int, int], np.ndarray], steps: Callable[[int, int], int],
+                 on_epoch: Callable[[int], None] | None = None) -> None:
         self._positions, self._steps, self._on_epoch = positions, steps, on_epoch
         self._key: tuple[int, int] | None = None
         self.current = np.zeros(0, dtype=np.int64)
