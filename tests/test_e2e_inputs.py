@@ -12,11 +12,21 @@ import numpy as np
 import pytest
 
 import resilient
+from resilient._rundir import RunDir
 from resilient.steps import lower_resolution
 from tests.conftest import make_data, make_model
 from tests.input_helpers import make_image_model, write_image_folder
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("no_leftover_processes")]
+
+
+def fit_call_modes(run_dir) -> dict[int, list[str]]:
+    """How each attempt called model.fit (the worker journals every call)."""
+    out: dict[int, list[str]] = {}
+    for e in RunDir(run_dir).read_events():
+        if e["event"] == "fit_call":
+            out.setdefault(e["attempt"], []).append(e["mode"])
+    return out
 
 
 def assert_same_training(model, hist, ref_model, ref):
@@ -34,13 +44,17 @@ def assert_same_training(model, hist, ref_model, ref):
 @pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
                    outcome="completed; weights and History exact (image folder)",
                    lost="1 step (since the checkpoint at step 4)", corrupted="no")
-def test_image_folder_trains_with_a_validation_split_and_resumes_exactly(tmp_path):
+def test_image_folder_trains_with_a_validation_split_and_resumes_exactly(tmp_path, monkeypatch):
     folder = write_image_folder(tmp_path / "imgs")  # 60 PNGs, 3 classes; 48 train, 12 validation
     spec = resilient.data.image_folder(folder, image_size=(8, 8), validation_split=0.2)
     common = dict(epochs=3, batch_size=8, seed=5, verbose=0, checkpoint_every=4)  # 6 steps an epoch
 
+    # The reference calls model.fit once per epoch (as every attempt did before one call trained them all).
     ref_model = make_image_model()
-    ref = resilient.fit(ref_model, spec, run_dir=tmp_path / "ref", **common)
+    with monkeypatch.context() as m:
+        m.setenv("RESILIENT_FIT_PER_EPOCH", "1")
+        ref = resilient.fit(ref_model, spec, run_dir=tmp_path / "ref", **common)
+    assert list(fit_call_modes(tmp_path / "ref").values()) == [["per_epoch"] * 3]
     assert ref.epoch == [0, 1, 2] and ref.incidents == []
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(ref.history)
     assert all(len(v) == 3 for v in ref.history.values())
@@ -48,9 +62,11 @@ def test_image_folder_trains_with_a_validation_split_and_resumes_exactly(tmp_pat
 
     # Killed at step 5, in the middle of epoch 0: the new worker resumes from step 4 with an empty cache.
     model = make_image_model()
+    # One fit call per attempt; its epochs read the in-memory cache once an epoch has stored every image.
     hist = resilient.fit(model, spec, run_dir=tmp_path / "killed", faults="sigkill@5", **common)
     assert [i.kind for i in hist.incidents] == ["killed"]
     assert hist.incidents[0].checkpoint_step == 4
+    assert list(fit_call_modes(tmp_path / "killed").values()) == [["all_epochs"], ["all_epochs"]]
     assert_same_training(model, hist, ref_model, ref)
 
 
@@ -104,6 +120,10 @@ def test_factory_trains_with_a_validation_factory_and_resumes_exactly(tmp_path):
     assert [i.kind for i in hist.incidents] == ["killed"]
     assert hist.incidents[0].checkpoint_step == 9
     assert_same_training(model, hist, ref_model, ref)
+    # A factory's dataset is made in Python for each epoch: one model.fit call per epoch, journaled with why.
+    assert list(fit_call_modes(tmp_path / "killed").values()) == [["per_epoch"] * 2, ["per_epoch"]]
+    why = {e.get("why") for e in RunDir(tmp_path / "killed").read_events() if e["event"] == "fit_call"}
+    assert why == {"factory input: its dataset is made in Python for each epoch"}
 
 
 # ----------------------------------------------------------------------------------------- PyDataset
@@ -138,12 +158,16 @@ def _pydataset_class():
 @pytest.mark.fault("sigkill", "mid-epoch", incident="killed",
                    outcome="completed; weights and History exact (PyDataset)",
                    lost="1 step (since the checkpoint at step 12)", corrupted="no")
-def test_pydataset_trains_and_resumes_exactly(tmp_path):
+def test_pydataset_trains_and_resumes_exactly(tmp_path, monkeypatch):
     batches = _pydataset_class()
     common = dict(epochs=3, seed=9, verbose=0, checkpoint_every=3)
+    # The reference calls model.fit once per epoch (as every attempt did before one call trained them all).
     ref_model = make_model()
-    ref = resilient.fit(ref_model, batches(workers=2), validation_data=batches(n=64, seed=1),
-                        run_dir=tmp_path / "ref", **common)  # 8 batches an epoch
+    with monkeypatch.context() as m:
+        m.setenv("RESILIENT_FIT_PER_EPOCH", "1")
+        ref = resilient.fit(ref_model, batches(workers=2), validation_data=batches(n=64, seed=1),
+                            run_dir=tmp_path / "ref", **common)  # 8 batches an epoch
+    assert list(fit_call_modes(tmp_path / "ref").values()) == [["per_epoch"] * 3]
     assert ref.epoch == [0, 1, 2] and "val_loss" in ref.history
     assert int(ref_model.optimizer.iterations.numpy()) == 24
 
@@ -154,4 +178,5 @@ def test_pydataset_trains_and_resumes_exactly(tmp_path):
                          run_dir=tmp_path / "killed", faults="sigkill@13", **common)
     assert [i.kind for i in hist.incidents] == ["killed"]
     assert hist.incidents[0].checkpoint_step == 12
+    assert list(fit_call_modes(tmp_path / "killed").values()) == [["all_epochs"], ["all_epochs"]]
     assert_same_training(model, hist, ref_model, ref)

@@ -24,6 +24,7 @@ from .._errors import InvalidArgumentError, RunDirError
 from .._plan import Plan
 from .._rundir import ArraysData, RunDir, RunSpec, atomic_file
 from .base import (
+    EpochStream,
     Inputs,
     Source,
     ValidationInput,
@@ -33,6 +34,7 @@ from .base import (
     epoch_span,
     is_tf_dataset,
     refuse_tf_dataset,
+    span_steps,
 )
 from .checks import ModelFacts, check_labels, check_sample_shape
 
@@ -467,8 +469,12 @@ class ArrayPipeline:
     def dataset(self, idx: np.ndarray, plan: Plan) -> tf.data.Dataset:
         import tensorflow as tf
 
+        return self.batches(tf.data.Dataset.from_tensor_slices(idx), plan)
+
+    def batches(self, positions: tf.data.Dataset, plan: Plan) -> tf.data.Dataset:
+        """Batches of the samples at ``positions`` (a dataset of indices), in that order."""
         calls = autotune(plan.parallel_calls)
-        ds = tf.data.Dataset.from_tensor_slices(idx).batch(plan.batch_size)
+        ds = positions.batch(plan.batch_size)
         ds = ds.map(self._gather_fn(), num_parallel_calls=calls, deterministic=True)
         resize = self._resize_fn(plan)
         if resize is not None:
@@ -515,7 +521,15 @@ class ArraysSource(Source):
             val = ArrayValidationSource(ArrayPipeline(vx, vy, data.image_axes, vsw))
         super().__init__(spec, val)
 
-    def epoch(self, plan: Plan, epoch: int, offset: int) -> tuple[tf.data.Dataset, int]:
+    def _positions(self, epoch: int, offset: int) -> np.ndarray:
         order, start, end = epoch_span(self.spec, epoch, self.n)
-        idx = epoch_order(self.spec.seed, order, self.n, self.spec.shuffle)[start + offset:end]
+        return epoch_order(self.spec.seed, order, self.n, self.spec.shuffle)[start + offset:end]
+
+    def epoch(self, plan: Plan, epoch: int, offset: int) -> tuple[tf.data.Dataset, int]:
+        idx = self._positions(epoch, offset)
         return self._weighed(self._pipe.dataset(idx, plan)), math.ceil(len(idx) / plan.batch_size)
+
+    def epochs(self, plan: Plan) -> EpochStream:
+        stream = EpochStream(self._positions, lambda e, o: span_steps(self.spec, e, o, self.n, plan.batch_size))
+        stream.dataset = self._weighed(self._pipe.batches(stream.positions_dataset(), plan))
+        return stream

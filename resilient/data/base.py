@@ -5,12 +5,13 @@ check a resumed run's stored inputs (``check_resume``) and store what the worker
 once the run directory is locked); :class:`ValidationInput`, a checked validation input.
 
 Worker side: :class:`Source`, which answers ``epoch(plan, epoch, offset)`` -> ``(batched dataset of
-what is left of the epoch after offset, steps or None)``, ``validation(plan)`` -> dataset or None, and
-``samples_per_step(plan)``: how far ``offset`` advances per training step; :class:`ValidationSource`
-builds the validation dataset. The order of an epoch is a function of ``(seed, epoch)`` alone
-(:func:`epoch_order`, :func:`epoch_span`) and the position is kept in samples (batches, for a
-PyDataset, which picks its own batch size), so a resume with the same or another batch size
-continues at exactly the right sample.
+what is left of the epoch after offset, steps or None)``, ``epochs(plan)`` -> an :class:`EpochStream`
+(one dataset for all the epochs of an attempt, or None where the kind cannot give one),
+``validation(plan)`` -> dataset or None, and ``samples_per_step(plan)``: how far ``offset`` advances
+per training step; :class:`ValidationSource` builds the validation dataset. The order of an epoch is
+a function of ``(seed, epoch)`` alone (:func:`epoch_order`, :func:`epoch_span`) and the position is
+kept in samples (batches, for a PyDataset, which picks its own batch size), so a resume with the same
+or another batch size continues at exactly the right sample.
 
 TensorFlow is imported inside the worker-side functions only: the caller imports this module.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import abc
 import math
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -165,6 +167,12 @@ def epoch_span(spec: RunSpec, epoch: int, n: int) -> tuple[int, int, int]:
     return spec.initial_epoch + passes, chunk * steps * batch, min((chunk + 1) * steps * batch, n)
 
 
+def span_steps(spec: RunSpec, epoch: int, offset: int, n: int, batch_size: int) -> int:
+    """The steps of ``epoch`` from ``offset`` (samples) in batches of ``batch_size``: as many as ``epoch_span`` gives."""
+    _, start, end = epoch_span(spec, epoch, n)
+    return math.ceil(max(0, end - start - offset) / batch_size)
+
+
 def class_weight_fn(class_weight: dict[int, float]) -> Any:
     """A ``tf.data`` map that turns fit's ``class_weight`` into sample weights, as Keras does.
 
@@ -214,6 +222,86 @@ class ValidationSource(abc.ABC):
         """The whole validation data, batched per ``plan``."""
 
 
+class EpochStream:
+    """One dataset for every epoch of an attempt, so that one ``model.fit`` call trains them all.
+
+    Keras starts a new iterator of the training dataset at each epoch, after the callbacks'
+    ``on_epoch_begin`` (``fit`` without ``steps_per_epoch``). The worker calls :meth:`begin` there;
+    it sets which positions (samples, or batches for a PyDataset) the epoch trains, in the epoch's
+    order, and the dataset's iterators read them when they start (:meth:`positions_dataset`), so a
+    resumed epoch is shorter (it starts at ``offset``) and every other epoch is whole. The orders
+    are those of :meth:`Source.epoch`: both come from the same ``positions`` function.
+
+    The worker hands Keras ``dataset`` claiming the longest epoch's steps (:func:`claim_steps`), and
+    ends a shorter epoch at its own steps (``worker.callbacks.ContinuingCallbackList``).
+
+    ``positions(epoch, offset)``: the epoch's positions from ``offset``; ``steps(epoch, offset)``: how
+    many batches they make; ``on_epoch(epoch)``: called when an epoch begins (a PyDataset's epoch hooks).
+    """
+
+    def __init__(self, positions: Callable[[int, int], np.ndarray], steps: Callable[[int, int], int],
+                 on_epoch: Callable[[int], None] | None = None) -> None:
+        self._positions, self._steps, self._on_epoch = positions, steps, on_epoch
+        self._key: tuple[int, int] | None = None
+        self.current = np.zeros(0, dtype=np.int64)
+        self.dataset: Any = None
+
+    def steps(self, epoch: int, offset: int = 0) -> int:
+        """The steps of ``epoch`` from ``offset``, without building its order."""
+        return int(self._steps(epoch, offset))
+
+    def begin(self, epoch: int, offset: int) -> int:
+        """``epoch`` begins at ``offset``: the next iterator of ``dataset`` trains it. Its steps."""
+        if self._key != (epoch, offset):
+            if self._on_epoch is not None:
+                self._on_epoch(epoch)
+            self.current = np.asarray(self._positions(epoch, offset), dtype=np.int64)
+            self._key = (epoch, offset)
+        return self.steps(epoch, offset)
+
+    def read_positions(self) -> np.ndarray:
+        """The positions of the epoch begun last (called from the dataset's iterators)."""
+        return self.current
+
+    def positions_dataset(self) -> tf.data.Dataset:
+        """The current epoch's positions, one element each, read when an iterator starts."""
+        import tensorflow as tf
+
+        def epoch_positions(_: Any) -> tf.data.Dataset:
+            ids = tf.numpy_function(self.read_positions, [], tf.int64, stateful=True)
+            ids.set_shape((None,))
+            return tf.data.Dataset.from_tensor_slices(ids)
+
+        return tf.data.Dataset.range(1).flat_map(epoch_positions)
+
+
+def claim_steps(ds: tf.data.Dataset, steps: int) -> tf.data.Dataset:
+    """``ds`` with a cardinality of ``steps`` as Keras reads it (``ds.cardinality()``), elements unchanged.
+
+    Keras bounds each epoch by the dataset's cardinality and, when it is unknown, by the length of the
+    first epoch it sees, which for a resumed attempt is the short one. ``assert_cardinality`` would fail
+    a shorter epoch; this only answers ``cardinality()`` (the iterators run the dataset itself).
+    """
+    import tensorflow as tf
+
+    class _Claimed(tf.data.Dataset):
+        def __init__(self, inner: tf.data.Dataset, n: int) -> None:
+            self._inner, self._n = inner, int(n)
+            super().__init__(inner._variant_tensor)
+
+        def _inputs(self) -> list[tf.data.Dataset]:
+            return [self._inner]
+
+        @property
+        def element_spec(self) -> Any:
+            return self._inner.element_spec
+
+        def cardinality(self) -> tf.Tensor:
+            return tf.constant(self._n, dtype=tf.int64)
+
+    return _Claimed(ds, steps)
+
+
 class Source(abc.ABC):
     """What every source shares: the run's seed and shuffle flag, and the validation input."""
 
@@ -224,6 +312,10 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def epoch(self, plan: Plan, epoch: int, offset: int) -> tuple[tf.data.Dataset, int | None]:
         """What is left of ``epoch`` after ``offset`` (samples), batched per ``plan``, and its steps (None: unknown)."""
+
+    def epochs(self, plan: Plan) -> EpochStream | None:
+        """One dataset for all the epochs of an attempt (None: this kind trains one fit call per epoch)."""
+        return None
 
     def samples_per_step(self, plan: Plan) -> int:
         return plan.batch_size

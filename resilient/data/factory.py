@@ -3,8 +3,9 @@
 Caller side: the function must take the plan (and may take ``epoch=`` and ``seed=``), pickle (it
 travels to the worker by value in objects.pkl), and return a finite, batched ``tf.data.Dataset``
 whose ``element_spec`` fits the model: :func:`check_factory` calls it once with the initial plan and
-reads no element. Worker side: :class:`FactorySource` calls it per epoch and skips what a resumed
-epoch already trained. Exact only when the factory's order per epoch is deterministic.
+reads no element. Worker side: :class:`FactorySource` calls it per epoch (one ``model.fit`` call per
+epoch) and skips what a resumed epoch already trained. Exact only when the factory's order per epoch
+is deterministic.
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ class FactorySource(Source):
 
     Resume skips ``offset // plan.batch_size`` batches of the re-created epoch (``ds.skip``): exact
     when the factory's order for an epoch is deterministic and it batches by ``plan.batch_size``.
+
+    No ``epochs`` stream: each epoch's dataset is whatever the user's Python function returns for it,
+    which cannot be rebuilt inside a tf.data function when an iterator starts. The worker therefore
+    calls ``model.fit`` once per epoch for this kind (journaled: ``fit_call`` with ``mode="per_epoch"``).
     """
 
     def __init__(self, spec: RunSpec, factory: Any, val: ValidationSource | None) -> None:

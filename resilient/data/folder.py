@@ -30,6 +30,7 @@ from .._plan import Plan
 from .._rundir import ObjectData, RunDir, RunSpec, atomic_write_text
 from . import IMAGE_FORMATS, ImageFolder
 from .base import (
+    EpochStream,
     Inputs,
     ObjectValidationInput,
     Source,
@@ -38,6 +39,7 @@ from .base import (
     autotune,
     epoch_order,
     epoch_span,
+    span_steps,
 )
 from .checks import ModelFacts, check_sample_shape
 
@@ -440,30 +442,74 @@ class FolderPipeline:
         import tensorflow as tf
 
         size = self.size(plan)
-        shape = (*size, self.folder.channels)
-        calls = autotune(plan.parallel_calls)
         ds = tf.data.Dataset.from_tensor_slices(np.asarray(positions, dtype=np.int64))
-        entry = self._cache.get(size) if cache else None
-        if entry is not None and bool(entry[1].all()):
-            store = entry[0]
-
-            def gather(pos: np.ndarray) -> np.ndarray:
-                return store[pos]
-
-            def from_cache(pos: Any) -> Any:
-                images = tf.numpy_function(gather, [pos], tf.float32, stateful=False)
-                images.set_shape((None, *shape))
-                return pos, images
-
-            ds = ds.batch(plan.batch_size).map(from_cache, num_parallel_calls=calls, deterministic=True)
+        if cache and self._cached(size):
+            ds = self._from_cache(ds, plan, size)
         else:
-            paths = tf.constant(self.paths.astype(str))
-            load = self._load_fn(size)
-            ds = ds.map(lambda pos: (pos, load(tf.gather(paths, pos))), num_parallel_calls=calls, deterministic=True)
-            ds = ds.batch(plan.batch_size)
-            if cache:
-                ds = ds.map(self._store_fn(size, shape))
+            ds = self._decoded(ds, plan, size, cache=cache)
         return self._with_labels(ds).prefetch(autotune(plan.prefetch))
+
+    def stream(self, positions: Any, plan: Plan, *, cache: bool) -> tf.data.Dataset:
+        """``dataset`` for positions read per iterator (``positions()``: a new dataset of them, see
+        ``EpochStream``): with the cache, each epoch reads it once it is complete, as ``dataset`` does."""
+        import tensorflow as tf
+
+        size = self.size(plan)
+        if not cache:
+            return self._with_labels(self._decoded(positions(), plan, size, cache=False)).prefetch(
+                autotune(plan.prefetch))
+        decoded = self._decoded(positions(), plan, size, cache=True)
+        cached = self._from_cache(positions(), plan, size)
+
+        def which() -> np.ndarray:
+            return np.asarray(1 if self._cached(size) else 0, dtype=np.int64)
+
+        def choose(_: Any) -> tf.data.Dataset:
+            branch = tf.numpy_function(which, [], tf.int64, stateful=True)
+            branch.set_shape(())
+            return tf.data.Dataset.from_tensors(branch).repeat()
+
+        # Decided once per iterator (an epoch), when its first batch is asked for.
+        choice = tf.data.Dataset.range(1).flat_map(choose)
+        ds = tf.data.Dataset.choose_from_datasets([decoded, cached], choice, stop_on_empty_dataset=True)
+        return self._with_labels(ds).prefetch(autotune(plan.prefetch))
+
+    def _cached(self, size: tuple[int, int]) -> bool:
+        """Whether every image of the subset is in the cache at ``size``."""
+        entry = self._cache.get(size)
+        return entry is not None and bool(entry[1].all())
+
+    def _from_cache(self, positions: tf.data.Dataset, plan: Plan, size: tuple[int, int]) -> tf.data.Dataset:
+        """(positions, images) batches read from the cache (complete when the iterator runs)."""
+        import tensorflow as tf
+
+        shape = (*size, self.folder.channels)
+
+        def gather(pos: np.ndarray) -> np.ndarray:
+            return self._cache[size][0][pos]
+
+        def from_cache(pos: Any) -> Any:
+            images = tf.numpy_function(gather, [pos], tf.float32, stateful=False)
+            images.set_shape((None, *shape))
+            return pos, images
+
+        return positions.batch(plan.batch_size).map(from_cache, num_parallel_calls=autotune(plan.parallel_calls),
+                                                    deterministic=True)
+
+    def _decoded(self, positions: tf.data.Dataset, plan: Plan, size: tuple[int, int], *,
+                 cache: bool) -> tf.data.Dataset:
+        """(positions, images) batches decoded from the files; stored in the cache as they pass when ``cache``."""
+        import tensorflow as tf
+
+        shape = (*size, self.folder.channels)
+        paths = tf.constant(self.paths.astype(str))
+        load = self._load_fn(size)
+        ds = positions.map(lambda pos: (pos, load(tf.gather(paths, pos))),
+                           num_parallel_calls=autotune(plan.parallel_calls), deterministic=True)
+        ds = ds.batch(plan.batch_size)
+        if cache:
+            ds = ds.map(self._store_fn(size, shape))
+        return ds
 
     def _store_fn(self, size: tuple[int, int], shape: tuple[int, ...]) -> Any:
         """A map that copies each decoded batch into the cache (filled as the first full pass decodes)."""
@@ -523,9 +569,18 @@ class ImageFolderSource(Source):
             val = FolderValidationSource(index, "validation")
         super().__init__(spec, val)
 
-    def epoch(self, plan: Plan, epoch: int, offset: int) -> tuple[tf.data.Dataset, int]:
+    def _positions(self, epoch: int, offset: int) -> np.ndarray:
         order, start, end = epoch_span(self.spec, epoch, self.n)
-        positions = epoch_order(self.spec.seed, order, self.n, self.spec.shuffle)[start + offset:end]
+        return epoch_order(self.spec.seed, order, self.n, self.spec.shuffle)[start + offset:end]
+
+    def epoch(self, plan: Plan, epoch: int, offset: int) -> tuple[tf.data.Dataset, int]:
+        positions = self._positions(epoch, offset)
         cache = bool(plan.cache and self.index.folder.cache)
         ds = self._pipe.dataset(positions, plan, cache=cache)
         return self._weighed(ds), math.ceil(len(positions) / plan.batch_size)
+
+    def epochs(self, plan: Plan) -> EpochStream:
+        stream = EpochStream(self._positions, lambda e, o: span_steps(self.spec, e, o, self.n, plan.batch_size))
+        cache = bool(plan.cache and self.index.folder.cache)
+        stream.dataset = self._weighed(self._pipe.stream(stream.positions_dataset, plan, cache=cache))
+        return stream

@@ -18,7 +18,7 @@ import numpy as np
 from .._errors import InvalidArgumentError, RunDirError
 from .._plan import Plan
 from .._rundir import ObjectData, RunDir, RunSpec
-from .base import Inputs, Source, ValidationInput, ValidationSource, autotune, check_carriable, epoch_order
+from .base import EpochStream, Inputs, Source, ValidationInput, ValidationSource, autotune, check_carriable, epoch_order
 from .checks import ModelFacts, check_labels, check_sample_shape, split_batch
 
 if TYPE_CHECKING:
@@ -142,12 +142,20 @@ class PyDatasetPipeline:
     def dataset(self, batch_ids: np.ndarray, plan: Plan) -> tf.data.Dataset:
         import tensorflow as tf
 
-        pyds = self.pyds
         ids = [int(i) for i in batch_ids]
+        ds = self.stream(lambda: ids, plan)
+        return ds.apply(tf.data.experimental.assert_cardinality(len(ids)))
+
+    def stream(self, batch_ids: Any, plan: Plan) -> tf.data.Dataset:
+        """The batches ``pyds[i]`` for ``i in batch_ids()``, asked for when an iterator starts."""
+        import tensorflow as tf
+
+        pyds = self.pyds
         workers = max(1, int(getattr(pyds, "workers", 1) or 1))
         window = max(workers, int(getattr(pyds, "max_queue_size", 10) or 10))
 
         def generate() -> Any:
+            ids = [int(i) for i in batch_ids()]
             if workers == 1:
                 for i in ids:
                     yield as_batch(pyds[i])
@@ -170,7 +178,7 @@ class PyDatasetPipeline:
                 pool.shutdown(wait=True, cancel_futures=True)
 
         ds = tf.data.Dataset.from_generator(generate, output_signature=self.signature())
-        return ds.apply(tf.data.experimental.assert_cardinality(len(ids))).prefetch(autotune(plan.prefetch))
+        return ds.prefetch(autotune(plan.prefetch))
 
 
 class PyDatasetSource(Source):
@@ -208,10 +216,20 @@ class PyDatasetSource(Source):
             begin()
         self._epochs_begun = epoch
 
+    def _positions(self, epoch: int, offset: int) -> np.ndarray:
+        return epoch_order(self.spec.seed, epoch, self.n, self.spec.shuffle)[offset:]
+
     def epoch(self, plan: Plan, epoch: int, offset: int) -> tuple[tf.data.Dataset, int]:
         self._advance_to(epoch)
-        ids = epoch_order(self.spec.seed, epoch, self.n, self.spec.shuffle)[offset:]
+        ids = self._positions(epoch, offset)
         return self._weighed(self._pipe.dataset(ids, plan)), len(ids)
+
+    def epochs(self, plan: Plan) -> EpochStream:
+        """The batches of each epoch through one generator; ``on_epoch_begin``/``on_epoch_end`` called as
+        ``epoch`` calls them, when the epoch begins."""
+        stream = EpochStream(self._positions, lambda e, o: max(0, self.n - o), on_epoch=self._advance_to)
+        stream.dataset = self._weighed(self._pipe.stream(stream.read_positions, plan))
+        return stream
 
 
 class PyDatasetValidationSource(ValidationSource):

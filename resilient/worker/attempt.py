@@ -1,7 +1,10 @@
 """One training attempt: restore the latest checkpoint, build model and data for the plan, train, report.
 
-``model.fit`` runs one epoch per call (so a resumed epoch can be shorter) with a single callback
-list that user callbacks see as one uninterrupted training (``callbacks.ContinuingCallbackList``).
+One ``model.fit`` call trains all the epochs of an attempt, over one dataset whose content each epoch
+sets as it begins (``data.base.EpochStream``), so a resumed epoch is shorter and no epoch boundary pays
+for a new fit call's set-up. A dataset factory is made again in Python per epoch: there the worker calls
+``model.fit`` once per epoch (journaled: ``fit_call`` with ``mode="per_epoch"`` and why). User callbacks
+see one uninterrupted training either way (``callbacks.ContinuingCallbackList``).
 The attempt owns the training's progress (epoch, step, history); the callbacks move it forward and
 ``state`` writes it into checkpoints. It reports over the channel and never decides what happens
 after a failure: an exception unwinds to ``__main__``, which writes it down and exits.
@@ -60,6 +63,10 @@ def auto_interval(snapshot_seconds: float | None, write_seconds: float | None = 
     interval = max((snapshot_seconds or 0.0) / AUTO_COST, (write_cpu_seconds or 0.0) / max(1, cpus) / AUTO_COST,
                    2.0 * (write_seconds or 0.0))
     return min(max(interval, AUTO_FLOOR), AUTO_CEILING)
+
+#: Set to "1" in the worker's environment: one ``model.fit`` call per epoch for every input kind (as
+#: before one call trained all the epochs of an attempt); for measurement, and as a way out.
+PER_EPOCH_ENV = "RESILIENT_FIT_PER_EPOCH"
 
 
 class Preempted(BaseException):
@@ -196,27 +203,80 @@ class Attempt:
         )
 
     def _train(self, model: Any, source: Any, callbacks: Any) -> bool:
-        """One ``model.fit`` call per epoch left; whether any ran."""
+        """Train the epochs left: one ``model.fit`` call for them all, or one per epoch where the input kind
+        cannot give one dataset for every epoch (``Source.epochs``: a dataset factory); whether any epoch ran."""
+        if self.epoch >= self.spec.epochs or self.stopped:
+            return False
+        forced = os.environ.get(PER_EPOCH_ENV) == "1"
+        stream = None if forced else source.epochs(self.plan)
         val = source.validation(self.plan)
+        if stream is None:
+            why = f"{PER_EPOCH_ENV}=1" if forced else (
+                f"{self.spec.data.kind} input: its dataset is made in Python for each epoch")
+            self._train_per_epoch(model, source, callbacks, val, why)
+        else:
+            self._train_all_epochs(model, source, stream, callbacks, val)
+        return True
+
+    def _train_all_epochs(self, model: Any, source: Any, stream: Any, callbacks: Any, val: Any) -> None:
+        """One ``model.fit`` call for every epoch left, over ``stream`` (each epoch's data set as it begins)."""
+        import warnings
+
+        from ..data.base import claim_steps
+
+        def epoch_begins(epoch: int) -> int:
+            if epoch != self.epoch:
+                raise RuntimeError(f"model.fit began epoch {epoch}; the attempt is at epoch {self.epoch}")
+            steps = stream.begin(epoch, self.offset)
+            self.steps_per_epoch = steps + self.offset // self.samples_per_step
+            return steps
+
+        first = epoch_begins(self.epoch)
+        self._build_metrics(model, source)
+        # Keras bounds every epoch by the dataset's cardinality: claim the longest epoch's steps (a
+        # shorter one, the resumed epoch, ends when its data does).
+        longest = max([first, *(stream.steps(e) for e in range(self.epoch + 1, self.spec.epochs))])
+        callbacks.set_params({"verbose": self.spec.verbose, "epochs": self.spec.epochs, "steps": first})
+        callbacks.begin_training()
+        callbacks.epoch_begins = epoch_begins
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            self._fit(model, claim_steps(stream.dataset, max(1, longest)), callbacks, val, epochs=self.spec.epochs,
+                      mode="all_epochs")
+
+    def _train_per_epoch(self, model: Any, source: Any, callbacks: Any, val: Any, why: str) -> None:
+        """One ``model.fit`` call per epoch left, each over the epoch's dataset made anew."""
         started = False
         while self.epoch < self.spec.epochs and not self.stopped:
             ds, steps = source.epoch(self.plan, self.epoch, self.offset)
             self.steps_per_epoch = None if steps is None else steps + self.offset // self.samples_per_step
-            if self.metric_values is not None and len(model.metrics_variables) != len(self.metric_values):
-                # Compiled metrics are built lazily at the first traced step; build them now so the
-                # resumed epoch's running metrics can be restored before that step.
-                # Peek through a fresh dataset: iterating the epoch's own would advance a factory's
-                # reshuffle_each_iteration state, and the epoch would no longer be the same.
-                model._symbolic_build(data_batch=next(iter(source.epoch(self.plan, self.epoch, self.offset)[0])))
+            self._build_metrics(model, source)
             callbacks.set_params({"verbose": self.spec.verbose, "epochs": self.spec.epochs, "steps": steps})
             if not started:
                 callbacks.begin_training()
                 started = True
-            model.fit(ds, epochs=self.epoch + 1, initial_epoch=self.epoch, callbacks=callbacks,
-                      validation_data=val, verbose=0, shuffle=False, **validation_args(self.spec))
+            self._fit(model, ds, callbacks, val, epochs=self.epoch + 1, mode="per_epoch", why=why)
             if model.stop_training:
                 break  # EarlyStopping or the like: the training ends as model.fit's would
-        return started
+
+    def _build_metrics(self, model: Any, source: Any) -> None:
+        """Before a resumed epoch: build the compiled metrics, so that its running metrics can be restored."""
+        if self.metric_values is not None and len(model.metrics_variables) != len(self.metric_values):
+            # Compiled metrics are built lazily at the first traced step; build them now so the
+            # resumed epoch's running metrics can be restored before that step.
+            # Peek through a fresh dataset: iterating the epoch's own would advance a factory's
+            # reshuffle_each_iteration state, and the epoch would no longer be the same.
+            model._symbolic_build(data_batch=next(iter(source.epoch(self.plan, self.epoch, self.offset)[0])))
+
+    def _fit(self, model: Any, ds: Any, callbacks: Any, val: Any, *, epochs: int, mode: str,
+             why: str | None = None) -> None:
+        """``model.fit`` from the attempt's epoch up to ``epochs``; each call journaled (``fit_call``)."""
+        fields: dict[str, Any] = {"initial_epoch": self.epoch, "epochs": epochs, "mode": mode}
+        if why is not None:
+            fields["why"] = why
+        self.channel.send(Notice(event="fit_call", fields=fields))
+        model.fit(ds, epochs=epochs, initial_epoch=self.epoch, callbacks=callbacks,
+                  validation_data=val, verbose=0, shuffle=False, **validation_args(self.spec))
 
     def _begin_without_epochs(self, callbacks: Any, source: Any) -> None:
         """Nothing left to train (a finished run, ``epochs=0``): still a training begin and end, as model.fit."""

@@ -4,8 +4,9 @@
 - ``NanWatch``: notices a non-finite loss off the training thread.
 - ``Tail`` (last): the epoch's last step, history, the epoch-end checkpoint; it runs after the
   user's callbacks so the checkpoint holds what they did to the epoch (EarlyStopping's decision).
-- ``ContinuingCallbackList``: the worker calls ``model.fit`` once per epoch; this list makes those
-  calls look like one training to the user's callbacks.
+- ``ContinuingCallbackList``: the list ``model.fit`` gets. The worker trains an attempt's epochs in
+  one fit call (or, for a dataset factory, one call per epoch: the list makes those calls look like
+  one training to the user's callbacks); it sets each epoch's steps as the epoch begins.
 
 They keep no training state of their own beyond the step in flight: the ``Attempt`` owns it.
 Only the worker imports this module (it imports Keras).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -139,17 +141,37 @@ class Tail(keras.callbacks.Callback):
 
 
 class ContinuingCallbackList(keras.callbacks.CallbackList):
-    """Makes per-epoch fit calls look like one training to user callbacks.
+    """The worker's fit calls, seen by user callbacks as one training.
 
-    ``model.fit`` calls ``on_train_begin`` and ``on_train_end`` once per call, here once per epoch;
-    both are silenced. ``begin_training`` runs the real begin once per process, then gives the
-    user's callbacks their saved state; ``end_training`` the real end, once the whole training ends.
+    ``model.fit`` calls ``on_train_begin`` and ``on_train_end`` once per call; both are silenced.
+    ``begin_training`` runs the real begin once per process, then gives the user's callbacks their
+    saved state; ``end_training`` the real end, once the whole training ends.
+
+    ``epoch_begins(epoch) -> steps``: when set, called as each epoch begins, before any callback; the
+    epoch's steps become ``params["steps"]`` (a resumed epoch has fewer). In one fit call over epochs
+    of different lengths, Keras bounds every epoch by the longest; a batch it begins at or past the
+    epoch's steps ends the epoch here (``StopIteration``, which Keras's epoch iterator takes as the end
+    of the data) before any callback sees it. Letting Keras find the end itself would cost a call of
+    the train function on an exhausted iterator, which still advances the optimizer's step count.
     """
 
     def __init__(self, callbacks: list[Any], *, resume_states: list[tuple[Any, dict[str, Any]]] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(callbacks, **kwargs)
         self._resume_states = list(resume_states or [])
+        self.epoch_begins: Callable[[int], int | None] | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if self.epoch_begins is not None:
+            steps = self.epoch_begins(epoch)
+            self.set_params({**(self.params or {}), "steps": steps})
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+        steps = (self.params or {}).get("steps")
+        if steps is not None and batch >= steps:
+            raise StopIteration  # past the epoch's end: no step may run here
+        super().on_train_batch_begin(batch, logs)
 
     def on_train_begin(self, logs: Any = None) -> None:
         pass
