@@ -315,8 +315,7 @@ def recovery_pair(args, tmp: Path) -> dict[str, Any]:
 def standby_off_policy() -> Any:
     import resilient
 
-    policy = resilient.Policy.default()
-    return policy.model_copy(update={"runtime": policy.runtime.model_copy(update={"standby": "off"})})
+    return resilient.load_policy("default").model_copy(update={"runtime": resilient.policy.RuntimeSettings(standby="off")})
 
 
 # ----------------------------------------------------------------------------- main

@@ -66,7 +66,7 @@ def climbing_memory(limit: int, marker: Path, start: int = 3, slice_share: float
 
 
 @pytest.mark.cgroup
-@pytest.mark.fault("host_oom", "memory climbing over steps", incident="host_oom",
+@pytest.mark.fault("host_oom", "mid-epoch", incident="host_oom",
                    outcome="a memory_pressure checkpoint lands before the real cgroup OOM kill; completed with "
                            "the weights of an uninterrupted run", lost="at most 2 steps", corrupted="no")
 def test_a_pressure_checkpoint_before_a_real_oom_kill_leaves_at_most_two_steps_to_redo(tmp_path):

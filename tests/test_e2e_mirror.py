@@ -184,7 +184,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False)
 
 
-@pytest.mark.fault("mirror_full", "mid-epoch", incident="none (the mirror is not the training)",
+@pytest.mark.fault("disk_full", "mid-epoch", incident="none (the mirror is not the training)",
                    outcome="the run completes; the journal says the mirror failed (ENOSPC) and how far behind it is; "
                            "only verified generations on the mirror", lost="0 steps", corrupted="no")
 def test_a_mirror_on_a_tmpfs_that_fills_up_never_stops_the_training(small_tmpfs, tmp_path):
