@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,19 +135,21 @@ def test_probing_back_up_settles_above_blind_halving(tmp_path):
 class PacedByBatch:
     """Sleeps ``k * batch**2`` per step, so smaller micro-batches train more samples per second.
 
-    The batch is the plan of the attempt, read from the worker's ``--plan`` file (not kept on the
-    callback: its state is checkpointed and would carry the previous attempt's batch).
+    The batch is the plan of the attempt, read from its file in the run directory (the newest attempt's:
+    attempts run one after another), not kept on the callback: its state is checkpointed and would carry
+    the previous attempt's batch.
     """
 
-    def __new__(cls, k: float):
+    def __new__(cls, k: float, run_dir: Path):
         import json
-        from pathlib import Path
 
         import keras
 
+        attempts = Path(run_dir) / "attempts"
+
         class _Paced(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
-                plan = json.loads(Path(sys.argv[sys.argv.index("--plan") + 1]).read_text())
+                plan = json.loads(sorted(attempts.glob("*/plan.json"))[-1].read_text())
                 time.sleep(k * plan["batch_size"] ** 2)
 
         return _Paced()
@@ -161,7 +164,7 @@ def test_the_search_settles_on_the_fastest_micro_batch_and_keeps_the_math(tmp_pa
                               probe={"stable_steps": 8, "max_probes": 2, "min_batch": 8, "measure_seconds": 0.5})
     run_dir = tmp_path / "run"
     history = resilient.fit(model, x, y, epochs=2, batch_size=64, seed=4, run_dir=run_dir, verbose=0, policy=policy,
-                            faults="gpu_oom@3", checkpoint_every=2, callbacks=[PacedByBatch(0.0002)])
+                            faults="gpu_oom@3", checkpoint_every=2, callbacks=[PacedByBatch(0.0002, run_dir)])
     evs = resilient._rundir.RunDir(run_dir).read_events()
     plans = [(e["plan"]["batch_size"], e["plan"]["grad_accum_steps"]) for e in evs if e["event"] == "attempt_started"]
     # 64 OOM -> 32x2; nothing divides 64 between 32 and 64, so the search measures smaller micro-batches.

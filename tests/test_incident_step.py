@@ -30,10 +30,14 @@ def test_the_per_step_line_is_a_heartbeat_without_timing():
 
 class KillAtBatch:
     """A callback that SIGKILLs its own worker when batch ``at`` of the first epoch begins (a kill from outside:
-    no rehearsed fault tells the supervisor the step)."""
+    no rehearsed fault tells the supervisor the step). With ``run_dir`` and ``durable``, it first waits
+    (bounded) until the checkpoint generation at step ``durable`` is on disk: checkpoints are written in the
+    background, and a kill right after a snapshot may otherwise come before its write ends."""
 
-    def __new__(cls, at: int):
+    def __new__(cls, at: int, run_dir=None, durable: int | None = None):
         import keras
+
+        from resilient._checkpoint import CheckpointStore
 
         class _Kill(keras.callbacks.Callback):
             def __init__(self, at: int) -> None:
@@ -41,8 +45,15 @@ class KillAtBatch:
                 self.at = at
 
             def on_train_batch_begin(self, batch, logs=None):
-                if batch == self.at:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if batch != self.at:
+                    return
+                deadline = time.monotonic() + 30
+                while durable is not None and time.monotonic() < deadline:
+                    meta = CheckpointStore(run_dir / "checkpoints").latest_meta()
+                    if meta is not None and int(meta["step"]) >= durable:
+                        break
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGKILL)
 
         return _Kill(at)
 
@@ -55,7 +66,7 @@ def test_a_worker_killed_at_step_12_is_reported_at_step_12(tmp_path):
     x, y = make_data(256)
     with pytest.raises(resilient.TrainingFailedError) as err:
         resilient.fit(make_model(), x, y, epochs=1, batch_size=8, seed=0, run_dir=tmp_path / "run", verbose=0,
-                      callbacks=[KillAtBatch(12)], checkpoint_every=5, max_restarts=0)
+                      callbacks=[KillAtBatch(12, tmp_path / "run", durable=10)], checkpoint_every=5, max_restarts=0)
     (incident,) = err.value.incidents
     assert incident.kind == "killed"
     assert (incident.epoch, incident.step, incident.checkpoint_step) == (0, 12, 10)
