@@ -510,3 +510,15 @@ def test_an_image_folder_on_a_fuse_mount_is_read_with_a_warning_about_speed(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_inputs(x, None, None, model=make_image_model(), plan=Plan())
+
+
+def test_the_image_folders_of_a_fit_call_are_what_the_background_copy_takes(tmp_path):
+    from resilient.data.folder import folder_copy_jobs
+
+    root = write_image_folder(tmp_path / "cats", per_class=2)
+    x = resilient.data.image_folder(root, image_size=(12, 10), validation_split=0)
+    jobs = folder_copy_jobs(prepare_inputs(x, None, x, model=make_image_model(), plan=Plan()))
+    assert [j.role for j in jobs] == ["x", "validation_data"]
+    assert all(j.root == str(root) and len(j.files) == 6 for j in jobs)
+    assert folder_copy_jobs(prepare_inputs(np.zeros((4, 3), "float32"), np.zeros(4, "int32"), None,
+                                           model=make_image_model(), plan=Plan())) == ()

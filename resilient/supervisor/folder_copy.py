@@ -74,7 +74,7 @@ class FolderCopier:
                 self.copy(job)
             except Exception as e:  # the copy is an optimisation: training reads the original
                 with contextlib.suppress(Exception):
-                    self.journal.write("folder_copy_failed", role=job.role, source=job.root, error=repr(e))
+                    self.journal.write("folder_copy_failed", role=job.role, source=job.root, error=f"{type(e).__name__}: {e}")
                     self.say(f"the local copy of the image folder {job.root} failed ({e}); the worker reads the "
                              "folder where it is")
 
