@@ -513,12 +513,21 @@ def test_an_image_folder_on_a_fuse_mount_is_read_with_a_warning_about_speed(tmp_
 
 
 def test_the_image_folders_of_a_fit_call_are_what_the_background_copy_takes(tmp_path):
-    from resilient.data.folder import folder_copy_jobs
+    from types import SimpleNamespace
+
+    from resilient.data.folder import folder_copy_jobs, stored_folder_copy_jobs
 
     root = write_image_folder(tmp_path / "cats", per_class=2)
     x = resilient.data.image_folder(root, image_size=(12, 10), validation_split=0)
-    jobs = folder_copy_jobs(prepare_inputs(x, None, x, model=make_image_model(), plan=Plan()))
+    inputs = prepare_inputs(x, None, x, model=make_image_model(), plan=Plan())
+    jobs = folder_copy_jobs(inputs)
     assert [j.role for j in jobs] == ["x", "validation_data"]
     assert all(j.root == str(root) and len(j.files) == 6 for j in jobs)
-    assert folder_copy_jobs(prepare_inputs(np.zeros((4, 3), "float32"), np.zeros(4, "int32"), None,
-                                           model=make_image_model(), plan=Plan())) == ()
+    # resume (no fit arguments): the x folder from the index stored in the run directory.
+    run = RunDir(tmp_path / "run")
+    run.create()
+    data = inputs.write(run, seed=0)
+    assert stored_folder_copy_jobs(run, SimpleNamespace(data=data)) == jobs[:1]
+    arrays = prepare_inputs(np.zeros((4, 12, 10, 3), "float32"), np.zeros(4, "int32"), None,
+                            model=make_image_model(), plan=Plan())
+    assert folder_copy_jobs(arrays) == ()

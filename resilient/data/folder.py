@@ -401,6 +401,19 @@ def folder_copy_jobs(inputs: Inputs) -> tuple[FolderCopyJob, ...]:
     return tuple(jobs)
 
 
+def stored_folder_copy_jobs(run: RunDir, spec: RunSpec) -> tuple[FolderCopyJob, ...]:
+    """``resume``'s jobs: the ``x`` folder from its stored index (a ``validation_data`` folder lives in
+    objects.pkl, which the supervisor does not unpickle; it is read where it is)."""
+    data = spec.data
+    if not (isinstance(data, ObjectData) and data.kind == "image_folder"):
+        return ()
+    try:
+        index = read_folder_index(run, data.key)
+    except (OSError, ValueError):
+        return ()  # the worker reports a damaged index
+    return (FolderCopyJob(role="x", root=index.root, files=index.files),)
+
+
 # ------------------------------------------------------------------------------------ worker
 
 
