@@ -53,7 +53,7 @@ class FolderCopier:
             self._thread = threading.Thread(target=self._run, name="resilient-folder-copy", daemon=True)
             self._thread.start()
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, timeout: float = 2.0) -> None:
         """Stop after the file in flight (bounded wait: a stalled mount may hold one read for long)."""
         self._stop.set()
         if self._thread is not None:
