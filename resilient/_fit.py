@@ -464,6 +464,7 @@ def _rederived_plan(run: RunDir, requested: Plan, basis: PlanBasis) -> Rederived
 
 def _supervise(args: _Args, prepared: _Prepared, target: _Target, early: WaitingWorker | None = None) -> RunResult:
     """Run the supervisor to the end of the run; it raises UserCodeError or TrainingFailedError."""
+    from .data.folder import folder_copy_jobs
     from .policy import StepContext
     from .supervisor.display import make_display
     from .supervisor.loop import Supervisor, SupervisorConfig
@@ -477,7 +478,7 @@ def _supervise(args: _Args, prepared: _Prepared, target: _Target, early: Waiting
         rehearse_host_oom=any(f.kind == "host_oom" for f in args.faults), echo=args.verbose_level != 0,
         # verbose as Keras means it: 0 silent, 1 live (a terminal line, a notebook panel), 2 a line per epoch.
         display=make_display(args.verbose_level, host_limit=args.host_memory_limit, gpu_limit=args.gpu_memory_limit),
-        standby=args.policy.runtime.standby,
+        standby=args.policy.runtime.standby, image_folders=folder_copy_jobs(prepared.inputs),
     ), early_worker=early)
     return supervisor.run()
 

@@ -117,6 +117,7 @@ def _policy(policy: Any, spec: RunSpec) -> tuple[Any, str]:
 
 def _supervise(run: RunDir, spec: RunSpec, policy: Any, max_restarts: int | None, hang: float | None, level: int,
                mirror: Path | None) -> Any:
+    from .data.folder import stored_folder_copy_jobs
     from .policy import StepContext
     from .supervisor.display import make_display
     from .supervisor.loop import Supervisor, SupervisorConfig
@@ -129,7 +130,7 @@ def _supervise(run: RunDir, spec: RunSpec, policy: Any, max_restarts: int | None
         max_restarts=policy.max_restarts if max_restarts is None else max_restarts, hang_timeout=hang,
         host_memory_limit=host, gpu_memory_limit=gpu, mirror_dir=mirror, devices=spec.devices,
         rehearse_host_oom=any(f.kind == "host_oom" for f in spec.faults), echo=level != 0,
-        display=make_display(level, host_limit=host, gpu_limit=gpu),
+        display=make_display(level, host_limit=host, gpu_limit=gpu), image_folders=stored_folder_copy_jobs(run, spec),
     ))
     return supervisor.run()
 

@@ -7,6 +7,7 @@ must end with the same weights (1e-6) and the same per-epoch history.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -84,6 +85,54 @@ def test_image_folder_lower_resolution_heals_a_gpu_oom(tmp_path):
     assert hist.incidents[0].plan_after.image_size == (6, 5)
     assert hist.plan.image_size == (6, 5)
     assert hist.epoch == [0, 1] and len(hist.history["val_loss"]) == 2
+
+
+@pytest.mark.fault("segfault", "mid-epoch", incident="crash",
+                   outcome="completed; the restart reads the folder's local copy (journal: folder_read), weights "
+                           "equal a run without the copy", lost="1 step (since the checkpoint at step 4)", corrupted="no")
+def test_an_image_folder_on_a_slow_mount_is_read_from_its_local_copy_after_a_crash(tmp_path, monkeypatch):
+    from resilient.data import folder as folder_module
+    from resilient.supervisor import folder_copy as copy_module
+
+    folder = write_image_folder(tmp_path / "drive" / "imgs", per_class=8)  # 24 PNGs; 18 train, 6 validation
+    spec = resilient.data.image_folder(folder, image_size=(8, 8), validation_split=0.25)
+    common = dict(epochs=2, batch_size=6, seed=3, verbose=0, checkpoint_every=2)  # 3 steps an epoch
+    ref_model = make_image_model()
+    ref = resilient.fit(ref_model, spec, run_dir=tmp_path / "ref", **common)  # a local folder: no copy
+    assert not (tmp_path / "ref.images").exists()
+
+    # The same folder declared a Google Drive mount (the mount-table seam): copied to <run_dir>.images/x.
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\ndrive {tmp_path / 'drive'} fuse.drive rw 0 0\n")
+    monkeypatch.setattr(folder_module, "MOUNTS", str(mounts))
+    # The copy waits (bounded) until the first attempt has chosen where to read: that attempt reads the
+    # original, as on a mount slower than the first steps; training does not wait for the copy.
+    journal = tmp_path / "run" / "events.jsonl"
+    copy_file = copy_module._copy_file
+
+    def after_the_first_attempt_chose(src, target, size):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and '"folder_read"' not in (journal.read_text() if journal.exists() else ""):
+            time.sleep(0.05)
+        copy_file(src, target, size)
+
+    monkeypatch.setattr(copy_module, "_copy_file", after_the_first_attempt_chose)
+    model = make_image_model()
+    with pytest.warns(UserWarning, match=r"fuse.drive file system .* resilient copies it in the background"):
+        hist = resilient.fit(model, spec, run_dir=tmp_path / "run", faults="segfault@5", **common)
+    assert [i.kind for i in hist.incidents] == ["crash"]
+    events = RunDir(tmp_path / "run").read_events()
+    names = [e["event"] for e in events]
+    done = next(e for e in events if e["event"] == "folder_copy_done")
+    assert done["files"] == 24 and done["path"] == str(tmp_path / "run.images" / "x")
+    assert names.index("folder_copy_started") < names.index("folder_copy_done")
+    reads = {e["attempt"]: e for e in events if e["event"] == "folder_read"}
+    assert reads[0]["from_copy"] is False and "no manifest" in reads[0]["reason"], reads
+    assert reads[0]["path"] == str(folder)
+    # The copy (24 small files) is complete long before the crash at step 5; the restarted worker reads it.
+    assert reads[1]["from_copy"] is True and reads[1]["path"] == done["path"], reads
+    assert names.index("folder_copy_done") < names.index("folder_read", names.index("incident"))
+    assert_same_training(model, hist, ref_model, ref)
 
 
 # ----------------------------------------------------------------------------------------- factory

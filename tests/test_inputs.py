@@ -510,3 +510,47 @@ def test_an_image_folder_on_a_fuse_mount_is_read_with_a_warning_about_speed(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_inputs(x, None, None, model=make_image_model(), plan=Plan())
+
+
+def test_the_image_folders_of_a_fit_call_are_copied_and_the_worker_reads_the_complete_copy(tmp_path, monkeypatch):
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from resilient._rundir import Journal
+    from resilient.data import folder as folder_module
+    from resilient.data.folder import folder_copy_jobs, stored_folder_copy_jobs
+    from resilient.supervisor.folder_copy import FolderCopier
+
+    root = write_image_folder(tmp_path / "drive" / "cats", per_class=2)
+    x = resilient.data.image_folder(root, image_size=(12, 10), validation_split=0)
+    inputs = prepare_inputs(x, None, x, model=make_image_model(), plan=Plan())
+    jobs = folder_copy_jobs(inputs)
+    assert [j.role for j in jobs] == ["x", "validation_data"]
+    assert all(j.root == str(root) and len(j.files) == 6 for j in jobs)
+    run = RunDir(tmp_path / "run")
+    run.create()
+    data = inputs.write(run, seed=0)
+    # resume (no fit arguments): the x folder from the index stored in the run directory.
+    assert stored_folder_copy_jobs(run, SimpleNamespace(data=data)) == jobs[:1]
+    plan = Plan(batch_size=4)
+    before = make_source(_spec_for(data), run, inputs.objects)
+    assert before.folder_reads == ()  # no copy folder: nothing to say
+    # Declared on a Drive mount: both folders copied beside the run directory; the worker reads the copies.
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 / ext4 rw 0 0\ndrive {tmp_path / 'drive'} fuse.drive rw 0 0\n")
+    monkeypatch.setattr(folder_module, "MOUNTS", str(mounts))
+    free = namedtuple("Usage", "total used free")(100 << 30, 0, 100 << 30)
+    copier = FolderCopier(run.path, jobs, Journal(run.events), disk_usage=lambda path: free)
+    for job in jobs:
+        copier.copy(job)
+    after = make_source(_spec_for(data), run, inputs.objects)
+    assert [(r["role"], r["from_copy"]) for r in after.folder_reads] == [("validation_data", True), ("x", True)]
+    assert all(str(p).startswith(str(tmp_path / "run.images" / "x")) for p in after._pipe.paths)
+    assert all(str(p).startswith(str(tmp_path / "run.images" / "validation_data")) for p in after._val._pipe.paths)
+    for a, b in zip(_concat(_batches(before.epoch(plan, 1, 0)[0])), _concat(_batches(after.epoch(plan, 1, 0)[0]))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_concat(_batches(before.validation(plan))), _concat(_batches(after.validation(plan)))):
+        np.testing.assert_array_equal(a, b)
+    arrays = prepare_inputs(np.zeros((4, 12, 10, 3), "float32"), np.zeros(4, "int32"), None,
+                            model=make_image_model(), plan=Plan())
+    assert folder_copy_jobs(arrays) == ()

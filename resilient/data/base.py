@@ -305,6 +305,9 @@ def claim_steps(ds: tf.data.Dataset, steps: int) -> tf.data.Dataset:
 class Source(abc.ABC):
     """What every source shares: the run's seed and shuffle flag, and the validation input."""
 
+    #: Where each image folder of the source is read from (``folder_read`` notices), set by ``make_source``.
+    folder_reads: tuple[dict[str, Any], ...] = ()
+
     def __init__(self, spec: RunSpec, val: ValidationSource | None = None) -> None:
         self.spec = spec
         self._val = val

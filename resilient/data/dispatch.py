@@ -78,6 +78,7 @@ from .folder import (
     check_folder,
     prepare_folder_validation,
     read_folder_index,
+    with_local_copy,
 )
 from .pydataset import (
     PyDatasetInputs,
@@ -247,24 +248,38 @@ def _refuse_weighted(element: Any, source: str) -> None:
 
 
 def make_source(spec: RunSpec, run: RunDir, objects: dict[str, Any]) -> Source:
-    """The input source the run directory describes."""
+    """The input source the run directory describes; ``source.folder_reads``: where its image folders are read
+    from (a complete local copy, or the original; ``folder_read`` in the journal)."""
     data = spec.data
+    reads: list[dict[str, Any]] = []
     if isinstance(data, ArraysData):
         carried = objects and VAL_OBJECT in objects and not data.val_x
-        return ArraysSource(spec, data, run, validation_source(objects[VAL_OBJECT]) if carried else None)
-    val = _object_validation(run, data, objects)
-    if data.kind == "image_folder":
-        return ImageFolderSource(spec, read_folder_index(run, data.key), val)
-    if data.kind == "factory":
-        return FactorySource(spec, objects[data.key], val)
-    if data.kind == "pydataset":
-        return PyDatasetSource(spec, objects[data.key], val)
-    raise NotImplementedError(f"input kind {data.kind!r} is not supported by this worker")
+        source: Source = ArraysSource(spec, data, run,
+                                      validation_source(objects[VAL_OBJECT], run, reads) if carried else None)
+    else:
+        val = _object_validation(run, data, objects, reads)
+        if data.kind == "image_folder":
+            index, note = with_local_copy(read_folder_index(run, data.key), run, "x")
+            reads.extend([note] if note else [])
+            source = ImageFolderSource(spec, index, val)
+        elif data.kind == "factory":
+            source = FactorySource(spec, objects[data.key], val)
+        elif data.kind == "pydataset":
+            source = PyDatasetSource(spec, objects[data.key], val)
+        else:
+            raise NotImplementedError(f"input kind {data.kind!r} is not supported by this worker")
+    source.folder_reads = tuple(reads)
+    return source
 
 
-def validation_source(obj: Any) -> ValidationSource:
-    """A validation input carried by value in objects.pkl: a whole folder's index, a PyDataset, a factory."""
+def validation_source(obj: Any, run: RunDir | None = None, reads: list[dict[str, Any]] | None = None) -> ValidationSource:
+    """A validation input carried by value in objects.pkl: a whole folder's index, a PyDataset, a factory.
+    A folder is read from its local copy when ``run`` has a complete one (noted in ``reads``)."""
     if isinstance(obj, FolderIndex):
+        if run is not None:
+            obj, note = with_local_copy(obj, run, "validation_data")
+            if note is not None and reads is not None:
+                reads.append(note)
         return FolderValidationSource(obj, "validation")
     if is_pydataset(obj):
         return PyDatasetValidationSource(obj)
@@ -273,9 +288,10 @@ def validation_source(obj: Any) -> ValidationSource:
     raise TypeError(f"unsupported validation input {type(obj).__name__}")
 
 
-def _object_validation(run: RunDir, data: ObjectData, objects: dict[str, Any]) -> ValidationSource | None:
+def _object_validation(run: RunDir, data: ObjectData, objects: dict[str, Any],
+                       reads: list[dict[str, Any]]) -> ValidationSource | None:
     if data.val_key is None:
         return None
     if data.val_key == VAL_ARRAYS:
         return stored_validation(run)
-    return validation_source(objects[data.val_key])
+    return validation_source(objects[data.val_key], run, reads)

@@ -9,8 +9,10 @@ step lowered it), caches and batches per the plan (:class:`FolderPipeline`). Res
 without the cache. A folder passed as ``validation_data`` is used whole: a :class:`FolderIndex` whose
 ``validation`` holds every file, carried in objects.pkl.
 
-A folder on a FUSE or network file system (Google Drive on Colab) is read there, file by file, and ``fit``
-warns of the speed (:func:`warn_if_slow_folder`); resilient does not copy it to local disk.
+A folder on a FUSE or network file system (Google Drive on Colab): ``fit`` warns of the speed
+(:func:`warn_if_slow_folder`), and the supervisor copies it to local disk in the background where there is
+room (``local_copy.py``, :func:`folder_copy_jobs`); an attempt that starts once the copy is complete reads
+the copy (:func:`with_local_copy`), with the same listing, so training is the same either way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .._plan import Plan
 from .._rundir import ObjectData, RunDir, RunSpec, atomic_write_text
 from . import IMAGE_FORMATS, ImageFolder
 from .base import (
+    VAL_OBJECT,
     EpochStream,
     Inputs,
     ObjectValidationInput,
@@ -42,6 +45,7 @@ from .base import (
     span_steps,
 )
 from .checks import ModelFacts, check_sample_shape
+from .local_copy import FolderCopyJob, choose_root
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -122,10 +126,12 @@ def warn_if_slow_folder(folder: ImageFolder, arg: str, mounts: str | None = None
         return None
     point, fstype = where
     text = (f"resilient: the image folder {folder.path} ({arg}) is on a {fstype} file system (mounted at "
-            f"{point}). The worker reads it there, one file at a time, in the first epoch of every attempt and "
-            "in every epoch once the plan drops the cache: expect slow epochs (a Google Drive mount serves tens of "
-            "small files a second). Copy the folder to local disk once (e.g. `cp -r` it under /content) and pass "
-            "that path; keep only the checkpoints' copy on Drive, through mirror_dir.")
+            f"{point}), which serves small files slowly (a Google Drive mount: tens a second). resilient copies it "
+            "in the background to local disk beside run_dir (<run_dir>.images/) when the disk has room for it; "
+            "attempts that start before the copy is complete, and every attempt when there is no room (the "
+            "journal says why: folder_copy_skipped), read it there, one file at a time, in their first epoch and "
+            "in every epoch once the plan drops the cache: expect slow epochs until then. Copy the folder to "
+            "local disk yourself (e.g. `cp -r` it under /content) and pass that path to avoid the wait.")
     warnings.warn(text, UserWarning, stacklevel=2)
     return text
 
@@ -384,7 +390,38 @@ class FolderInputs(Inputs):
         return ObjectData(kind="image_folder", key=FOLDER_INDEX, val_key=self.val.write(run), samples=len(index.train))
 
 
+def folder_copy_jobs(inputs: Inputs) -> tuple[FolderCopyJob, ...]:
+    """The image folders of a fit call (``x``, ``validation_data``), as the background copy takes them."""
+    jobs = []
+    if isinstance(inputs, FolderInputs):
+        jobs.append(FolderCopyJob(role="x", root=inputs.folder.path, files=inputs.files))
+    val = inputs.objects.get(VAL_OBJECT)
+    if isinstance(val, FolderIndex):
+        jobs.append(FolderCopyJob(role="validation_data", root=val.root, files=val.files))
+    return tuple(jobs)
+
+
+def stored_folder_copy_jobs(run: RunDir, spec: RunSpec) -> tuple[FolderCopyJob, ...]:
+    """``resume``'s jobs: the ``x`` folder from its stored index (a ``validation_data`` folder lives in
+    objects.pkl, which the supervisor does not unpickle; it is read where it is)."""
+    data = spec.data
+    if not (isinstance(data, ObjectData) and data.kind == "image_folder"):
+        return ()
+    try:
+        index = read_folder_index(run, data.key)
+    except (OSError, ValueError):
+        return ()  # the worker reports a damaged index
+    return (FolderCopyJob(role="x", root=index.root, files=index.files),)
+
+
 # ------------------------------------------------------------------------------------ worker
+
+
+def with_local_copy(index: FolderIndex, run: RunDir, role: str) -> tuple[FolderIndex, dict[str, Any] | None]:
+    """``index`` read from its complete local copy when there is one (only the root changes), and what to
+    journal of the choice (None: no copy was ever started)."""
+    root, note = choose_root(run.path, role, index.root, index.files)
+    return (index if root == index.root else index.model_copy(update={"root": root})), note
 
 
 def encode_labels(index: FolderIndex, ids: np.ndarray) -> np.ndarray | None:

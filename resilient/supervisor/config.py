@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from .._devices import Devices
 from .._rundir import RunDir
+from ..data.local_copy import FolderCopyJob
 from ..policy.policy import Policy, StepContext
 from .telemetry import DOWNSAMPLE
 
@@ -59,6 +60,8 @@ class SupervisorConfig:
     mirror_keep: int = 2
     mirror_flush_timeout: float = 30.0
     mirror_copy: Callable[[Path, Path], None] | None = None
+    #: The run's image folders: copied to local disk in the background when on a slow mount (folder_copy.py).
+    image_folders: tuple[FolderCopyJob, ...] = ()
 
     def say(self, text: str) -> None:
         """A note for the caller: to the display, or one ``resilient: ...`` line on the stream (unless echo is

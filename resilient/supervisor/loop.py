@@ -53,6 +53,7 @@ from .classify import classify, signal_name
 from .config import SupervisorConfig
 from .decide import AttemptFacts, Decision, RestartRules, attempt_label, decide
 from .disk import DiskSpace, is_disk_full_error, measure, own_write_text
+from .folder_copy import FolderCopier
 from .gpu import run_gpus
 from .memory import GpuMemory, reap_stale_cgroups
 from .mirror import Mirror
@@ -120,6 +121,8 @@ class Supervisor:
         self._mirror = None if config.mirror_dir is None else Mirror(
             config.run, config.mirror_dir, journal=self.journal, keep=config.mirror_keep, copy=config.mirror_copy,
             on_state=None if config.display is None else (lambda s: config.display.mirror(s.step, s.saved_at)))
+        self._folder_copy = FolderCopier(config.run.path, config.image_folders, self.journal, say=config.say,
+                                         disk_usage=config.disk_usage)
 
     # ------------------------------------------------------------------ the loop
 
@@ -128,6 +131,7 @@ class Supervisor:
         state = State.START
         if self._mirror is not None:
             self._mirror.start()
+        self._folder_copy.start()
         try:
             while True:
                 if state is State.START:
@@ -152,6 +156,7 @@ class Supervisor:
                 raise
             raise self._out_of_disk(exc) from exc
         finally:
+            self._folder_copy.close()
             self._standby.close()
             self._flush_mirror()
             if self.cfg.display is not None:

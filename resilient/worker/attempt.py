@@ -145,6 +145,8 @@ class Attempt:
         with strategy_scope(self._devices()):
             model, objects = self._prepare()
             source = make_source(self.spec, self.run, objects)
+            for fields in source.folder_reads:  # a local copy of an image folder, or why not (local_copy.py)
+                self.channel.send(Notice(event="folder_read", fields=fields))
             self.samples_per_step = source.samples_per_step(self.plan)  # a PyDataset counts batches
             callbacks = self._callback_list(model)
             if not self._train(model, source, callbacks):
