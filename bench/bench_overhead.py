@@ -167,7 +167,10 @@ def resilient_fit(x, y, batch, epochs, run_dir, mon, cpu):
         "between_epochs_s": between_epochs([m["t"] for m in marks if m["what"] == "begin"],
                                            [m["t"] for m in marks if m["what"] == "end"]),
         "checkpoints": len(saves), "checkpoint_reasons": sorted({s.get("reason", "?") for s in saves}),
-        "checkpoint_seconds_total": sum(s["seconds"] for s in saves),
+        # The training thread's share: a background-written checkpoint pauses training for its snapshot only.
+        "checkpoint_seconds_total": sum(s["snapshot_seconds"] if s.get("background") else s["seconds"] for s in saves),
+        "checkpoint_snapshot_s": [s.get("snapshot_seconds") for s in saves],
+        "checkpoint_write_s": [s.get("write_seconds") for s in saves],
         "checkpoint_bytes": saves[-1]["bytes"] if saves else None,
         "breakdown_s": {
             "before_worker (validate, save model and data)": started - t0,

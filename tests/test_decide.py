@@ -317,9 +317,11 @@ def test_a_startup_kill_after_a_newer_checkpoint_is_progress():
     assert decisions[-1].action == "restart with the same plan" and decisions[-1].reason == ""
 
 
-def test_the_same_point_with_a_newer_checkpoint_is_progress():
+def test_a_newer_checkpoint_is_progress_unless_the_run_fails_again_short_of_it():
     earlier = [incident("crash", WORKING, step=7, checkpoint=5, plan_after=WORKING, action="restart")]
-    assert run_decide(incident("crash", WORKING, step=7, checkpoint=6), WORKING, earlier=earlier).kind == "restart"
+    # Resumed from 6 and failed at 7 again: the failure is where it was, the run got no further.
+    assert run_decide(incident("crash", WORKING, step=7, checkpoint=6), WORKING, earlier=earlier).kind == "give_up"
+    assert run_decide(incident("crash", WORKING, step=9, checkpoint=6), WORKING, earlier=earlier).kind == "restart"
     assert run_decide(startup_kill(6, 1), WORKING, earlier=[startup_kill(5, 0)]).kind == "restart"
 
 
@@ -328,6 +330,18 @@ def test_the_same_incident_point_and_checkpoint_twice_is_no_progress():
                                 startup_kill(30, 2), startup_kill(30, 3)])
     assert [d.kind for d in decisions] == ["restart", "restart", "restart", "give_up"]
     assert (decisions[-1].action, decisions[-1].reason) == ("give up: no progress", NO_PROGRESS)
+
+
+def test_checkpoints_that_advance_short_of_the_same_failure_are_no_progress():
+    # A worker whose memory sits near its limit: each attempt writes a memory-pressure checkpoint a step after
+    # it resumed and is OOM-killed at the same epoch end. The checkpoints advance, the run gets no further.
+    earlier = [incident("host_oom", WORKING, step=256, checkpoint=148, plan_after=WORKING)]
+    decision = run_decide(incident("host_oom", WORKING, step=256, checkpoint=149), WORKING, earlier=earlier)
+    assert (decision.kind, decision.reason) == ("give_up", NO_PROGRESS)
+    # A checkpoint past the earlier failure's step is progress, whatever fails next at that step.
+    earlier = [incident("host_oom", WORKING, step=256, checkpoint=148, plan_after=WORKING)]
+    assert run_decide(incident("host_oom", WORKING, step=256, checkpoint=256), WORKING, earlier=earlier).kind == "give_up"
+    assert run_decide(incident("host_oom", WORKING, step=300, checkpoint=257), WORKING, earlier=earlier).kind == "restart"
 
 
 def test_a_checkpoint_that_moved_in_between_breaks_the_repeat():

@@ -19,9 +19,9 @@ changes none of them. The loop executes the decision: it records ``incident``, j
 
 Rules 4 and 5 end in the restart rules (``RestartRules``, tenacity's strategies): ``give_up`` once
 the incidents of this call exceed ``max_restarts`` (probe restarts are free), or when there was no
-progress: the incident repeats an earlier one at the same point (kind, step and start-up phase)
-with the same checkpoint, and nothing changed since (the plan, and no checkpoint advanced in
-between; ``repeats_without_change``). A start-up incident before a newer checkpoint is no repeat of
+progress: the incident repeats an earlier one at the same point (kind, step and start-up phase),
+and nothing changed since (the plan, and no checkpoint advanced in between, or only short of the
+step that failed; ``repeats_without_change``). A start-up incident before a newer checkpoint is no repeat of
 one after it, whatever step it is recorded at. Else the wait before the restart: nothing after a
 plan change, a preemption or a first failure, exponential backoff while failures repeat without a new
 checkpoint.
@@ -99,18 +99,26 @@ def same_point(a: Incident, b: Incident) -> bool:
 
 
 def repeats_without_change(incident: Incident, earlier: Sequence[Incident]) -> bool:
-    """No progress: ``incident`` repeats an earlier one at the same point with the same checkpoint, and
-    nothing changed since: neither changed the plan, and every incident in between ran the same plan
-    from the same checkpoint (none advanced)."""
+    """No progress: ``incident`` repeats an earlier one at the same point, and nothing changed since:
+    neither changed the plan, every incident in between ran the same plan, and the checkpoint either
+    stayed where it was or only advanced short of the earlier failure's step (``short_of``: checkpoints
+    written on the way to the same failure, as memory-pressure checkpoints are, get the run no further)."""
     if incident.plan_changed:
         return False
     for inc in reversed(earlier):
-        if (inc.plan_changed or inc.plan_before != incident.plan_before
-                or inc.checkpoint_step != incident.checkpoint_step):
+        if inc.plan_changed or inc.plan_before != incident.plan_before:
             return False  # something changed since: walking further back cannot find a repeat
+        if inc.checkpoint_step != incident.checkpoint_step and not short_of(inc, incident):
+            return False
         if same_point(inc, incident):
             return True
     return False
+
+
+def short_of(earlier: Incident, incident: Incident) -> bool:
+    """The checkpoint advanced since ``earlier`` but not past the step ``earlier`` failed at."""
+    before, now = earlier.checkpoint_step, incident.checkpoint_step
+    return now is not None and (before is None or now > before) and now <= earlier.step
 
 
 def repeats_without_progress(incidents: Sequence[Incident]) -> int:
