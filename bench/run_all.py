@@ -317,10 +317,11 @@ def recovery_pair(args, tmp: Path) -> dict[str, Any]:
     steps_per_epoch = -(-args.samples // args.batch)
     fault_steps = [steps_per_epoch + steps_per_epoch // 2]
     out = {}
+    x, y = C.image_data(args.samples)
     with C.CpuMonitor() as mon:
         for label, policy in (("standby on", None), ("standby off", standby_off_policy())):
-            out[label] = O.recovery_run(C.image_data(args.samples)[0], C.image_data(args.samples)[1], args.batch, 2,
-                                        fault_steps, tmp / f"recovery_{label.replace(' ', '_')}", mon, policy=policy)
+            out[label] = O.recovery_run(x, y, args.batch, 2, fault_steps, tmp / f"recovery_{label.replace(' ', '_')}",
+                                        mon, policy=policy)
     return out
 
 

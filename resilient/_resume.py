@@ -117,13 +117,14 @@ def _policy(policy: Any, spec: RunSpec) -> tuple[Any, str]:
 
 def _supervise(run: RunDir, spec: RunSpec, policy: Any, max_restarts: int | None, hang: float | None, level: int,
                mirror: Path | None) -> Any:
+    from . import _fit
     from .data.folder import stored_folder_copy_jobs
     from .policy import StepContext
     from .supervisor.display import make_display
     from .supervisor.loop import Supervisor, SupervisorConfig
 
     facts = spec.input_facts or _facts_of_older_spec(spec)
-    context = StepContext(requested_plan=spec.initial_plan, **facts.model_dump(), **_fit_device_context())
+    context = StepContext(requested_plan=spec.initial_plan, **facts.model_dump(), **_fit._device_context())
     host, gpu = spec.host_memory_limit_bytes, spec.gpu_memory_limit_bytes
     supervisor = Supervisor(SupervisorConfig(
         run=run, policy=policy, context=context,
@@ -133,12 +134,6 @@ def _supervise(run: RunDir, spec: RunSpec, policy: Any, max_restarts: int | None
         display=make_display(level, host_limit=host, gpu_limit=gpu), image_folders=stored_folder_copy_jobs(run, spec),
     ))
     return supervisor.run()
-
-
-def _fit_device_context() -> dict[str, Any]:
-    from . import _fit
-
-    return _fit._device_context()
 
 
 def _facts_of_older_spec(spec: RunSpec) -> InputFacts:
