@@ -1,17 +1,20 @@
-"""Steps in incidents and reports are exact: the worker tells the supervisor every step it begins (a cheap line
-between the throttled heartbeats), so a worker killed from outside at step 12 is reported at step 12."""
+"""Steps in incidents and reports are exact: the worker tells the supervisor every step it begins (on its step
+board, shared memory the supervisor reads after the worker is gone; else a cheap line between the throttled
+heartbeats), so a worker killed from outside at step 12 is reported at step 12."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 import resilient
-from resilient._protocol import ChannelWriter, Heartbeat, parse_message
+from resilient._protocol import ChannelWriter, Heartbeat, StepBoard, parse_message
 from tests.conftest import make_data, make_model
 
 
@@ -26,6 +29,47 @@ def test_the_per_step_line_is_a_heartbeat_without_timing():
     assert line.endswith(b"\n")
     msg = parse_message(line)
     assert msg == Heartbeat(phase="train", epoch=3, step=1234, t=msg.t) and abs(msg.t - time.time()) < 60
+
+
+_BOARD_CHILD = """
+import sys
+from resilient._protocol import StepBoard
+board = StepBoard.create()
+board.write("validate", 2, 7)
+print(board.fd, flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the step board needs Linux's memfd_create")
+def test_the_step_board_of_a_killed_process_still_reads_its_last_step():
+    child = subprocess.Popen([sys.executable, "-c", _BOARD_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        fd = int(child.stdout.readline())
+        board = StepBoard.open(child.pid, fd)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+        child.stdin.close()
+        child.stdout.close()
+    try:
+        seq, phase, epoch, step = board.read()
+        assert (phase, epoch, step) == ("validate", 2, 7) and seq % 2 == 0
+    finally:
+        board.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the step board needs Linux's memfd_create")
+def test_the_step_board_reads_nothing_before_the_first_write_and_never_a_half_written_record():
+    board = StepBoard.create()
+    try:
+        assert board.read() is None
+        board.write("train", 0, 1)
+        assert board.read()[1:] == ("train", 0, 1)
+        board._mm[0:8] = (board._seq + 1).to_bytes(8, "little")  # a writer stopped halfway through its record
+        assert board.read() is None
+    finally:
+        board.close()
 
 
 class KillAtBatch:

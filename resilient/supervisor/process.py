@@ -41,6 +41,7 @@ from .._protocol import (
     Heartbeat,
     Hello,
     Notice,
+    StepBoard,
     WorkerGo,
 )
 from .._rundir import FILE_MODE, Journal
@@ -224,6 +225,9 @@ class WorkerProcess:
         self._heartbeat_age: float | None = None
         #: The worker's error report sent over the channel when it could not write error.json (a full disk).
         self._sent_report: ErrorReport | None = None
+        #: The worker's step board (its step at every step, in shared memory), once its notice named it.
+        self._board: StepBoard | None = None
+        self._board_seq = 0
         self._hang_phase: StartupPhase | None = None  # the start-up phase a hang was seen in
         self.interrupted = False  # Ctrl-C reached this attempt (interrupt())
         self.killed = False  # interrupt() had to SIGKILL it
@@ -432,6 +436,7 @@ class WorkerProcess:
 
     def _check(self, now: float) -> None:
         """One look at the worker: act on a rehearsal, the memory budget, the plan search, silence."""
+        self._read_board(now)
         with self._lock:
             progress, age, phase = self._progress, now - self._last_beat, self._clock.phase()
             preempt, arm = self._pending_preempt, self._pending_host_oom
@@ -513,6 +518,10 @@ class WorkerProcess:
 
     def _ended(self) -> AttemptEnd:
         assert self._proc is not None
+        self._read_board()  # the step it was at when it ended: exact, even for a kill
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         group, peak = self._group, self._peak
         oom_kills, cgroup_peak = 0, None
         if group is not None:
@@ -543,6 +552,9 @@ class WorkerProcess:
 
     def _on_message(self, msg: Any) -> None:
         """Runs on the channel's reader thread, for every message."""
+        if isinstance(msg, Notice) and msg.event == "step_board":
+            self._open_board(msg.fields.get("fd"))
+            return
         with self._lock:
             self._last_beat = time.monotonic()
             self._clock.saw(msg, self._last_beat)
@@ -574,6 +586,36 @@ class WorkerProcess:
             self._take_notice(msg)
             fields = {k: v for k, v in msg.fields.items() if k not in {"time", "event", "attempt"}}
             self.journal.write(msg.event, attempt=attempt, **fields)
+
+    def _open_board(self, fd: Any) -> None:
+        """Map the worker's step board; where that fails, the supervisor knows the step from the heartbeats
+        (at most a quarter of a second old), and the journal says why."""
+        proc = self._proc
+        if proc is None or not isinstance(fd, int) or self._board is not None:
+            return
+        try:
+            self._board = StepBoard.open(proc.pid, fd)
+        except OSError as exc:
+            try:
+                self.journal.write("step_board_failed", attempt=self.attempt, error=str(exc))
+            except OSError:
+                pass
+
+    def _read_board(self, now: float | None = None) -> None:
+        """The worker's newest step from its board, into the progress (a new step is also a sign of life)."""
+        board = self._board
+        record = board.read() if board is not None else None
+        if record is None:
+            return
+        seq, phase, epoch, step = record
+        with self._lock:
+            if seq == self._board_seq:
+                return
+            self._board_seq = seq
+            if step >= (self._progress.step or 0):  # a message may have told a step the board has not yet
+                self._progress = replace(self._progress, phase=phase, epoch=epoch, step=step)
+            if now is not None:
+                self._last_beat = max(self._last_beat, now)
 
     def _take_notice(self, msg: Notice) -> None:
         """What a notice means beyond its journal line: a damaged checkpoint is said on the console, and an

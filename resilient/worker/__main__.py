@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if go is None:
             return 0
         args.run_dir, args.attempt, args.plan = go.run_dir, go.attempt, go.plan
+    channel.open_board()  # the step at every step, in shared memory (StepBoard)
     run = RunDir(args.run_dir)
     attempt_dir = run.attempt_dir(args.attempt)
     attempt_dir.mkdir(parents=True, exist_ok=True)

@@ -370,13 +370,16 @@ class Attempt:
 
     def beat(self, phase: str, force: bool = False) -> None:
         now = time.monotonic()
+        board = self.channel.board
+        if board is not None:  # the exact step, at every step, without a message (StepBoard)
+            board.write(phase, self.epoch, self.global_step)
         if force or now - self.last_beat >= 0.25:
             self.last_beat = now
             logs, self.running_logs = self.running_logs, None
             self.channel.send(Heartbeat(phase=phase, epoch=self.epoch, step=self.global_step,  # type: ignore[arg-type]
                                         step_seconds=self.step_seconds, timed_steps=self.timed_steps,
                                         timed_seconds=self.timed_seconds, logs=logs))
-        elif self.global_step != self.last_beat_step:
+        elif board is None and self.global_step != self.last_beat_step:
             # Between the throttled heartbeats, the step alone (no timing, so the supervisor's step-time
             # and throughput figures are unchanged): an incident's step is then exact, not the last heartbeat's.
             self.channel.send_step(phase, self.epoch, self.global_step)
