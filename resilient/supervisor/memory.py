@@ -211,15 +211,16 @@ class PressureWatch:
     With a limit L, on ``used``:
 
     - ``first_crossing``: ``used`` reaches ``threshold`` x L;
-    - ``further_climb``: after a request at usage u, ``used`` reaches u + (L - u) / 2 (each request
-      halves the headroom left, so the newest checkpoint stays close to a kill by a climb; at or past
-      L, every look asks);
+    - ``further_climb``: after a request at usage u, ``used`` reaches u + (L - r - u) / 2, r the memory
+      a save itself needs (each request halves the headroom left for a save, so the newest checkpoint
+      stays close to a kill by a climb; at or past L - r, every look asks);
     - ``interval``: ``interval`` seconds after the last request, still above the threshold (a worker
       sitting just under the kill, which a spike may end, keeps saving);
 
     and the climb is over (re-armed) once ``used`` falls under ``rearm`` x L. Without a limit, the same
-    on the machine's ``available`` memory: first below ``margin``, then each time it halves since the
-    last request, then every ``interval``; re-armed once twice ``margin`` is available again.
+    on the machine's ``available`` memory: first below ``margin``, then each time what is available
+    beyond r halves since the last request, then every ``interval``; re-armed once twice ``margin`` is
+    available again.
 
     A repeat (climb or interval) needs steps trained since the last request (``step`` advanced: a
     checkpoint at the same step saves nothing new) and time since it: ``CLIMB_SAVE_FACTOR`` x
@@ -248,20 +249,21 @@ class PressureWatch:
         return available is not None and available < self.margin
 
     def observe(self, used: int | None, limit: int | None, available: int | None, *, now: float = 0.0,
-                step: int | None = None, save_seconds: float = 0.0) -> PressureTrigger | None:
+                step: int | None = None, save_seconds: float = 0.0, reserve: int = 0) -> PressureTrigger | None:
         """One sample at ``now`` (seconds, monotonic) with the worker at ``step``: what asks for a
-        checkpoint now, or None."""
+        checkpoint now, or None. ``reserve``: the memory a save itself needs, kept out of the headroom
+        that a climb halves (so the last saves before a kill still fit)."""
         if limit is not None:
             if used is None:
                 return None
             level, rearmed = used, used < self.rearm * limit
-            # Headroom halved since the last request: used >= u + (L - u) / 2.
-            climbed = self.mark is not None and 2 * used >= self.mark + limit
+            # Headroom halved since the last request: used >= u + (L - reserve - u) / 2.
+            climbed = self.mark is not None and 2 * used >= self.mark + limit - reserve
         else:
             if available is None:
                 return None
             level, rearmed = available, available >= 2 * self.margin
-            climbed = self.mark is not None and 2 * available <= self.mark
+            climbed = self.mark is not None and 2 * (available - reserve) <= self.mark - reserve
         if rearmed:
             self.mark, self.last_step = None, None
             return None

@@ -61,6 +61,12 @@ AUTO_HANG_FLOOR = 120.0
 AUTO_HANG_FACTOR = 10.0
 #: Memory of the rehearsed host_oom when the run has no limit: current usage plus this.
 REHEARSAL_HEADROOM = 256 << 20
+#: A checkpoint's save needs about this many times its size in memory (the snapshot, then the file's pages
+#: until they are written): the headroom PressureWatch keeps for the last save before a kill.
+SAVE_RESERVE_FACTOR = 2
+#: Seconds between looks at the worker's memory while it is above the pressure mark (with a cgroup, or
+#: without a limit: a few file reads each; the watchdog's RSS walk, a millisecond, stays at the poll interval).
+PRESSURE_LOOK = 0.01
 #: On Ctrl-C, a worker silent this long (plus twice its slowest step) shows no life: it is not waited for.
 INTERRUPT_SILENCE = 3.0
 #: On Ctrl-C, a worker in the middle of a save is waited for this long plus 3x its slowest save.
@@ -83,6 +89,7 @@ class Progress:
     max_step_seconds: float = 0.0
     max_save_seconds: float = 0.0
     pressure_save_seconds: float | None = None  # what the last memory-pressure checkpoint cost (PressureWatch)
+    checkpoint_bytes: int = 0  # the size of the last checkpoint (a save needs about twice that: PressureWatch)
     # Throughput: the worker's cumulative (timed steps, timed seconds), after the warm-up and now.
     timing_base: tuple[int, float] | None = None
     timing: tuple[int, float] | None = None
@@ -147,10 +154,10 @@ def advance(progress: Progress, msg: Any, warmup_steps: int) -> Progress:
     if isinstance(msg, CheckpointSaved):
         slowest = max(progress.max_save_seconds, msg.seconds)
         if msg.background:  # written while the training went on: it says nothing of where the training is now
-            return replace(progress, max_save_seconds=slowest)
+            return replace(progress, max_save_seconds=slowest, checkpoint_bytes=msg.bytes)
         pressure = msg.seconds if msg.reason == "memory_pressure" else progress.pressure_save_seconds
         return replace(progress, epoch=msg.epoch, step=msg.step, phase="train", max_save_seconds=slowest,
-                       pressure_save_seconds=pressure)
+                       pressure_save_seconds=pressure, checkpoint_bytes=msg.bytes)
     if isinstance(msg, EpochBegin):
         return replace(progress, epoch=msg.epoch, step=msg.step, end_step=msg.end_step(),
                        samples_per_step=msg.samples_per_step)
@@ -351,13 +358,14 @@ class WorkerProcess:
                     if self.on_sample is not None:
                         self.on_sample(self)
                 elif self._pressure_high:
-                    # Above the mark a quarter second is several steps: memory is read every poll, so a
-                    # request (and the checkpoint) comes within a step or two of the climb that asks for it.
+                    # Above the mark a quarter second is many steps: memory is looked at every poll (every
+                    # PRESSURE_LOOK where that is cheap), so a request comes within a step or two of the climb.
                     self._look_at_pressure(now)
                 self._check(now)
                 if self.cfg.display is not None:
                     self.cfg.display.tick()  # the live displays redraw from this thread (a notebook needs it)
-                time.sleep(self.cfg.poll_interval)
+                fast = self._pressure_high and (self._group is not None or self.memory_limit is None)
+                time.sleep(min(self.cfg.poll_interval, PRESSURE_LOOK) if fast else self.cfg.poll_interval)
         except KeyboardInterrupt:
             try:
                 self.interrupt()  # let it save its SIGTERM checkpoint if it can; a second Ctrl-C kills at once
@@ -396,13 +404,27 @@ class WorkerProcess:
         self._watch_pressure(rss, group, now)
 
     def _look_at_pressure(self, now: float) -> None:
-        """Between samples, under pressure: the worker's memory alone (no GPU, no telemetry line)."""
+        """Between samples, under pressure: the worker's memory alone (no GPU, no telemetry line); with a
+        cgroup, the group's files only (a fraction of a millisecond)."""
         assert self._proc is not None
-        rss = tree_rss(self._proc.pid)
-        if rss is not None:
-            self._last_rss = rss
-            self._peak = max(self._peak or 0, rss)
+        rss = None
+        if self._group is None:
+            rss = tree_rss(self._proc.pid)
+            if rss is not None:
+                self._last_rss = rss
+                self._peak = max(self._peak or 0, rss)
         self._watch_pressure(rss, self._group, now)
+
+    def _pressure_usage(self, rss: int | None, group: MemoryCgroup | None) -> int | None:
+        """The worker's memory as its limit counts it. With a cgroup: what the kernel holds to the group's
+        own limit (its usage less inactive file cache, read afresh: near the limit the kernel keeps the usage
+        pinned there and reclaims that cache), plus the difference between the run's limit and the group's
+        (what an adopted worker brought, charged outside); else its private RSS (the watchdog's measure)."""
+        working_set = group.working_set() if group is not None else None
+        if group is None or working_set is None:
+            return rss
+        outside = self.memory_limit - group.limit if self.memory_limit is not None else 0
+        return working_set + max(0, outside)
 
     def _watch_pressure(self, rss: int | None, group: MemoryCgroup | None, now: float) -> None:
         """Memory running short: ask the worker (SIGUSR1, to it alone) for a checkpoint at its next step
@@ -417,11 +439,12 @@ class WorkerProcess:
         if progress.start_step is None:
             return  # no Hello yet: nothing to checkpoint
         limit = self.memory_limit
-        used = max(rss or 0, (group.working_set() or 0) if group is not None else 0) or None
+        used = self._pressure_usage(rss, group)
         available = available_memory() if limit is None else None
         self._pressure_high = watch.high(used, limit, available)
         cost = progress.pressure_save_seconds or progress.max_save_seconds
-        trigger = watch.observe(used, limit, available, now=now, step=progress.step, save_seconds=cost)
+        trigger = watch.observe(used, limit, available, now=now, step=progress.step, save_seconds=cost,
+                                reserve=SAVE_RESERVE_FACTOR * progress.checkpoint_bytes)
         if trigger is None:
             return
         try:
