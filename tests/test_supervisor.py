@@ -1041,6 +1041,14 @@ def test_pressure_watch_asks_on_crossing_and_again_each_time_the_headroom_halves
     assert watch.observe(None, limit, None) is None  # no sample: nothing decided
 
 
+def test_pressure_watch_keeps_a_saves_own_memory_out_of_the_headroom_it_halves():
+    # A save needs 100 of the 1000: the headroom halved is what is left under 900, and from 900 on every look asks.
+    watch = PressureWatch(threshold=0.85, rearm=0.75, interval=1000)
+    samples = [(0, 1, 850), (1, 2, 874), (2, 3, 875), (3, 4, 888), (4, 5, 900), (5, 6, 901), (6, 7, 902)]
+    assert [watch.observe(used, 1000, None, now=now, step=step, reserve=100) for now, step, used in samples] == [
+        "first_crossing", None, "further_climb", "further_climb", "further_climb", "further_climb", "further_climb"]
+
+
 def test_pressure_watch_rearms_only_under_the_lower_mark():
     watch = PressureWatch(threshold=0.85, rearm=0.75, interval=1000)
     limit = 1000

@@ -225,11 +225,12 @@ class MemorySettings(BaseModel):
     memory (its private RSS, or the cgroup's usage less reclaimable file cache, whichever is larger)
     reaches ``pressure_threshold`` of the limit; without one, when the machine's available memory
     falls below ``available_margin``. The worker saves it at its next step boundary, so an OOM kill
-    that follows loses almost nothing. While memory stays above the mark (looked at every 50 ms then),
-    it asks again when memory climbs further (each request halves the headroom left under the limit;
-    without a limit, each time the available memory halves) and every ``pressure_interval`` while the
-    worker trains on (at least ten times the last pressure checkpoint's cost apart), so the newest
-    checkpoint stays close to a kill that a further climb or a spike brings. The climb ends when memory
+    that follows loses almost nothing. While memory stays above the mark (looked at every 10 ms then,
+    every 50 ms under the watchdog), it asks again when memory climbs further (each request halves the
+    headroom left under the limit, less what a save itself needs; without a limit, each time the available
+    memory halves) and every ``pressure_interval`` while the worker trains on (at least ten times the last
+    pressure checkpoint's cost apart), so the newest checkpoint stays close to a kill that a further climb
+    or a spike brings. Never twice at the same step. The climb ends when memory
     falls back under ``rearm_threshold`` of the limit (without a limit: twice ``available_margin`` available).
     """
 
