@@ -222,8 +222,9 @@ class MemorySettings(BaseModel):
 
     The supervisor samples the worker's memory four times a second. With a host memory limit (the
     worker's memory cgroup, or the watchdog's budget), a checkpoint is asked for when the worker's
-    memory (its private RSS, or the cgroup's usage less reclaimable file cache, whichever is larger)
-    reaches ``pressure_threshold`` of the limit; without one, when the machine's available memory
+    memory (with its memory cgroup: the group's usage less inactive file cache, plus what an adopted worker
+    brought, charged outside the group; under the watchdog: its private RSS) reaches ``pressure_threshold``
+    of the limit; without one, when the machine's available memory
     falls below ``available_margin``. The worker saves it at its next step boundary, so an OOM kill
     that follows loses almost nothing. While memory stays above the mark (looked at every 10 ms then,
     every 50 ms under the watchdog), it asks again when memory climbs further (each request halves the
