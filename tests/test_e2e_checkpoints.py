@@ -106,7 +106,7 @@ def test_a_pressure_checkpoint_before_a_real_oom_kill_leaves_at_most_two_steps_t
     np.testing.assert_allclose(history.history["loss"], ref_history.history["loss"], rtol=1e-5)
 
 
-def stalling_memory(limit: int, marker: Path, start: int = 3, stall: int = 8, pause: float = 0.4):
+def stalling_memory(limit: int, marker: Path, start: int = 3, stall: int = 6, pause: float = 0.6):
     """A callback that, in the first attempt only (``marker``), holds the worker's memory at 88% of ``limit``
     from step ``start`` for ``stall`` steps of ``pause`` seconds each, then jumps past the limit (a spike: a
     validation, a larger batch, the epoch's end) at the step after."""
@@ -137,7 +137,8 @@ def test_pressure_checkpoints_while_memory_sits_above_the_mark_leave_at_most_two
     x, y = make_data()
     limit = 1500 << 20
     run_dir = tmp_path / "run"
-    start, stall = 3, 8
+    # Steps of 0.6 s: a pressure checkpoint's cost (10x it spaces the interval's requests) may reach 0.12 s.
+    start, stall = 3, 6
     # One epoch of 16 steps: no epoch-end checkpoint falls in the stall.
     history = resilient.fit(
         make_model(seed=SEED), x, y, epochs=1, batch_size=16, seed=SEED, run_dir=run_dir, verbose=0,
