@@ -17,6 +17,12 @@ synthetic-but-learnable 32x32x3 images, batch 64:
 
     python bench/run_all.py            # ~9 min on 2 cores
     python bench/run_all.py --quick    # ~4 min (15 s trainings)
+    python bench/run_all.py --only oom # the cgroup OOM comparison alone, ~2 min
+
+The OOM comparison's limit is the clean training's peak (a probe run of the same epochs without the
+leak, the worker's memory cgroup's peak), plus a margin, plus what the leak holds after
+LEAK_ROOM_EPOCHS epochs: the training's own peaks (epoch ends, checkpoints) always fit, so the leak
+alone kills, mid-epoch, both resilient's worker and the Keras process.
 
 "Steps redone" counts the training steps a run computed beyond an uninterrupted run of the same
 length: a callback carried into every process (resilient's workers, Keras's processes alike) logs
@@ -47,10 +53,14 @@ import itertools
 
 import _common as C
 
-#: The memory a leaking training adds per step (MiB) in the OOM comparison, and the room above the
-#: worker's steady footprint that the cgroup limit leaves for it.
+#: The memory a leaking training adds per step (MiB) in the OOM comparison.
 LEAK_MIB_PER_STEP = 1
-LEAK_ROOM_MIB = 400
+#: The OOM comparison's limit: the clean training's peak (a probe run of the same epochs, whole worker, as
+#: its memory cgroup counts it), plus this margin for what varies between runs, plus the memory the leak
+#: holds after LEAK_ROOM_EPOCHS epochs. The clean training's own peaks (epoch ends, checkpoints) then fit
+#: under the limit whatever has leaked by then, and only the leak kills: mid-epoch, after about that much.
+PEAK_MARGIN_MIB = 64
+LEAK_ROOM_EPOCHS = 2.25
 #: The SIGKILL comparison trains on this many times the samples: epochs of a few seconds, so that the auto
 #: cadence's interval checkpoints fall between the epoch-end ones.
 SIGKILL_SAMPLES_FACTOR = 4
@@ -78,13 +88,19 @@ def _callbacks() -> tuple[type, type]:
                 f.write(f"{os.getpid()} {int(self.model.optimizer.iterations.numpy())} {self.epoch}\n")
 
     class Leak(keras.callbacks.Callback):
-        """Holds ``mib`` more MiB after every step, in the first process only (``marker`` records it)."""
+        """Holds ``mib`` more MiB after every step, in the first process only (``marker`` records it).
+
+        The memory is held by the class, not the instance: resilient checkpoints a callback's ``__dict__``,
+        and a leak held there would be written with every checkpoint (a spike as large as the leak at each
+        save, and the leak restored on resume), which is not the leak this comparison is about.
+        """
+
+        held: list[Any] = []  # noqa: RUF012 (the point: shared, out of the instance's checkpointed state)
 
         def __init__(self, marker: str, mib: int) -> None:
             super().__init__()
             self.marker = marker
             self.mib = mib
-            self.held: list[Any] = []
             self.on = False
 
         def on_train_begin(self, logs=None):
@@ -264,16 +280,20 @@ def oom_comparison(args, tmp: Path) -> dict[str, Any]:
     clean = epochs * steps_per_epoch
     x, y = C.image_data(args.samples)
 
-    # The worker's steady footprint: one short unlimited run, peak from the journal.
+    # The clean training's footprint: a probe run of the same epochs without the leak, under a generous limit so that
+    # the worker has its memory cgroup; the cgroup's peak (memory.peak: its epoch ends, checkpoints and final save,
+    # page cache included, as the kernel charges it) plus what an adopted worker brought, charged outside the group.
     probe_dir = tmp / "oom_probe"
-    # Two whole epochs: the epoch boundary (the next epoch's order, the epoch-end checkpoint) is part of it.
-    # Under a generous limit, so that the worker has its memory cgroup and the peak is the cgroup's (page cache of
-    # the memory-mapped data and of the checkpoints included, as the kernel charges it).
-    resilient.fit(C.small_cnn(x.shape[1:]), x, y, batch_size=args.batch, epochs=2, verbose=0, run_dir=probe_dir,
-                  seed=0, host_memory_limit="8GB")
-    peak = max(e.get("cgroup_peak_bytes") or e.get("memory_peak_bytes") or 0
-               for e in C.events(C.read_journal(probe_dir), "attempt_ended"))
-    limit = int(peak + (LEAK_ROOM_MIB << 20))
+    resilient.fit(C.small_cnn(x.shape[1:]), x, y, batch_size=args.batch, epochs=epochs, verbose=0, run_dir=probe_dir,
+                  seed=0, host_memory_limit="8GB", callbacks=[BatchLog(str(tmp / "oom_probe.log"))])
+    probe = C.read_journal(probe_dir)
+    carried = max((e.get("carried_bytes") or 0 for e in C.events(probe, "memory_enforcement")), default=0)
+    group_peak = max((e.get("cgroup_peak_bytes") or 0 for e in C.events(probe, "attempt_ended")), default=0)
+    if not group_peak:
+        return {"skipped": "the probe run reported no cgroup peak"}
+    peak = group_peak + carried
+    leak_room = int(LEAK_ROOM_EPOCHS * steps_per_epoch) * LEAK_MIB_PER_STEP << 20
+    limit = int(peak + (PEAK_MARGIN_MIB << 20) + leak_room)
 
     log = tmp / "oom_resilient.log"
     run_dir = tmp / "oom_resilient"
@@ -290,9 +310,12 @@ def oom_comparison(args, tmp: Path) -> dict[str, Any]:
     pressure = [e for e in C.events(j, "checkpoint_saved") if e.get("reason") == "memory_pressure"]
     ready = [e for e in C.events(j, "worker_ready") if e.get("attempt") == 1]
     res = steps_redone(log, clean)
+    requests = C.events(j, "checkpoint_requested")
     res.update(failed=failed, incident=incidents[0]["kind"] if incidents else None,
                incident_step=incidents[0].get("step") if incidents else None,
                pressure_checkpoints=[e["step"] for e in pressure],
+               pressure_requests={t: sum(r.get("trigger") == t for r in requests)
+                                  for t in dict.fromkeys(r.get("trigger") for r in requests)},
                resumed_from_step=(ready[0].get("resumed_from_step") or 0) if ready else None)
     # Steps redone at the same plan: the host_oom ladder may change the batch after the kill, and then
     # the resumed attempt counts other steps; the journal's steps say it exactly.
@@ -306,8 +329,10 @@ def oom_comparison(args, tmp: Path) -> dict[str, Any]:
     run = keras_backup_run(cfg, cgroup_limit=limit)
     k = steps_redone(klog, clean)
     k["exits"] = run["exits"]
+    k["killed"] = -signal.SIGKILL in run["exits"]
     k["trained_twice"] = twice_from_log(klog, steps_per_epoch)
-    return {"limit_bytes": limit, "resilient": res, "BackupAndRestore(save_freq='epoch')": k, "clean_steps": clean}
+    return {"limit_bytes": limit, "probe_peak_bytes": peak, "probe_carried_bytes": carried, "leak_room_bytes": leak_room,
+            "resilient": res, "BackupAndRestore(save_freq='epoch')": k, "clean_steps": clean}
 
 
 def recovery_pair(args, tmp: Path) -> dict[str, Any]:
@@ -341,11 +366,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="seeds the step of the SIGKILL")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
+    ap.add_argument("--only", choices=["oom"], help="run one phase alone (oom: the cgroup OOM comparison, ~2 min)")
     ap.add_argument("--keras-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.keras_child:
         keras_child(json.loads(args.keras_child))
         return 0
+    if args.only == "oom":
+        return only_oom(args)
 
     import bench_overhead as O
 
@@ -419,26 +447,49 @@ def main() -> int:
           f"({kill['resilient']['checkpoints_before_kill']} checkpoints before the kill); no target for a SIGKILL: "
           "it loses what was trained since the last checkpoint, half the auto interval on average")
     print()
-    if "skipped" in oom:
-        print(f"cgroup OOM comparison skipped: {oom['skipped']}")
-    else:
-        r, k = oom["resilient"], oom["BackupAndRestore(save_freq='epoch')"]
-        print(f"steps redone after a real cgroup OOM kill (limit {C.gb(oom['limit_bytes']):.2f} GB, memory climbing "
-              f"{LEAK_MIB_PER_STEP} MiB/step):")
-        C.table([["resilient.fit (pressure checkpoint)", r["redone"], r.get("redone_by_journal"), r["incident"],
-                  r["pressure_checkpoints"], 0],
-                 ["BackupAndRestore(save_freq='epoch')", k["redone"], "-", f"exits {k['exits']}", "-",
-                  k["trained_twice"]]],
-                ["", "steps redone (batch log)", "by the journal", "incident", "pressure checkpoints at",
-                 "batches trained twice"])
-        redone = r.get("redone_by_journal", r["redone"])
-        results.append(C.summary("steps redone after a cgroup OOM kill (pressure checkpoint)", redone, "<=", 2,
-                                 f"incident at step {r['incident_step']}, resumed from {r['resumed_from_step']}"))
+    print_oom(oom, results)
     print()
     for s in results:
         print(f"{s['verdict']:<5} {s['name']}: {s['value']:.3f} (target {s['op']} {s['target']}) -- {s['note']}")
     C.write_json("run_all", {"args": vars(args), "environment": C.environment(), "plain_1": plain_a, "resilient": res,
                              "plain_2": plain_b, "recovery": rec, "sigkill": kill, "oom": oom, "targets": results})
+    return 0
+
+
+def print_oom(oom: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """The OOM comparison's table; its target's summary goes to ``results``."""
+    if "skipped" in oom:
+        print(f"cgroup OOM comparison skipped: {oom['skipped']}")
+        return
+    r, k = oom["resilient"], oom["BackupAndRestore(save_freq='epoch')"]
+    print(f"steps redone after a real cgroup OOM kill (limit {C.gb(oom['limit_bytes']):.2f} GB: the clean run's peak "
+          f"{C.gb(oom['probe_peak_bytes']):.2f} GB + {PEAK_MARGIN_MIB} MiB + {LEAK_ROOM_EPOCHS:g} epochs of leak; "
+          f"memory climbing {LEAK_MIB_PER_STEP} MiB/step):")
+    C.table([["resilient.fit (pressure checkpoint)", r["redone"], r.get("redone_by_journal"), r["incident"],
+              r["pressure_checkpoints"][-6:], 0],
+             ["BackupAndRestore(save_freq='epoch')", k["redone"], "-", f"exits {k['exits']}", "-",
+              k["trained_twice"]]],
+            ["", "steps redone (batch log)", "by the journal", "incident", "last pressure checkpoints at",
+             "batches trained twice"])
+    print(f"info  pressure requests by trigger: {r.get('pressure_requests')}; "
+          f"{len(r['pressure_checkpoints'])} pressure checkpoints; Keras killed by the same limit: {k.get('killed')}")
+    redone = r.get("redone_by_journal", r["redone"])
+    results.append(C.summary("steps redone after a cgroup OOM kill (pressure checkpoint)", redone, "<=", 2,
+                             f"incident at step {r['incident_step']}, resumed from {r['resumed_from_step']}"))
+
+
+def only_oom(args: argparse.Namespace) -> int:
+    """``--only oom``: the cgroup OOM comparison alone, its table and target."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_oom_"))
+    print(f"run_all --only oom: {args.samples} samples of 32x32x3, batch {args.batch}; run dirs in {tmp}", flush=True)
+    try:
+        oom = oom_comparison(args, tmp)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    results: list[dict[str, Any]] = []
+    print_oom(oom, results)  # C.summary prints the target's line
+    C.write_json("run_all_oom", {"args": vars(args), "environment": C.environment(), "oom": oom, "targets": results})
     return 0
 
 

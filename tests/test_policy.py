@@ -789,11 +789,15 @@ def test_python_m_resilient_policies_check_is_fast(tmp_path):
 
 def test_memory_section_defaults_and_toml(tmp_path):
     assert Policy().memory == MemorySettings(pressure_checkpoint=True, pressure_threshold=0.85,
-                                             rearm_threshold=0.75, available_margin=1 << 30)
+                                             rearm_threshold=0.75, available_margin=1 << 30, pressure_interval=30.0)
     assert load_policy("default").memory == Policy().memory
-    policy = load_policy(write(tmp_path, '[memory]\npressure_threshold = 0.9\navailable_margin = "512MiB"\n'))
+    policy = load_policy(write(tmp_path, '[memory]\npressure_threshold = 0.9\navailable_margin = "512MiB"\n'
+                                         'pressure_interval = "2min"\n'))
     assert policy.memory.pressure_threshold == 0.9 and policy.memory.available_margin == 512 << 20
+    assert policy.memory.pressure_interval == 120.0
+    assert load_policy(write(tmp_path, "[memory]\npressure_interval = 5\n")).memory.pressure_interval == 5.0
     assert "a checkpoint at 90% of the host memory limit" in policy.describe()
+    assert "every 120s above the mark" in policy.describe()
     assert "memory: no pressure checkpoint" in Policy(memory={"pressure_checkpoint": False}).describe()
 
 
@@ -804,6 +808,8 @@ def test_memory_section_defaults_and_toml(tmp_path):
     ("rearm_threshold = 0.9", "memory.rearm_threshold: received rearm_threshold = 0.9 with pressure_threshold = "
                               "0.85; expected rearm_threshold below pressure_threshold"),
     ("presure_threshold = 0.8", "memory.presure_threshold: received unknown key 'presure_threshold'"),
+    ('pressure_interval = "soon"', "memory.pressure_interval: received 'soon' (str); expected a positive duration"),
+    ("pressure_interval = 0", "memory.pressure_interval: received 0 (int); expected a positive duration"),
 ])
 def test_memory_section_mistakes_name_the_key(tmp_path, text, expected):
     error = load_error(tmp_path, f"[memory]\n{text}\n")

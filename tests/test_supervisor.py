@@ -1018,22 +1018,79 @@ def test_the_kernel_kills_a_worker_over_its_cgroup_limit(supervise):
     h.assert_workers_gone()
 
 
-def test_pressure_watch_asks_once_per_climb_with_a_limit_and_rearms_under_the_lower_mark():
-    watch = PressureWatch(threshold=0.85, rearm=0.75)
+def _looks(watch: PressureWatch, samples: list[tuple[float, int, int]], limit: int | None = 1000,
+           save_seconds: float = 0.0) -> list[str | None]:
+    """``watch``'s answers to (time, step, used or available) samples."""
+    out = []
+    for now, step, level in samples:
+        used, available = (level, None) if limit is not None else (5, level)
+        out.append(watch.observe(used, limit, available, now=now, step=step, save_seconds=save_seconds))
+    return out
+
+
+def test_pressure_watch_asks_on_crossing_and_again_each_time_the_headroom_halves():
+    watch = PressureWatch(threshold=0.85, rearm=0.75, interval=1000)
     limit = 1000
-    climb = [500, 800, 849, 850, 900, 990, 900, 800, 760]  # 850: the mark; it stays above 750 after
-    assert [watch.observe(used, limit, None) for used in climb] == [False] * 3 + [True] + [False] * 5
-    assert [watch.observe(used, limit, None) for used in (749, 870, 600, 851)] == [False, True, False, True]
-    assert watch.observe(None, limit, None) is False  # no sample: nothing decided
+    # 850 crosses (headroom 150); then 925 halves it (75), 963 again (37), 982, and at the limit every look.
+    climb = [(0, 1, 500), (1, 2, 849), (2, 3, 850), (3, 4, 900), (4, 5, 924), (5, 6, 925), (6, 7, 950),
+             (7, 8, 963), (8, 9, 981), (9, 10, 982), (10, 11, 1000), (11, 12, 1000)]
+    assert _looks(watch, climb, limit) == [None, None, "first_crossing", None, None, "further_climb", None,
+                                           "further_climb", None, "further_climb", "further_climb", "further_climb"]
+    # A dip within the climb does not lower the mark: rising back to where it was asks nothing.
+    assert _looks(watch, [(12, 13, 900), (13, 14, 1000)], limit) == [None, "further_climb"]
+    assert watch.observe(None, limit, None) is None  # no sample: nothing decided
+
+
+def test_pressure_watch_keeps_a_saves_own_memory_out_of_the_headroom_it_halves():
+    # A save needs 100 of the 1000: the headroom halved is what is left under 900, and from 900 on every look asks.
+    watch = PressureWatch(threshold=0.85, rearm=0.75, interval=1000)
+    samples = [(0, 1, 850), (1, 2, 874), (2, 3, 875), (3, 4, 888), (4, 5, 900), (5, 6, 901), (6, 7, 902)]
+    assert [watch.observe(used, 1000, None, now=now, step=step, reserve=100) for now, step, used in samples] == [
+        "first_crossing", None, "further_climb", "further_climb", "further_climb", "further_climb", "further_climb"]
+
+
+def test_pressure_watch_rearms_only_under_the_lower_mark():
+    watch = PressureWatch(threshold=0.85, rearm=0.75, interval=1000)
+    limit = 1000
+    # Falling between the marks keeps the climb (a new crossing asks nothing); under 750 ends it.
+    samples = [(0, 1, 860), (1, 2, 800), (2, 3, 870), (3, 4, 749), (4, 5, 860)]
+    assert _looks(watch, samples, limit) == ["first_crossing", None, None, None, "first_crossing"]
+    assert not watch.armed
+
+
+def test_pressure_watch_asks_again_only_after_steps_were_trained_since_the_last_request():
+    watch = PressureWatch(interval=5)
+    # The worker stalls at step 10 (a long validation, a save): neither a climb nor the interval asks, since a
+    # checkpoint there would hold nothing new; the first step after the stall does.
+    samples = [(0, 10, 860), (1, 10, 990), (20, 10, 995), (21, 11, 995)]
+    assert _looks(watch, samples) == ["first_crossing", None, None, "further_climb"]
+
+
+def test_pressure_watch_asks_at_an_interval_while_memory_stays_above_the_mark():
+    watch = PressureWatch(interval=5)
+    samples = [(0, 1, 880), (4.9, 50, 880), (5.0, 60, 880), (9, 70, 870), (10, 80, 870), (12, 90, 700),
+               (13, 100, 880)]
+    assert _looks(watch, samples) == ["first_crossing", None, "interval", None, "interval", None, "first_crossing"]
+
+
+def test_pressure_watch_spaces_its_repeats_by_the_cost_of_a_pressure_checkpoint():
+    # A 2 s checkpoint: a climb waits 2 s after the last request, the interval 10 x 2 s (not 5 s).
+    watch = PressureWatch(interval=5)
+    samples = [(0, 1, 860), (1, 2, 940), (2, 3, 940), (10, 4, 940), (20, 5, 940), (22, 6, 940)]
+    assert _looks(watch, samples, save_seconds=2.0) == ["first_crossing", None, "further_climb", None, None,
+                                                       "interval"]
 
 
 def test_pressure_watch_without_a_limit_reads_the_machines_available_memory():
-    watch = PressureWatch(margin=1000)
-    # Below the margin: once; re-armed only with twice the margin available again.
-    assert [watch.observe(5, None, free) for free in (3000, 1000, 999, 500, 1999, 800)] == [False] * 2 + [True] + [
-        False] * 3
-    assert [watch.observe(5, None, free) for free in (2000, 900)] == [False, True]
-    assert watch.observe(5, None, None) is False
+    watch = PressureWatch(margin=1000, interval=1000)
+    # Below the margin: asks; again each time what is available halves; the climb ends with twice the margin back.
+    samples = [(0, 1, 3000), (1, 2, 1000), (2, 3, 999), (3, 4, 600), (4, 5, 499), (5, 6, 400), (6, 7, 249),
+               (7, 8, 1999), (8, 9, 800), (9, 10, 2000), (10, 11, 900)]
+    assert _looks(watch, samples, None) == [None, None, "first_crossing", None, "further_climb", None,
+                                            "further_climb", None, None, None, "first_crossing"]
+    assert watch.observe(5, None, None) is None
+    interval = PressureWatch(margin=1000, interval=5)
+    assert _looks(interval, [(0, 1, 900), (3, 2, 800), (6, 3, 800)], None) == ["first_crossing", None, "interval"]
 
 
 def test_memory_pressure_asks_the_worker_for_one_checkpoint_per_climb(supervise, monkeypatch):
@@ -1051,6 +1108,55 @@ def test_memory_pressure_asks_the_worker_for_one_checkpoint_per_climb(supervise,
     assert request["reason"] == "memory_pressure" and request["attempt"] == 0
     assert request["limit_bytes"] == limit and 0.85 * limit <= request["used_bytes"] < limit
     assert "memory pressure" in h.stream.getvalue()
+    h.assert_workers_gone()
+
+
+#: Pressure marks low enough that the fake worker's own memory (15-45 MB) plus a scripted allocation crosses them.
+LOW_MARKS = {"pressure_threshold": 0.5, "rearm_threshold": 0.4}
+
+
+def _alloc(mb: int) -> dict[str, Any]:
+    return {"do": "alloc", "mb": mb, "chunk_mb": 2}
+
+
+def test_memory_pressure_asks_again_while_memory_climbs_on_toward_the_limit(supervise, monkeypatch):
+    _no_cgroups(monkeypatch)
+    limit = 300 * MB
+    # 170 MB and the worker's own: past 50% (headroom 85-115 MB); 70 MB more halves that headroom, under the limit.
+    h = supervise({"attempts": {"0": [HELLO, beat(2), _alloc(170), beat(12, interval=0.025), _alloc(240),
+                                      beat(12, interval=0.025), RESULT]}, "default": COMPLETE},
+                  host_memory_limit=limit, hang_timeout=MEMORY_TEST_HANG_TIMEOUT, policy=Policy(memory=LOW_MARKS))
+    result = h.supervisor.run()
+
+    assert result.incidents == []
+    requests = h.events("checkpoint_requested")
+    triggers = [r["trigger"] for r in requests]
+    assert triggers[0] == "first_crossing" and len(triggers) >= 2 and set(triggers[1:]) == {"further_climb"}, triggers
+    first, last = requests[0], requests[-1]
+    assert last["used_bytes"] >= (first["used_bytes"] + limit) / 2 and last["used_bytes"] < limit
+    assert last["step"] > first["step"]
+    assert len((h.run.attempt_dir(0) / "pressure").read_text().splitlines()) == len(requests)  # each one signalled
+    h.assert_workers_gone()
+
+
+def test_memory_pressure_asks_at_an_interval_while_the_worker_trains_above_the_mark(supervise, monkeypatch):
+    _no_cgroups(monkeypatch)
+    # Above the mark for 1.2 s of training, then a 1 s stall without a step: requests every 0.3 s while it trains,
+    # none twice at the same step.
+    h = supervise({"attempts": {"0": [HELLO, beat(2), _alloc(170), beat(48, interval=0.025),
+                                      {"do": "sleep", "seconds": 1.0}, RESULT]}, "default": COMPLETE},
+                  host_memory_limit=300 * MB, hang_timeout=MEMORY_TEST_HANG_TIMEOUT,
+                  policy=Policy(memory={**LOW_MARKS, "pressure_interval": 0.3}))
+    result = h.supervisor.run()
+
+    assert result.incidents == []
+    requests = h.events("checkpoint_requested")
+    assert [r["trigger"] for r in requests][:1] == ["first_crossing"]
+    assert 2 <= len(requests) <= 6 and {r["trigger"] for r in requests[1:]} == {"interval"}, requests
+    times = [dt.datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in requests]
+    assert all(b - a >= 0.3 - 0.01 for a, b in itertools.pairwise(times)), times
+    steps = [r["step"] for r in requests]
+    assert steps == sorted(set(steps)), steps  # the stall asked nothing more: nothing new to save
     h.assert_workers_gone()
 
 

@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 from .._errors import InvalidPolicyError
 from .._incident import RETRYABLE_KINDS, Incident
 from .._plan import Plan
-from .._units import format_bytes, parse_size
+from .._units import format_bytes, parse_duration, parse_size
 from .step import (
     _REGISTRY,
     Step,
@@ -207,16 +207,32 @@ def _size(value: object) -> int:
     raise _policy_error(f"{value!r} ({type(value).__name__})", 'a size such as "1GB", "512MiB" or a number of bytes')
 
 
+def _seconds(value: object) -> float:
+    """Seconds from a number or a string such as ``"10s"``."""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        try:
+            return parse_duration(value)
+        except ValueError:
+            pass
+    raise _policy_error(f"{value!r} ({type(value).__name__})", 'a positive duration such as "10s", "1min" or seconds')
+
+
 class MemorySettings(BaseModel):
     """When the supervisor asks the worker for a checkpoint because memory runs short (TOML: ``[memory]``).
 
     The supervisor samples the worker's memory four times a second. With a host memory limit (the
     worker's memory cgroup, or the watchdog's budget), a checkpoint is asked for when the worker's
-    memory (its private RSS, or the cgroup's usage less reclaimable file cache, whichever is larger)
-    reaches ``pressure_threshold`` of the limit; without one, when the machine's available memory
+    memory (with its memory cgroup: the group's usage less inactive file cache, plus what an adopted worker
+    brought, charged outside the group; under the watchdog: its private RSS) reaches ``pressure_threshold``
+    of the limit; without one, when the machine's available memory
     falls below ``available_margin``. The worker saves it at its next step boundary, so an OOM kill
-    that follows loses almost nothing. Once per climb: the request is re-armed when memory falls back
-    under ``rearm_threshold`` of the limit (without a limit: when twice ``available_margin`` is available).
+    that follows loses almost nothing. While memory stays above the mark (looked at every 10 ms then,
+    every 50 ms under the watchdog), it asks again when memory climbs further (each request halves the
+    headroom left under the limit, less what a save itself needs; without a limit, each time the available
+    memory halves) and every ``pressure_interval`` while the worker trains on (at least ten times the last
+    pressure checkpoint's cost apart), so the newest checkpoint stays close to a kill that a further climb
+    or a spike brings. Never twice at the same step. The climb ends when memory
+    falls back under ``rearm_threshold`` of the limit (without a limit: twice ``available_margin`` available).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
@@ -226,6 +242,8 @@ class MemorySettings(BaseModel):
     rearm_threshold: float = Field(0.75, gt=0.0, le=1.0, description="Share of the limit under which it is re-armed.")
     available_margin: Annotated[int, BeforeValidator(_size)] = Field(
         1 << 30, description="Without a limit: the machine's available memory below which a checkpoint is asked for.")
+    pressure_interval: Annotated[float, BeforeValidator(_seconds)] = Field(
+        30.0, description="Above the mark: seconds after which a worker still training is asked again.")
 
     @model_validator(mode="after")
     def _check_marks(self) -> MemorySettings:
@@ -241,7 +259,8 @@ class MemorySettings(BaseModel):
         if not self.pressure_checkpoint:
             return "memory: no pressure checkpoint"
         return (f"memory: a checkpoint at {self.pressure_threshold:.0%} of the host memory limit (re-armed under "
-                f"{self.rearm_threshold:.0%}), or under {format_bytes(self.available_margin)} available without one")
+                f"{self.rearm_threshold:.0%}), or under {format_bytes(self.available_margin)} available without one; "
+                f"again as memory climbs, and every {self.pressure_interval:g}s above the mark")
 
 
 class RuntimeSettings(BaseModel):

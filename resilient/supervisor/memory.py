@@ -6,7 +6,8 @@ group's ``oom_kill`` counter tells us afterwards that it did. Where cgroups are 
 the supervisor falls back to a psutil watchdog (see loop.py).
 
 ``PressureWatch`` decides when memory is running short enough to ask the worker for a checkpoint
-(once per climb); process.py samples and signals.
+(on crossing the mark, again as memory climbs on toward the limit, and at an interval while it stays
+above the mark); process.py samples and signals.
 
 A group is named ``resilient-<pid of the supervisor>-<random>``. A supervisor killed with SIGKILL
 cannot remove its group; the next supervisor to start reaps it (``reap_stale_cgroups``).
@@ -19,6 +20,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import psutil
 
@@ -191,36 +193,99 @@ class MemoryCgroup:
                 time.sleep(0.05)
 
 
+#: What made ``PressureWatch`` ask: memory crossed the mark, climbed further, or stayed above it a while.
+PressureTrigger = Literal["first_crossing", "further_climb", "interval"]
+
+#: A further-climb request waits at least this many times the last pressure checkpoint's cost after the
+#: previous request: in the last stretch before a kill the worker may spend up to half its time saving.
+CLIMB_SAVE_FACTOR = 1.0
+#: An interval request waits at least this many times that cost: a worker sitting under the kill saves
+#: often, but spends at most a tenth of its time saving.
+INTERVAL_SAVE_FACTOR = 10.0
+
+
 @dataclass
 class PressureWatch:
-    """Whether memory is short enough to ask the worker for a checkpoint now: once per climb.
+    """Whether memory is short enough to ask the worker for a checkpoint now.
 
-    With a limit: when ``used`` reaches ``threshold`` of it; re-armed once ``used`` falls under
-    ``rearm`` of it. Without one: when the machine's ``available`` memory falls below ``margin``;
-    re-armed once twice ``margin`` is available again.
+    With a limit L, on ``used``:
+
+    - ``first_crossing``: ``used`` reaches ``threshold`` x L;
+    - ``further_climb``: after a request at usage u, ``used`` reaches u + (L - r - u) / 2, r the memory
+      a save itself needs (each request halves the headroom left for a save, so the newest checkpoint
+      stays close to a kill by a climb; at or past L - r, every look asks);
+    - ``interval``: ``interval`` seconds after the last request, still above the threshold (a worker
+      sitting just under the kill, which a spike may end, keeps saving);
+
+    and the climb is over (re-armed) once ``used`` falls under ``rearm`` x L. Without a limit, the same
+    on the machine's ``available`` memory: first below ``margin``, then each time what is available
+    beyond r halves since the last request, then every ``interval``; re-armed once twice ``margin`` is
+    available again.
+
+    A repeat (climb or interval) needs steps trained since the last request (``step`` advanced: a
+    checkpoint at the same step saves nothing new) and time since it: ``CLIMB_SAVE_FACTOR`` x
+    ``save_seconds`` (the last pressure checkpoint's cost) for a climb, the larger of ``interval`` and
+    ``INTERVAL_SAVE_FACTOR`` x ``save_seconds`` for an interval, so the worker does not spend its time saving.
     """
 
     threshold: float = 0.85
     rearm: float = 0.75
     margin: int = 1 << 30
-    armed: bool = True
+    interval: float = 30.0
+    #: Usage (with a limit) or available memory (without) at the last request of this climb; None: armed.
+    mark: int | None = None
+    last_time: float = 0.0
+    last_step: int | None = None
 
-    def observe(self, used: int | None, limit: int | None, available: int | None) -> bool:
-        """One sample; True when a checkpoint should be asked for now."""
+    @property
+    def armed(self) -> bool:
+        """No request yet in this climb."""
+        return self.mark is None
+
+    def high(self, used: int | None, limit: int | None, available: int | None) -> bool:
+        """Memory is above the mark (the monitor then looks more often)."""
+        if limit is not None:
+            return used is not None and used >= self.threshold * limit
+        return available is not None and available < self.margin
+
+    def observe(self, used: int | None, limit: int | None, available: int | None, *, now: float = 0.0,
+                step: int | None = None, save_seconds: float = 0.0, reserve: int = 0) -> PressureTrigger | None:
+        """One sample at ``now`` (seconds, monotonic) with the worker at ``step``: what asks for a
+        checkpoint now, or None. ``reserve``: the memory a save itself needs, kept out of the headroom
+        that a climb halves (so the last saves before a kill still fit)."""
         if limit is not None:
             if used is None:
-                return False
-            high, low = used >= self.threshold * limit, used < self.rearm * limit
+                return None
+            level, rearmed = used, used < self.rearm * limit
+            # Headroom halved since the last request: used >= u + (L - reserve - u) / 2.
+            climbed = self.mark is not None and 2 * used >= self.mark + limit - reserve
         else:
             if available is None:
-                return False
-            high, low = available < self.margin, available >= 2 * self.margin
-        if high and self.armed:
-            self.armed = False
-            return True
-        if low:
-            self.armed = True
-        return False
+                return None
+            level, rearmed = available, available >= 2 * self.margin
+            climbed = self.mark is not None and 2 * (available - reserve) <= self.mark - reserve
+        if rearmed:
+            self.mark, self.last_step = None, None
+            return None
+        if not self.high(used, limit, available):
+            return None
+        if self.mark is None:
+            trigger: PressureTrigger = "first_crossing"
+            self.mark = level
+        else:
+            if step is not None and self.last_step is not None and step <= self.last_step:
+                return None  # nothing trained since the last request: it is still pending or saved nothing new
+            since = now - self.last_time
+            if climbed and since >= CLIMB_SAVE_FACTOR * save_seconds:
+                trigger = "further_climb"
+            elif since >= max(self.interval, INTERVAL_SAVE_FACTOR * save_seconds):
+                trigger = "interval"
+            else:
+                return None
+            # The mark only moves toward the limit: a dip and a rise within one climb ask no more often.
+            self.mark = max(self.mark, level) if limit is not None else min(self.mark, level)
+        self.last_time, self.last_step = now, step
+        return trigger
 
 
 def available_memory() -> int:

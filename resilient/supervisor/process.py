@@ -9,7 +9,8 @@
   samples memory (private RSS of the process tree, the cgroup, NVML) and acts on what it sees: a silent worker is killed as a hang (in its
   start-up phases after their own calibrated timeouts, startup.py); a worker
   over the memory budget without a cgroup is killed by the watchdog; a worker whose memory runs short
-  (``[memory]`` in the policy, ``PressureWatch``) gets SIGUSR1: a checkpoint at its next step; a rehearsed ``preempt`` gets
+  (``[memory]`` in the policy, ``PressureWatch``; looked at every poll while above the mark) gets SIGUSR1: a
+  checkpoint at its next step, again as memory climbs on and at an interval; a rehearsed ``preempt`` gets
   SIGTERM, and so does a healthy worker the plan search wants to leave for another plan (``judge``).
 
 What the supervisor did to the worker is the outcome's ``decision``; classify.py reads it first.
@@ -61,6 +62,12 @@ AUTO_HANG_FLOOR = 120.0
 AUTO_HANG_FACTOR = 10.0
 #: Memory of the rehearsed host_oom when the run has no limit: current usage plus this.
 REHEARSAL_HEADROOM = 256 << 20
+#: A checkpoint's save needs about this many times its size in memory (the snapshot, then the file's pages
+#: until they are written): the headroom PressureWatch keeps for the last save before a kill.
+SAVE_RESERVE_FACTOR = 2
+#: Seconds between looks at the worker's memory while it is above the pressure mark (with a cgroup, or
+#: without a limit: a few file reads each; the watchdog's RSS walk, a millisecond, stays at the poll interval).
+PRESSURE_LOOK = 0.01
 #: On Ctrl-C, a worker silent this long (plus twice its slowest step) shows no life: it is not waited for.
 INTERRUPT_SILENCE = 3.0
 #: On Ctrl-C, a worker in the middle of a save is waited for this long plus 3x its slowest save.
@@ -82,6 +89,8 @@ class Progress:
     trained_steps: int = 0  # train heartbeats with a step time: 0 until the first compiled step
     max_step_seconds: float = 0.0
     max_save_seconds: float = 0.0
+    pressure_save_seconds: float | None = None  # what the last memory-pressure checkpoint cost (PressureWatch)
+    checkpoint_bytes: int = 0  # the size of the last checkpoint (a save needs about twice that: PressureWatch)
     # Throughput: the worker's cumulative (timed steps, timed seconds), after the warm-up and now.
     timing_base: tuple[int, float] | None = None
     timing: tuple[int, float] | None = None
@@ -146,8 +155,10 @@ def advance(progress: Progress, msg: Any, warmup_steps: int) -> Progress:
     if isinstance(msg, CheckpointSaved):
         slowest = max(progress.max_save_seconds, msg.seconds)
         if msg.background:  # written while the training went on: it says nothing of where the training is now
-            return replace(progress, max_save_seconds=slowest)
-        return replace(progress, epoch=msg.epoch, step=msg.step, phase="train", max_save_seconds=slowest)
+            return replace(progress, max_save_seconds=slowest, checkpoint_bytes=msg.bytes)
+        pressure = msg.seconds if msg.reason == "memory_pressure" else progress.pressure_save_seconds
+        return replace(progress, epoch=msg.epoch, step=msg.step, phase="train", max_save_seconds=slowest,
+                       pressure_save_seconds=pressure, checkpoint_bytes=msg.bytes)
     if isinstance(msg, EpochBegin):
         return replace(progress, epoch=msg.epoch, step=msg.step, end_step=msg.end_step(),
                        samples_per_step=msg.samples_per_step)
@@ -234,8 +245,10 @@ class WorkerProcess:
         self._hang_timeout: float | None = None
         memory = getattr(cfg.policy, "memory", None)
         #: Asks for a checkpoint when memory runs short (None: the policy turned it off).
-        self._pressure = (PressureWatch(memory.pressure_threshold, memory.rearm_threshold, memory.available_margin)
+        self._pressure = (PressureWatch(memory.pressure_threshold, memory.rearm_threshold, memory.available_margin,
+                                        memory.pressure_interval)
                           if memory is not None and memory.pressure_checkpoint else None)
+        self._pressure_high = False  # memory above the mark at the last look: it is looked at every poll
         self._carried = 0  # memory an adopted worker brought, charged outside its cgroup (start())
         #: Called from the monitor after each memory sample (the supervisor's standby keeper); must not block.
         self.on_sample: Callable[[WorkerProcess], None] | None = None
@@ -348,10 +361,15 @@ class WorkerProcess:
                     self._sample(now)
                     if self.on_sample is not None:
                         self.on_sample(self)
+                elif self._pressure_high:
+                    # Above the mark a quarter second is many steps: memory is looked at every poll (every
+                    # PRESSURE_LOOK where that is cheap), so a request comes within a step or two of the climb.
+                    self._look_at_pressure(now)
                 self._check(now)
                 if self.cfg.display is not None:
                     self.cfg.display.tick()  # the live displays redraw from this thread (a notebook needs it)
-                time.sleep(self.cfg.poll_interval)
+                fast = self._pressure_high and (self._group is not None or self.memory_limit is None)
+                time.sleep(min(self.cfg.poll_interval, PRESSURE_LOOK) if fast else self.cfg.poll_interval)
         except KeyboardInterrupt:
             try:
                 self.interrupt()  # let it save its SIGTERM checkpoint if it can; a second Ctrl-C kills at once
@@ -387,34 +405,65 @@ class WorkerProcess:
                               gpu=tuple(d[0] for d in devices), gpu_device=tuple(d[1] for d in devices),
                               gpu_total=tuple(d[2] for d in devices))
         self._journal_memory(self._telemetry.add(sample, now))
-        self._watch_pressure(rss, group)
+        self._watch_pressure(rss, group, now)
 
-    def _watch_pressure(self, rss: int | None, group: MemoryCgroup | None) -> None:
+    def _look_at_pressure(self, now: float) -> None:
+        """Between samples, under pressure: the worker's memory alone (no GPU, no telemetry line); with a
+        cgroup, the group's files only (a fraction of a millisecond)."""
+        assert self._proc is not None
+        rss = None
+        if self._group is None:
+            rss = tree_rss(self._proc.pid)
+            if rss is not None:
+                self._last_rss = rss
+                self._peak = max(self._peak or 0, rss)
+        self._watch_pressure(rss, self._group, now)
+
+    def _pressure_usage(self, rss: int | None, group: MemoryCgroup | None) -> int | None:
+        """The worker's memory as its limit counts it. With a cgroup: what the kernel holds to the group's
+        own limit (its usage less inactive file cache, read afresh: near the limit the kernel keeps the usage
+        pinned there and reclaims that cache), plus the difference between the run's limit and the group's
+        (what an adopted worker brought, charged outside); else its private RSS (the watchdog's measure)."""
+        working_set = group.working_set() if group is not None else None
+        if group is None or working_set is None:
+            return rss
+        outside = self.memory_limit - group.limit if self.memory_limit is not None else 0
+        return working_set + max(0, outside)
+
+    def _watch_pressure(self, rss: int | None, group: MemoryCgroup | None, now: float) -> None:
         """Memory running short: ask the worker (SIGUSR1, to it alone) for a checkpoint at its next step
-        boundary, once per climb (``PressureWatch``), journaled as ``checkpoint_requested``."""
+        boundary (``PressureWatch``: on crossing the mark, as memory climbs on, at an interval while it stays
+        above), journaled as ``checkpoint_requested`` with its ``trigger``."""
         watch, proc = self._pressure, self._proc
         if watch is None or proc is None or self.decision is not None:
+            self._pressure_high = False
             return
         with self._lock:
             progress = self._progress
         if progress.start_step is None:
             return  # no Hello yet: nothing to checkpoint
         limit = self.memory_limit
-        used = max(rss or 0, (group.working_set() or 0) if group is not None else 0) or None
+        used = self._pressure_usage(rss, group)
         available = available_memory() if limit is None else None
-        if not watch.observe(used, limit, available):
+        self._pressure_high = watch.high(used, limit, available)
+        cost = progress.pressure_save_seconds or progress.max_save_seconds
+        trigger = watch.observe(used, limit, available, now=now, step=progress.step, save_seconds=cost,
+                                reserve=SAVE_RESERVE_FACTOR * progress.checkpoint_bytes)
+        if trigger is None:
             return
-        if limit is not None:
-            why = f"{format_bytes(used)} of the {format_bytes(limit)} limit ({(used or 0) / limit:.0%})"
-        else:
-            why = f"{format_bytes(available)} left available on the machine"
         try:
             self.journal.write("checkpoint_requested", attempt=self.attempt, reason="memory_pressure",
-                               epoch=progress.epoch, step=progress.step, used_bytes=used, limit_bytes=limit,
-                               available_bytes=available)
+                               trigger=trigger, epoch=progress.epoch, step=progress.step, used_bytes=used,
+                               limit_bytes=limit, available_bytes=available)
         except OSError:
             pass  # a full disk must not stop the request
-        self.cfg.say(f"memory pressure: {why}; asking the worker for a checkpoint at its next step")
+        if trigger == "first_crossing":  # the repeats of the climb are in the journal only
+            if limit is not None:
+                why = f"{format_bytes(used)} of the {format_bytes(limit)} limit ({(used or 0) / limit:.0%})"
+            else:
+                why = f"{format_bytes(available)} left available on the machine"
+            self.cfg.say(f"memory pressure: {why}; asking the worker for a checkpoint at its next step "
+                         "(and again while memory climbs)")
         try:
             os.kill(proc.pid, signal.SIGUSR1)  # not the group: its children keep SIGUSR1's default (exit)
         except (ProcessLookupError, PermissionError):
