@@ -16,6 +16,17 @@ TensorFlow and Keras (no device is listed or initialised, no data or model is re
 ``standby_ready`` over the channel, and waits for its go, a ``WorkerGo`` line on stdin that names the
 run directory, the attempt and its plan. From there it runs exactly as a worker started for that
 attempt. End of input without a go (the supervisor dismissed it) exits 0.
+
+A standby kept during training imports beside the attempt that trains (``--import-nice 19``): on a small
+machine the import's seconds of CPU would slow that training. Linux nice values are per thread, so the
+import runs in a thread that lowered its own priority, while the main thread, which creates TensorFlow's
+thread pools when the attempt runs, keeps the priority the worker was started with. Threads started
+during the import (OpenBLAS's pools, started when NumPy loads) inherit the low priority: at the go they
+are raised back to the main thread's, which needs ``CAP_SYS_NICE`` (or ``RLIMIT_NICE``); where that is
+refused they are named in the ``standby_priority`` notice, never left low silently. Importing in a
+thread is sound here: importing TensorFlow and Keras installs no Python signal handler (only the main
+thread may), creates no eager context and lists no device, and the only thread-local state it sets
+(Keras's ``nnx_enabled``, False) reads the same from any thread by default.
 """
 
 from __future__ import annotations
@@ -98,24 +109,106 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan", default=None, help="this attempt's plan (JSON); default: run_dir/plan.json")
     parser.add_argument("--standby", action="store_true",
                         help="import TensorFlow, then wait for the attempt on stdin (a WorkerGo JSON line)")
+    parser.add_argument("--import-nice", type=int, default=0,
+                        help="with --standby: the nice value (0-19) of the thread that imports TensorFlow")
     args = parser.parse_args(argv)
     if not args.standby and (args.run_dir is None or args.attempt is None):
         parser.error("--run-dir and --attempt are required without --standby")
+    if not 0 <= args.import_nice <= 19:
+        parser.error(f"Invalid value for argument `--import-nice`. Received: {args.import_nice}. Expected a nice "
+                     "value from 0 (the worker's own priority) to 19 (the lowest).")
     return args
 
 
-def _wait_for_go(channel: ChannelWriter) -> WorkerGo | None:
-    """A standby's wait: import what every attempt imports, say so, then read the go (None: dismissed)."""
-    started = time.monotonic()
+#: Per-thread nice values (``setpriority`` on a thread id) are Linux's; elsewhere the import runs as it is.
+_THREAD_NICE = sys.platform.startswith("linux")
+
+
+def _thread_nice(tid: int | str) -> int | None:
+    """The nice value of one of this process's threads (/proc/self/task/TID/stat), None when it is gone."""
     try:
-        import keras  # noqa: F401  (TensorFlow with it; importing lists no device and creates no context)
-    except BaseException:
-        pass  # the attempt imports it again and reports what it raises in error.json
-    channel.send(Notice(event="standby_ready", fields={"import_seconds": round(time.monotonic() - started, 3)}))
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[16])  # field 19 of proc(5); the name may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _thread_name(tid: int | str) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _import_keras(nice: int) -> dict[str, float | int | None]:
+    """Import TensorFlow and Keras, at ``nice`` (in a thread of that priority, see the module docstring) where
+    one is asked; returns ``import_seconds`` and ``import_nice``, the nice value the import ran at (None: not
+    read, off Linux)."""
+    result: dict[str, float | int | None] = {"import_nice": None}
+
+    def work() -> None:
+        started = time.monotonic()
+        if _THREAD_NICE:
+            tid = threading.get_native_id()
+            if nice > 0:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+                except OSError:
+                    pass  # the import runs at the worker's priority; import_nice says so
+            result["import_nice"] = os.getpriority(os.PRIO_PROCESS, tid)
+        try:
+            import keras  # noqa: F401  (TensorFlow with it; importing lists no device and creates no context)
+        except BaseException:
+            pass  # the attempt imports it again and reports what it raises in error.json
+        result["import_seconds"] = round(time.monotonic() - started, 3)
+
+    if nice > 0 and _THREAD_NICE:
+        thread = threading.Thread(target=work, name="resilient-import", daemon=True)
+        thread.start()
+        thread.join()
+    else:
+        work()
+    return result
+
+
+def _raise_import_threads() -> dict[str, object]:
+    """At the go: threads started during a low-priority import run at the main thread's priority again.
+    Returns what the ``standby_priority`` notice says: the main thread's nice, the threads raised, and those
+    left above it (with why) where lowering a nice value is refused."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling (main) thread's
+    raised, low, why = 0, [], None
+    for tid in sorted(os.listdir("/proc/self/task"), key=int):
+        current = _thread_nice(tid)
+        if current is None or current <= nice:
+            continue
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            raised += 1
+        except OSError as exc:
+            low.append({"tid": int(tid), "name": _thread_name(tid), "nice": current})
+            why = (f"{exc.strerror}: lowering a nice value needs CAP_SYS_NICE or an RLIMIT_NICE that allows it; "
+                   "these threads were started during the standby's import (the main thread and the training's "
+                   "thread pools run at the worker's priority)")
+    fields: dict[str, object] = {"nice": nice, "threads_raised": raised, "threads_left_low": low}
+    if why:
+        fields["detail"] = why
+    return fields
+
+
+def _wait_for_go(channel: ChannelWriter, import_nice: int = 0) -> WorkerGo | None:
+    """A standby's wait: import what every attempt imports (at ``import_nice``), say so, then read the go
+    (None: dismissed)."""
+    imported = _import_keras(import_nice)
+    channel.send(Notice(event="standby_ready", fields=imported))
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return None
     go = WorkerGo.model_validate_json(line)
+    if import_nice > 0 and _THREAD_NICE:
+        channel.send(Notice(event="standby_priority", fields={"import_nice": imported["import_nice"],
+                                                              **_raise_import_threads()}))
     # The attempt's code must not inherit the supervisor's pipe as its stdin.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -130,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_process(args.supervisor_pid, sigterm, pressure)
     channel = ChannelWriter(args.channel_fd)
     if args.standby:
-        go = _wait_for_go(channel)
+        go = _wait_for_go(channel, args.import_nice)
         if go is None:
             return 0
         args.run_dir, args.attempt, args.plan = go.run_dir, go.attempt, go.plan
