@@ -66,8 +66,13 @@ class ThreadNices(keras.callbacks.Callback):
             except OSError:
                 continue  # ended meanwhile
             threads[tid] = [stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[16])]
+        try:  # the session's share of the CPU, where the kernel groups tasks by session
+            with open("/proc/self/autogroup") as f:
+                autogroup = int(f.read().rsplit("nice", 1)[1])
+        except OSError:
+            autogroup = None
         with open(self.path, "a") as f:
-            f.write(json.dumps({"pid": os.getpid(), "threads": threads}) + "\n")
+            f.write(json.dumps({"pid": os.getpid(), "threads": threads, "autogroup": autogroup}) + "\n")
 
 
 def _events(run_dir, name, **match):
@@ -119,11 +124,12 @@ def test_a_restart_takes_the_warm_standby_and_skips_the_import(tmp_path):
     # The standby imported at the lowest priority, beside the training; the attempt it ran trained at the normal
     # one: its main thread and TensorFlow's pools, and the threads its import started (raised at the go).
     normal = os.getpriority(os.PRIO_PROCESS, 0)  # the workers inherit the caller's
-    assert _events(run_dir, "standby_ready", pid=started["pid"])[0]["import_nice"] == 19
+    [ready] = _events(run_dir, "standby_ready", pid=started["pid"])
+    assert ready["import_nice"] == 19 and ready["autogroup_nice"] in (19, None)  # None: no autogroups here
     # fit's early worker imports at the normal priority (journaled where it was ready before its go).
     assert all(e["import_nice"] == normal for e in _events(run_dir, "standby_ready", kind="early"))
     [priority] = _events(run_dir, "standby_priority", attempt=1)
-    assert (priority["import_nice"], priority["nice"]) == (19, normal)
+    assert (priority["import_nice"], priority["nice"], priority["restored"]) == (19, normal, True)
     left_low = {str(t["tid"]) for t in priority["threads_left_low"]}
     if os.geteuid() == 0:
         assert not left_low  # the privilege to raise a thread's priority again
@@ -132,6 +138,8 @@ def test_a_restart_takes_the_warm_standby_and_skips_the_import(tmp_path):
     assert any(name.startswith("tf_") for name, _ in trained.values())  # TensorFlow's pools were running
     assert {tid: nice for tid, (_, nice) in trained.items() if tid not in left_low} == dict.fromkeys(
         set(trained) - left_low, normal)
+    # A session of its own, back at the default share (where there are autogroups).
+    assert {s["autogroup"] for s in seen if s["pid"] == used["pid"]} == {None if ready["autogroup_nice"] is None else 0}
     [ended] = _events(run_dir, "attempt_ended", attempt=1)
     assert ended["startup_seconds"]["import"] < 0.5  # a fresh worker's import takes seconds
     # The standby kept for a next incident (attempt 2) was killed and reaped when fit returned.

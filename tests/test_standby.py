@@ -152,10 +152,22 @@ def test_the_keeper_starts_its_standby_at_the_lowest_priority_and_fit_its_early_
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
 def test_a_standby_imports_in_a_low_priority_thread_and_its_main_thread_keeps_the_normal_one():
     before = os.getpriority(os.PRIO_PROCESS, 0)
-    imported = worker_main._import_keras(19)  # Keras is imported in this process: the thread's priority is the test
+    priority = worker_main._Priority(19)
+    try:  # Keras is imported in this process already or now: the thread's priority is the test
+        imported = worker_main._import_keras(priority)
+    finally:
+        priority.restore()  # this process's session, had it been lowered (a test run as a session leader)
     assert imported["import_nice"] == 19 and imported["import_seconds"] >= 0
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
-    assert worker_main._import_keras(0)["import_nice"] == before  # fit's early worker: no thread, no change
+    assert worker_main._import_keras(worker_main._Priority(0))["import_nice"] == before  # fit's early worker
+
+
+def test_the_autogroup_line_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "autogroup"
+    monkeypatch.setattr(worker_main, "_AUTOGROUP", str(path))
+    assert worker_main._autogroup_nice() is None  # no autogroups on this kernel
+    path.write_text("/autogroup-9955 nice 19\n")
+    assert worker_main._autogroup_nice() == 19
 
 
 @pytest.fixture
@@ -181,20 +193,27 @@ def low_thread():
 def test_at_the_go_threads_started_during_the_import_are_raised_to_the_main_threads_priority(low_thread):
     if os.geteuid() != 0:
         pytest.skip("raising a thread's priority needs CAP_SYS_NICE")
-    fields = worker_main._raise_import_threads()
+    fields = worker_main._Priority(19).restore()
     assert worker_main._thread_nice(low_thread) == os.getpriority(os.PRIO_PROCESS, 0) == fields["nice"]
     assert fields["threads_raised"] >= 1 and fields["threads_left_low"] == [] and "detail" not in fields
+    assert fields["restored"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-def test_threads_that_cannot_be_raised_are_named_not_left_low_silently(low_thread, monkeypatch):
-    def refuse(which, who, prio):  # what an unprivileged process gets for lowering a nice value
+def test_what_cannot_be_undone_at_the_go_is_named_not_left_low_silently(low_thread, monkeypatch):
+    def refuse(which, who, prio):  # what an unprivileged process gets for raising a thread's priority
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(worker_main.os, "setpriority", refuse)
-    fields = worker_main._raise_import_threads()
+    priority = worker_main._Priority(19)
+    priority.autogroup_before = 0  # the session was lowered for the import; the kernel refuses it back:
+    monkeypatch.setattr(worker_main, "_set_autogroup_nice", lambda nice: f"setting /proc/self/autogroup to {nice}: "
+                        "Resource temporarily unavailable")
+    monkeypatch.setattr(worker_main, "_autogroup_nice", lambda: 19)
+    fields = priority.restore()
     assert {"tid": low_thread, "name": worker_main._thread_name(low_thread), "nice": 19} in fields["threads_left_low"]
-    assert "CAP_SYS_NICE" in fields["detail"] and fields["threads_raised"] == 0
+    assert fields["threads_raised"] == 0 and fields["restored"] is False and fields["autogroup_nice"] == 19
+    assert "autogroup to 0: Resource temporarily unavailable" in fields["detail"] and "CAP_SYS_NICE" in fields["detail"]
 
 
 def test_runtime_standby_in_a_policy(tmp_path):

@@ -11,8 +11,8 @@ attempt's memory cgroup, points its output at the attempt's ``worker.log``, then
 - ``StandbyKeeper`` keeps one warm during training (``[runtime] standby = "auto"``): once an attempt
   has trained its first step it spawns the next attempt's worker, so a restart skips the import; the
   attempt after that gets a new one. Its import runs beside the training, at the lowest CPU priority
-  (``STANDBY_IMPORT_NICE``, in a thread of the worker: its main thread, which runs the attempt after the
-  go, keeps the normal priority; worker/__main__.py), so it takes only the CPU the training leaves.
+  (``STANDBY_IMPORT_NICE``: its session's and its import thread's; the attempt after the go runs at the
+  normal one; worker/__main__.py), so it takes only the CPU the training leaves.
   fit's early worker imports at the normal priority: nothing trains beside it, and the first attempt
   waits for it. It never costs what it saves: none is started after a host OOM
   in the run, nor while the machine's available memory or the headroom under the worker's memory
@@ -32,10 +32,11 @@ A waiting worker is handed an attempt only when the environment it was spawned w
 fresh worker would get now (``worker_env``); everything else an attempt needs (the plan, the fault
 schedule, the precision policy, the devices) is read by the worker after its go.
 
-Journal: ``standby_started`` (pid, import_nice), ``standby_ready`` (pid, import_seconds, rss_bytes,
-``import_nice``: the nice value its import ran at), ``standby_priority`` (from the adopted worker at its go:
-the main thread's ``nice``, ``threads_raised`` from the import's priority, ``threads_left_low`` where that was
-refused, with a ``detail``),
+Journal: ``standby_started`` (pid, import_nice), ``standby_ready`` (pid, import_seconds, rss_bytes;
+``import_nice``: the nice value of the thread that imported, ``autogroup_nice``: its session's then),
+``standby_priority`` (from the adopted worker at its go: the main thread's ``nice``, the session's
+``autogroup_nice``, ``threads_raised`` from the import's priority, ``threads_left_low`` where that was refused,
+``restored``, and a ``detail`` for what could not be undone; ``restored`` False is also said on the console),
 ``standby_used`` (attempt, pid, ``early`` or ``standby``, whether it had finished importing),
 ``standby_skipped`` (reason: ``off``, ``host_oom``, ``machine_memory``, ``limit_headroom``,
 ``environment_changed``, ``exited``, ``spawn_failed``), ``standby_stopped`` (pid, reason).
@@ -329,7 +330,8 @@ class StandbyKeeper:
             self.rss = rss  # the next standby's need is this one's measured memory
         self.journal.write("standby_ready", pid=waiting.pid, kind=waiting.kind,
                            import_seconds=waiting.import_seconds, rss_bytes=rss,
-                           import_nice=waiting.ready_fields.get("import_nice"))
+                           import_nice=waiting.ready_fields.get("import_nice"),
+                           autogroup_nice=waiting.ready_fields.get("autogroup_nice"))
 
     def close(self) -> None:
         """Kill and reap the waiting worker, if any (the end of the run, Ctrl-C, an error)."""

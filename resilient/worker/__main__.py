@@ -18,21 +18,32 @@ run directory, the attempt and its plan. From there it runs exactly as a worker 
 attempt. End of input without a go (the supervisor dismissed it) exits 0.
 
 A standby kept during training imports beside the attempt that trains (``--import-nice 19``): on a small
-machine the import's seconds of CPU would slow that training. Linux nice values are per thread, so the
-import runs in a thread that lowered its own priority, while the main thread, which creates TensorFlow's
-thread pools when the attempt runs, keeps the priority the worker was started with. Threads started
-during the import (OpenBLAS's pools, started when NumPy loads) inherit the low priority: at the go they
-are raised back to the main thread's, which needs ``CAP_SYS_NICE`` (or ``RLIMIT_NICE``); where that is
-refused they are named in the ``standby_priority`` notice, never left low silently. Importing in a
-thread is sound here: importing TensorFlow and Keras installs no Python signal handler (only the main
-thread may), creates no eager context and lists no device, and the only thread-local state it sets
-(Keras's ``nnx_enabled``, False) reads the same from any thread by default.
+machine the import's seconds of CPU would slow that training. Two kernel rules decide what a nice value
+does, so the import is lowered under both, and the attempt runs at the normal priority after the go:
+
+- Where the kernel groups tasks by session (``/proc/sys/kernel/sched_autogroup_enabled``, processes in
+  the root CPU cgroup: most plain Linux machines), each session shares the CPU as one and a thread's
+  nice value counts only within its session. The standby leads its own session, so it sets its
+  session's nice value (``/proc/self/autogroup``) to 19 for the import and back at the go (raising it
+  back to 0 needs no privilege; the kernel takes one change per 0.1 s system-wide, so it is retried).
+- Elsewhere nice values are per thread: the import runs in a thread that lowered its own priority,
+  while the main thread, which creates TensorFlow's thread pools when the attempt runs, keeps the
+  worker's. Threads started during the import (OpenBLAS's pool, started when NumPy loads) inherit the
+  low value: at the go they are raised to the main thread's, which needs ``CAP_SYS_NICE`` (or an
+  ``RLIMIT_NICE`` that allows it).
+
+What could not be undone is named in the ``standby_priority`` notice (and said on the console when the
+attempt itself would train at the low priority), never left low silently. Importing in a thread is sound
+here: importing TensorFlow and Keras installs no Python signal handler (only the main thread may),
+creates no eager context and lists no device, and the only thread-local state it sets (Keras's
+``nnx_enabled``, False) reads the same from any thread by default.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import faulthandler
 import os
 import signal
@@ -120,8 +131,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-#: Per-thread nice values (``setpriority`` on a thread id) are Linux's; elsewhere the import runs as it is.
-_THREAD_NICE = sys.platform.startswith("linux")
+#: Per-thread nice values (``setpriority`` on a thread id) and autogroups are Linux's; elsewhere the import runs
+#: at the worker's priority.
+_LINUX = sys.platform.startswith("linux")
+_AUTOGROUP = "/proc/self/autogroup"
+#: How long a change of the autogroup's nice value is retried while the kernel answers EAGAIN (its rate limit).
+_AUTOGROUP_PATIENCE = 2.0
 
 
 def _thread_nice(tid: int | str) -> int | None:
@@ -142,19 +157,93 @@ def _thread_name(tid: int | str) -> str:
         return "?"
 
 
-def _import_keras(nice: int) -> dict[str, float | int | None]:
-    """Import TensorFlow and Keras, at ``nice`` (in a thread of that priority, see the module docstring) where
-    one is asked; returns ``import_seconds`` and ``import_nice``, the nice value the import ran at (None: not
-    read, off Linux)."""
+def _autogroup_nice() -> int | None:
+    """The nice value of this process's autogroup (``/autogroup-123 nice 0``), None where there is none."""
+    try:
+        with open(_AUTOGROUP) as f:
+            return int(f.read().rsplit("nice", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _set_autogroup_nice(nice: int, patience: float = _AUTOGROUP_PATIENCE) -> str | None:
+    """Set this process's autogroup's nice value; None when done, else why not."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with open(_AUTOGROUP, "w") as f:
+                f.write(str(nice))
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() >= deadline:
+                return f"setting {_AUTOGROUP} to {nice}: {exc.strerror or exc}"
+            time.sleep(0.05)
+
+
+class _Priority:
+    """What a standby lowered for its import, and undoes at the go (see the module docstring)."""
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice if _LINUX else 0
+        self.autogroup_before: int | None = None  # the session's nice value before the import; None: untouched
+
+    def lower_session(self) -> None:
+        """The session's share of the CPU at ``nice`` (only a session of its own: a standby leads one)."""
+        if self.nice <= 0 or os.getsid(0) != os.getpid():
+            return
+        before = _autogroup_nice()
+        if before is not None and before < self.nice and _set_autogroup_nice(self.nice) is None:
+            self.autogroup_before = before
+
+    def restore(self) -> dict[str, object]:
+        """At the go: the session back at its nice value, threads started during the import at the main
+        thread's. Returns the ``standby_priority`` notice's fields: ``nice`` (the main thread's),
+        ``autogroup_nice``, ``threads_raised``, ``threads_left_low``, ``restored`` (False: the attempt itself
+        runs at a low priority), and a ``detail`` for anything that could not be undone."""
+        problems = []
+        if self.autogroup_before is not None:
+            refused = _set_autogroup_nice(self.autogroup_before)
+            if refused:
+                problems.append(refused)
+        nice = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling (main) thread's
+        raised, low = 0, []
+        for tid in sorted(os.listdir("/proc/self/task"), key=int):
+            current = _thread_nice(tid)
+            if current is None or current <= nice:
+                continue
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                raised += 1
+            except OSError as exc:
+                low.append({"tid": int(tid), "name": _thread_name(tid), "nice": current})
+                if len(low) == 1:
+                    problems.append(f"{exc.strerror}: raising a thread's priority needs CAP_SYS_NICE or an "
+                                    "RLIMIT_NICE that allows it; the threads left low were started during the "
+                                    "import (the main thread and the training's thread pools are not among them)")
+        autogroup = _autogroup_nice()
+        fields: dict[str, object] = {
+            "nice": nice, "autogroup_nice": autogroup, "threads_raised": raised, "threads_left_low": low,
+            "restored": self.autogroup_before is None or autogroup == self.autogroup_before,
+        }
+        if problems:
+            fields["detail"] = "; ".join(problems)
+        return fields
+
+
+def _import_keras(priority: _Priority) -> dict[str, float | int | None]:
+    """Import TensorFlow and Keras, at the priority asked (in a thread of that nice value, the session lowered
+    too: see the module docstring); returns the ``standby_ready`` notice's fields: ``import_seconds``,
+    ``import_nice`` (the nice value of the thread that imported; None: not read, off Linux) and
+    ``autogroup_nice`` (the session's during the import; None: no autogroup)."""
     result: dict[str, float | int | None] = {"import_nice": None}
 
     def work() -> None:
         started = time.monotonic()
-        if _THREAD_NICE:
+        if _LINUX:
             tid = threading.get_native_id()
-            if nice > 0:
+            if priority.nice > 0:
                 try:
-                    os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+                    os.setpriority(os.PRIO_PROCESS, tid, max(priority.nice, os.getpriority(os.PRIO_PROCESS, tid)))
                 except OSError:
                     pass  # the import runs at the worker's priority; import_nice says so
             result["import_nice"] = os.getpriority(os.PRIO_PROCESS, tid)
@@ -164,7 +253,9 @@ def _import_keras(nice: int) -> dict[str, float | int | None]:
             pass  # the attempt imports it again and reports what it raises in error.json
         result["import_seconds"] = round(time.monotonic() - started, 3)
 
-    if nice > 0 and _THREAD_NICE:
+    if priority.nice > 0:
+        priority.lower_session()
+        result["autogroup_nice"] = _autogroup_nice()
         thread = threading.Thread(target=work, name="resilient-import", daemon=True)
         thread.start()
         thread.join()
@@ -173,42 +264,17 @@ def _import_keras(nice: int) -> dict[str, float | int | None]:
     return result
 
 
-def _raise_import_threads() -> dict[str, object]:
-    """At the go: threads started during a low-priority import run at the main thread's priority again.
-    Returns what the ``standby_priority`` notice says: the main thread's nice, the threads raised, and those
-    left above it (with why) where lowering a nice value is refused."""
-    nice = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling (main) thread's
-    raised, low, why = 0, [], None
-    for tid in sorted(os.listdir("/proc/self/task"), key=int):
-        current = _thread_nice(tid)
-        if current is None or current <= nice:
-            continue
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            raised += 1
-        except OSError as exc:
-            low.append({"tid": int(tid), "name": _thread_name(tid), "nice": current})
-            why = (f"{exc.strerror}: lowering a nice value needs CAP_SYS_NICE or an RLIMIT_NICE that allows it; "
-                   "these threads were started during the standby's import (the main thread and the training's "
-                   "thread pools run at the worker's priority)")
-    fields: dict[str, object] = {"nice": nice, "threads_raised": raised, "threads_left_low": low}
-    if why:
-        fields["detail"] = why
-    return fields
-
-
 def _wait_for_go(channel: ChannelWriter, import_nice: int = 0) -> WorkerGo | None:
     """A standby's wait: import what every attempt imports (at ``import_nice``), say so, then read the go
-    (None: dismissed)."""
-    imported = _import_keras(import_nice)
-    channel.send(Notice(event="standby_ready", fields=imported))
+    (None: dismissed); the priority is back to normal before the attempt starts."""
+    priority = _Priority(import_nice)
+    channel.send(Notice(event="standby_ready", fields=_import_keras(priority)))
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return None
     go = WorkerGo.model_validate_json(line)
-    if import_nice > 0 and _THREAD_NICE:
-        channel.send(Notice(event="standby_priority", fields={"import_nice": imported["import_nice"],
-                                                              **_raise_import_threads()}))
+    if priority.nice > 0:
+        channel.send(Notice(event="standby_priority", fields={"import_nice": priority.nice, **priority.restore()}))
     # The attempt's code must not inherit the supervisor's pipe as its stdin.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
