@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -160,6 +161,28 @@ def test_a_standby_imports_in_a_low_priority_thread_and_its_main_thread_keeps_th
     assert imported["import_nice"] == 19 and imported["import_seconds"] >= 0
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
     assert worker_main._import_keras(worker_main._Priority(0))["import_nice"] == before  # fit's early worker
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_a_go_during_the_import_brings_the_import_back_to_the_normal_priority():
+    if os.geteuid() != 0:
+        pytest.skip("raising a thread's priority needs CAP_SYS_NICE")
+    seen, low = [], threading.Event()
+
+    def slow_import():  # a low-priority import that is still running when the go comes
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+        low.set()
+        time.sleep(0.4)
+        seen.append(os.getpriority(os.PRIO_PROCESS, tid))
+
+    priority = worker_main._Priority(19)
+    thread = threading.Thread(target=slow_import, daemon=True)
+    thread.start()
+    low.wait(10)
+    worker_main._join_import(thread, priority, go_waiting=lambda: True)
+    assert priority.hurried and seen == [os.getpriority(os.PRIO_PROCESS, 0)]
+    assert priority.restore()["hurried"] is True
 
 
 def test_the_autogroup_line_is_read(tmp_path, monkeypatch):

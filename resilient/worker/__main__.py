@@ -32,7 +32,9 @@ does, so the import is lowered under both, and the attempt runs at the normal pr
   low value: at the go they are raised to the main thread's, which needs ``CAP_SYS_NICE`` (or an
   ``RLIMIT_NICE`` that allows it).
 
-What could not be undone is named in the ``standby_priority`` notice (and said on the console when the
+A go that comes while the import still runs (a fault before the standby was ready) brings the priority
+back at once: the attempt waits for that import now. What could not be undone is named in the
+``standby_priority`` notice (and said on the console when the
 attempt itself would train at the low priority), never left low silently. Importing in a thread is sound
 here: importing TensorFlow and Keras installs no Python signal handler (only the main thread may),
 creates no eager context and lists no device, and the only thread-local state it sets (Keras's
@@ -46,11 +48,13 @@ import ctypes
 import errno
 import faulthandler
 import os
+import select
 import signal
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from .._protocol import (
@@ -186,6 +190,8 @@ class _Priority:
     def __init__(self, nice: int) -> None:
         self.nice = nice if _LINUX else 0
         self.autogroup_before: int | None = None  # the session's nice value before the import; None: untouched
+        self.raised = 0  # threads raised back so far
+        self.hurried = False  # the go came while the import ran: it finished at the normal priority
 
     def lower_session(self) -> None:
         """The session's share of the CPU at ``nice`` (only a session of its own: a standby leads one)."""
@@ -195,25 +201,31 @@ class _Priority:
         if before is not None and before < self.nice and _set_autogroup_nice(self.nice) is None:
             self.autogroup_before = before
 
+    def hurry(self) -> None:
+        """The go came while the import still runs: the attempt waits for it, so it finishes at the normal
+        priority (from the main thread)."""
+        self.hurried = True
+        self.restore()
+
     def restore(self) -> dict[str, object]:
-        """At the go: the session back at its nice value, threads started during the import at the main
-        thread's. Returns the ``standby_priority`` notice's fields: ``nice`` (the main thread's),
-        ``autogroup_nice``, ``threads_raised``, ``threads_left_low``, ``restored`` (False: the attempt itself
-        runs at a low priority), and a ``detail`` for anything that could not be undone."""
+        """At the go (from the main thread): the session back at its nice value, threads started during the
+        import at the main thread's. Returns the ``standby_priority`` notice's fields: ``nice`` (the main
+        thread's), ``autogroup_nice``, ``threads_raised``, ``threads_left_low``, ``hurried``, ``restored``
+        (False: the attempt itself runs at a low priority), and a ``detail`` for anything not undone."""
         problems = []
-        if self.autogroup_before is not None:
+        if self.autogroup_before is not None and _autogroup_nice() != self.autogroup_before:
             refused = _set_autogroup_nice(self.autogroup_before)
             if refused:
                 problems.append(refused)
         nice = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling (main) thread's
-        raised, low = 0, []
+        low = []
         for tid in sorted(os.listdir("/proc/self/task"), key=int):
             current = _thread_nice(tid)
             if current is None or current <= nice:
                 continue
             try:
                 os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-                raised += 1
+                self.raised += 1
             except OSError as exc:
                 low.append({"tid": int(tid), "name": _thread_name(tid), "nice": current})
                 if len(low) == 1:
@@ -222,19 +234,27 @@ class _Priority:
                                     "import (the main thread and the training's thread pools are not among them)")
         autogroup = _autogroup_nice()
         fields: dict[str, object] = {
-            "nice": nice, "autogroup_nice": autogroup, "threads_raised": raised, "threads_left_low": low,
-            "restored": self.autogroup_before is None or autogroup == self.autogroup_before,
+            "nice": nice, "autogroup_nice": autogroup, "threads_raised": self.raised, "threads_left_low": low,
+            "hurried": self.hurried, "restored": self.autogroup_before is None or autogroup == self.autogroup_before,
         }
         if problems:
             fields["detail"] = "; ".join(problems)
         return fields
 
 
-def _import_keras(priority: _Priority) -> dict[str, float | int | None]:
+def _join_import(thread: threading.Thread, priority: _Priority, go_waiting: Callable[[], bool] | None) -> None:
+    """Wait for the import thread; a go that comes meanwhile (``go_waiting``) hurries it (``_Priority.hurry``)."""
+    while thread.is_alive():
+        thread.join(0.05)
+        if thread.is_alive() and not priority.hurried and go_waiting is not None and go_waiting():
+            priority.hurry()
+
+
+def _import_keras(priority: _Priority, go_waiting: Callable[[], bool] | None = None) -> dict[str, float | int | None]:
     """Import TensorFlow and Keras, at the priority asked (in a thread of that nice value, the session lowered
-    too: see the module docstring); returns the ``standby_ready`` notice's fields: ``import_seconds``,
-    ``import_nice`` (the nice value of the thread that imported; None: not read, off Linux) and
-    ``autogroup_nice`` (the session's during the import; None: no autogroup)."""
+    too: see the module docstring; back to normal should the go come first); returns the ``standby_ready``
+    notice's fields: ``import_seconds``, ``import_nice`` (the nice value of the thread that imported; None: not
+    read, off Linux) and ``autogroup_nice`` (the session's during the import; None: no autogroup)."""
     result: dict[str, float | int | None] = {"import_nice": None}
 
     def work() -> None:
@@ -258,7 +278,7 @@ def _import_keras(priority: _Priority) -> dict[str, float | int | None]:
         result["autogroup_nice"] = _autogroup_nice()
         thread = threading.Thread(target=work, name="resilient-import", daemon=True)
         thread.start()
-        thread.join()
+        _join_import(thread, priority, go_waiting)
     else:
         work()
     return result
@@ -268,7 +288,11 @@ def _wait_for_go(channel: ChannelWriter, import_nice: int = 0) -> WorkerGo | Non
     """A standby's wait: import what every attempt imports (at ``import_nice``), say so, then read the go
     (None: dismissed); the priority is back to normal before the attempt starts."""
     priority = _Priority(import_nice)
-    channel.send(Notice(event="standby_ready", fields=_import_keras(priority)))
+
+    def go_waiting() -> bool:  # the go (or the end of input) is there to read
+        return bool(select.select([sys.stdin.buffer], [], [], 0)[0])
+
+    channel.send(Notice(event="standby_ready", fields=_import_keras(priority, go_waiting)))
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return None
