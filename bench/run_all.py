@@ -381,7 +381,6 @@ def only_recovery(args: argparse.Namespace) -> int:
           flush=True)
     try:
         rec = recovery_pair(args, tmp)
-        print_recovery(rec)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
