@@ -21,7 +21,7 @@ synthetic-but-learnable 32x32x3 images, batch 64:
 
     python bench/run_all.py            # ~9 min on 2 cores
     python bench/run_all.py --quick    # ~4 min (15 s trainings)
-    python bench/run_all.py --only recovery   # the recovery phase alone, ~1.5 min
+    python bench/run_all.py --only recovery   # the recovery phase alone, ~1 min
 
 "Steps redone" counts the training steps a run computed beyond an uninterrupted run of the same
 length: a callback carried into every process (resilient's workers, Keras's processes alike) logs
@@ -407,7 +407,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="seeds the step of the SIGKILL")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
-    ap.add_argument("--only", choices=["recovery"], help="run one phase alone (recovery: ~1.5 min)")
+    ap.add_argument("--only", choices=["recovery"], help="run one phase alone (recovery: ~1 min)")
     ap.add_argument("--keras-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.keras_child:
