@@ -34,11 +34,11 @@ does, so the import is lowered under both, and the attempt runs at the normal pr
 
 A go that comes while the import still runs (a fault before the standby was ready) brings the priority
 back at once: the attempt waits for that import now. What could not be undone is named in the
-``standby_priority`` notice (and said on the console when the
-attempt itself would train at the low priority), never left low silently. Importing in a thread is sound
-here: importing TensorFlow and Keras installs no Python signal handler (only the main thread may),
-creates no eager context and lists no device, and the only thread-local state it sets (Keras's
-``nnx_enabled``, False) reads the same from any thread by default.
+``standby_priority`` notice (and said on the console when the attempt itself would train at the low
+priority), never left low silently. Importing in a thread is sound here: importing TensorFlow and Keras
+installs no Python signal handler (only the main thread may), creates no eager context and lists no
+device, and the only thread-local state it sets (Keras's ``nnx_enabled``, False) reads the same from
+any thread by default.
 """
 
 from __future__ import annotations
