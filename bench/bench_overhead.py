@@ -124,6 +124,33 @@ class StepMarks(keras.callbacks.Callback):
                 self._mark(what="regained", iteration=it, fault_step=self.pending.pop(0))
 
 
+class HoldForStandby(keras.callbacks.Callback):
+    """Carried into the worker: at the end of epoch ``epoch`` (0-based), holds until the run's journal shows a
+    warm standby that has finished importing (at most ``timeout`` s), and marks how long it held in ``path``.
+
+    It stands in for a long run: the standby imports at the lowest CPU priority, so beside a training that
+    keeps every core busy it takes minutes to get ready; a fault that late meets a ready standby. The hold
+    is outside what the recovery figure measures (fault -> first resumed step)."""
+
+    def __init__(self, path: str, run_dir: str, epoch: int, timeout: float = 180.0) -> None:
+        super().__init__()
+        self.path, self.run_dir, self.epoch, self.timeout = path, run_dir, epoch, timeout
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch != self.epoch:
+            return
+        t0 = time.time()
+        ready = False
+        while not ready and time.time() - t0 < self.timeout:
+            with open(Path(self.run_dir) / "events.jsonl") as f:
+                ready = any('"standby_ready"' in line and json.loads(line).get("kind") == "standby" for line in f)
+            if not ready:
+                time.sleep(0.1)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"what": "held", "epoch": epoch, "seconds": time.time() - t0, "ready": ready,
+                                "pid": os.getpid(), "t": time.time()}) + "\n")
+
+
 # ----------------------------------------------------------------------------- phases
 
 
@@ -184,14 +211,17 @@ def resilient_fit(x, y, batch, epochs, run_dir, mon, cpu):
     }
 
 
-def recovery_run(x, y, batch, epochs, fault_steps, run_dir, mon, policy=None):
+def recovery_run(x, y, batch, epochs, fault_steps, run_dir, mon, policy=None, hold_for_standby=None):
+    """``hold_for_standby``: the epoch at whose end the first attempt waits for a ready standby (HoldForStandby)."""
     marks_path = str(Path(run_dir).with_suffix(".marks.jsonl"))
     faults = ",".join(f"segfault@{s}" for s in fault_steps)
     t0 = time.time()
     model = C.small_cnn(x.shape[1:])
+    callbacks = [StepMarks(marks_path, fault_steps)]
+    if hold_for_standby is not None:
+        callbacks.append(HoldForStandby(marks_path, str(run_dir), hold_for_standby))
     resilient.fit(model, x, y, batch_size=batch, epochs=epochs, verbose=0, run_dir=run_dir, seed=0,
-                  faults=faults, callbacks=[StepMarks(marks_path, fault_steps)],
-                  **({"policy": policy} if policy is not None else {}))
+                  faults=faults, callbacks=callbacks, **({"policy": policy} if policy is not None else {}))
     wall = time.time() - t0
     j = C.read_journal(run_dir)
     marks = [json.loads(line) for line in open(marks_path) if line.strip()]
@@ -233,12 +263,19 @@ def recovery_run(x, y, batch, epochs, fault_steps, run_dir, mon, policy=None):
             "total (callback stamp)": first_step[nxt]["t"] - fe["_t"],
         }
         rec["steps_retrained"] = fe["step"] - (rec["resumed_from_step"] or 0)
+        # Whether the restart took a warm standby, and whether it had finished importing by then.
+        used = C.events(j, "standby_used", attempt=nxt)
+        ready_t = [e["_t"] for e in C.events(j, "standby_ready") if used and e.get("pid") == used[0]["pid"]]
+        rec["standby"] = ({"used": True, "imported": used[0]["imported"], "waited_seconds": used[0]["waited_seconds"],
+                           "ready_before_fault_s": fe["_t"] - ready_t[0] if ready_t else None}
+                          if used else {"used": False})
         if fe["step"] in regained:
             rec["fault -> back at the fault's step"] = regained[fe["step"]] - fe["_t"]
         recoveries.append(rec)
     incidents = [{"kind": e["kind"], "step": e["step"], "action": e["action"]} for e in C.events(j, "incident")]
+    held = [m for m in marks if m["what"] == "held"]
     return {"wall_s": wall, "cold": cold, "recoveries": recoveries, "incidents": incidents, "first_step_source": source,
-            "load": mon.between(t0, t0 + wall)}
+            "held_for_standby": held[0] if held else None, "load": mon.between(t0, t0 + wall)}
 
 
 # ----------------------------------------------------------------------------- main

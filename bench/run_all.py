@@ -9,6 +9,10 @@ synthetic-but-learnable 32x32x3 images, batch 64:
    storing of model and data and the final load included).                         target <= 1.05
 3. recovery after a rehearsed segfault (fault -> first resumed step) / cold start of a fresh
    worker (spawn -> first step), with the warm standby worker and with it off.     target <= 0.35
+   The fault comes in the third of four epochs, and the run with the standby holds at the end of the
+   second until its standby is ready: the standby imports at the lowest CPU priority, so beside a
+   training that keeps both cores busy it is ready only minutes in, as in the long runs the target is
+   about. The hold is outside the figure; a standby used before it had imported is flagged.
 4. steps redone: after a SIGKILL at a seeded random step (auto checkpoints) and after a real
    cgroup OOM kill of a worker whose memory climbs (pressure checkpoint), side by side with
    Keras's BackupAndRestore on the same training and the same kill.               target <= 2 (OOM)
@@ -17,7 +21,8 @@ synthetic-but-learnable 32x32x3 images, batch 64:
 
     python bench/run_all.py            # ~9 min on 2 cores
     python bench/run_all.py --quick    # ~4 min (15 s trainings)
-    python bench/run_all.py --only oom # the cgroup OOM comparison alone, ~2 min
+    python bench/run_all.py --only oom        # the cgroup OOM comparison alone, ~2 min
+    python bench/run_all.py --only recovery   # the recovery phase alone, ~1 min
 
 The OOM comparison's limit is the clean training's peak (a probe run of the same epochs without the
 leak, the worker's memory cgroup's peak), plus a margin, plus what the leak holds after
@@ -335,19 +340,80 @@ def oom_comparison(args, tmp: Path) -> dict[str, Any]:
             "resilient": res, "BackupAndRestore(save_freq='epoch')": k, "clean_steps": clean}
 
 
+#: The recovery phase: epochs, the epoch of the fault (0-based; mid-epoch) and the one at whose end the run with
+#: the standby holds until it is ready (see the module docstring, 3.).
+RECOVERY_EPOCHS, RECOVERY_FAULT_EPOCH, RECOVERY_HOLD_EPOCH = 4, 2, 1
+
+
 def recovery_pair(args, tmp: Path) -> dict[str, Any]:
     """bench_overhead's recovery run twice: with the warm standby (default) and with it off."""
     import bench_overhead as O
 
     steps_per_epoch = -(-args.samples // args.batch)
-    fault_steps = [steps_per_epoch + steps_per_epoch // 2]
+    fault_steps = [RECOVERY_FAULT_EPOCH * steps_per_epoch + steps_per_epoch // 2]
     out = {}
     x, y = C.image_data(args.samples)
     with C.CpuMonitor() as mon:
-        for label, policy in (("standby on", None), ("standby off", standby_off_policy())):
-            out[label] = O.recovery_run(x, y, args.batch, 2, fault_steps, tmp / f"recovery_{label.replace(' ', '_')}",
-                                        mon, policy=policy)
+        for label, policy, hold in (("standby on", None, RECOVERY_HOLD_EPOCH), ("standby off", standby_off_policy(), None)):
+            out[label] = O.recovery_run(x, y, args.batch, RECOVERY_EPOCHS, fault_steps,
+                                        tmp / f"recovery_{label.replace(' ', '_')}", mon, policy=policy,
+                                        hold_for_standby=hold)
     return out
+
+
+def recovery_targets(rec: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """The recovery rows of the table (what, value, baseline, ratio, op, target, note); a standby that had not
+    finished importing when the restart took it is flagged in the note."""
+    cold = rec["standby off"]["cold"]["total"]
+    rows = []
+    for label in ("standby on", "standby off"):
+        r = rec[label]["recoveries"][0] if rec[label]["recoveries"] else None
+        value = r["total"] if r else float("nan")
+        note = f"fault -> first resumed step {value:.2f} s; cold start (spawn -> first step, standby off) {cold:.2f} s"
+        standby = r.get("standby", {}) if r else {}
+        if standby.get("used"):
+            note += f"; standby imported when used: {standby['imported']}"
+            if not standby["imported"]:
+                note += " [FLAG: the figure includes the rest of its import, not the scenario of the target]"
+        elif label == "standby on":
+            note += " [FLAG: the restart took no standby]"
+        rows.append((f"recovery after a segfault / cold start ({label}, s)", value, cold, value / cold, "<=", 0.35, note))
+    return rows
+
+
+def print_recovery(rec: dict[str, Any]) -> None:
+    """The recovery phase's own lines: per run, its phases, and the standby it took."""
+    for label, run in rec.items():
+        held = run.get("held_for_standby")
+        for r in run["recoveries"]:
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in r.items() if isinstance(v, float) and "->" in k)
+            print(f"  {label}: {phases}")
+            standby = r.get("standby", {})
+            if standby.get("used"):
+                before = standby.get("ready_before_fault_s")
+                when = ("never ready" if before is None else f"ready {before:.1f} s before the fault" if before >= 0
+                        else f"ready {-before:.1f} s after the fault")
+                if held:
+                    when += f"; the run held {held['seconds']:.1f} s at the end of epoch {held['epoch'] + 1} for it"
+                print(f"  {label}: standby imported when used: {standby['imported']} ({when})")
+    sys.stdout.flush()  # before anything else writes (a child's output would come first)
+
+
+def only_recovery(args: argparse.Namespace) -> int:
+    """``--only recovery``: the recovery phase alone, its lines and targets."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_recovery_"))
+    print(f"run_all --only recovery: {args.samples} samples of 32x32x3, batch {args.batch}; run dirs in {tmp}",
+          flush=True)
+    try:
+        rec = recovery_pair(args, tmp)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print_recovery(rec)
+    results = [C.summary(what, ratio, op, target, note) for what, _, _, ratio, op, target, note in recovery_targets(rec)]
+    C.write_json("run_all_recovery", {"args": vars(args), "environment": C.environment(), "recovery": rec,
+                                      "targets": results})
+    return 0
 
 
 def standby_off_policy() -> Any:
@@ -366,7 +432,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="seeds the step of the SIGKILL")
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
-    ap.add_argument("--only", choices=["oom"], help="run one phase alone (oom: the cgroup OOM comparison, ~2 min)")
+    ap.add_argument("--only", choices=["oom", "recovery"],
+                    help="run one phase alone (oom: the cgroup OOM comparison, ~2 min; recovery: ~1 min)")
     ap.add_argument("--keras-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.keras_child:
@@ -374,6 +441,8 @@ def main() -> int:
         return 0
     if args.only == "oom":
         return only_oom(args)
+    if args.only == "recovery":
+        return only_recovery(args)
 
     import bench_overhead as O
 
@@ -393,6 +462,7 @@ def main() -> int:
             plain_b = O.plain_fit(x, y, args.batch, None, epochs, mon, cpu)
         print("  [4/6] recovery after a rehearsed segfault, standby on and off ...", flush=True)
         rec = recovery_pair(args, tmp)
+        print_recovery(rec)
         print("  [5/6] SIGKILL at a random step: resilient vs BackupAndRestore ...", flush=True)
         kill = sigkill_comparison(args, tmp)
         print("  [6/6] cgroup OOM kill of a climbing worker: resilient vs BackupAndRestore ...", flush=True)
@@ -423,12 +493,8 @@ def main() -> int:
         f"resilient {C.median(res_sps):.0f} vs model.fit {C.median(plain_sps):.0f} samples/s over epochs 2..{epochs}")
     add(f"whole-run wall time, {epochs} epochs (s)", res["wall_s"], plain_wall, wall, "<=", 1.05,
         f"{res['wall_s']:.1f} s vs {plain_wall:.1f} s")
-    cold = rec["standby off"]["cold"]["total"]
-    for label in ("standby on", "standby off"):
-        r = rec[label]["recoveries"][0] if rec[label]["recoveries"] else None
-        value = r["total"] if r else float("nan")
-        add(f"recovery after a segfault / cold start ({label}, s)", value, cold, value / cold, "<=", 0.35,
-            f"fault -> first resumed step {value:.2f} s; cold start (spawn -> first step, standby off) {cold:.2f} s")
+    for row in recovery_targets(rec):
+        add(*row)
     add("checkpoint cost, share of training time (auto cadence)", res["checkpoint_seconds_total"], train_s, ck_share,
         "<", 0.01, f"{res['checkpoints']} checkpoints in {train_s:.1f} s of training; auto interval {interval}")
 

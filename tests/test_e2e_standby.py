@@ -8,6 +8,7 @@ and no standby. Each prints the recovery time (fault -> first resumed step) it m
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,32 @@ class WaitForStandby(keras.callbacks.Callback):
             time.sleep(0.2)
 
 
+class ThreadNices(keras.callbacks.Callback):
+    """Appends, at each trained batch, the nice value of every thread of the worker that trains (its main
+    thread and TensorFlow's pools) to a file, one JSON line per batch: {pid, threads: {tid: [name, nice]}}."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def on_train_batch_end(self, batch, logs=None):
+        threads = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # ended meanwhile
+            threads[tid] = [stat[stat.index("(") + 1:stat.rindex(")")], int(stat[stat.rindex(")") + 2:].split()[16])]
+        try:  # the session's share of the CPU, where the kernel groups tasks by session
+            with open("/proc/self/autogroup") as f:
+                autogroup = int(f.read().rsplit("nice", 1)[1])
+        except OSError:
+            autogroup = None
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "threads": threads, "autogroup": autogroup}) + "\n")
+
+
 def _events(run_dir, name, **match):
     return [e for e in RunDir(run_dir).read_events() if e["event"] == name
             and all(e.get(k) == v for k, v in match.items())]
@@ -83,8 +110,10 @@ def _gone(pid: int, within: float) -> bool:
 def test_a_restart_takes_the_warm_standby_and_skips_the_import(tmp_path):
     x, y = make_data()
     run_dir = tmp_path / "run"
+    nices = tmp_path / "nices.jsonl"
     history = resilient.fit(make_model(), x, y, epochs=2, batch_size=32, seed=1, run_dir=run_dir, verbose=0,
-                            faults="segfault@10", checkpoint_every=1, callbacks=[WaitForStandby(str(run_dir))])
+                            faults="segfault@10", checkpoint_every=1,
+                            callbacks=[WaitForStandby(str(run_dir)), ThreadNices(str(nices))])
     assert [i.kind for i in history.incidents] == ["crash"] and history.epoch == [0, 1]
     [early] = _events(run_dir, "standby_used", attempt=0)
     assert early["kind"] == "early"  # fit started the first attempt's worker ahead
@@ -92,6 +121,25 @@ def test_a_restart_takes_the_warm_standby_and_skips_the_import(tmp_path):
     [used] = _events(run_dir, "standby_used", attempt=1)
     assert (used["kind"], used["imported"], used["pid"]) == ("standby", True, started["pid"])
     assert _events(run_dir, "worker_ready", attempt=1)[0]["pid"] == started["pid"]
+    # The standby imported at the lowest priority, beside the training; the attempt it ran trained at the normal
+    # one: its main thread and TensorFlow's pools, and the threads its import started (raised at the go).
+    normal = os.getpriority(os.PRIO_PROCESS, 0)  # the workers inherit the caller's
+    [ready] = _events(run_dir, "standby_ready", pid=started["pid"])
+    assert ready["import_nice"] == 19 and ready["autogroup_nice"] in (19, None)  # None: no autogroups here
+    # fit's early worker imports at the normal priority (journaled where it was ready before its go).
+    assert all(e["import_nice"] == normal for e in _events(run_dir, "standby_ready", kind="early"))
+    [priority] = _events(run_dir, "standby_priority", attempt=1)
+    assert (priority["import_nice"], priority["nice"], priority["restored"]) == (19, normal, True)
+    left_low = {str(t["tid"]) for t in priority["threads_left_low"]}
+    if os.geteuid() == 0:
+        assert not left_low  # the privilege to raise a thread's priority again
+    seen = [json.loads(line) for line in nices.read_text().splitlines()]
+    trained = {tid: value for s in seen if s["pid"] == used["pid"] for tid, value in s["threads"].items()}
+    assert any(name.startswith("tf_") for name, _ in trained.values())  # TensorFlow's pools were running
+    assert {tid: nice for tid, (_, nice) in trained.items() if tid not in left_low} == dict.fromkeys(
+        set(trained) - left_low, normal)
+    # A session of its own, back at the default share (where there are autogroups).
+    assert {s["autogroup"] for s in seen if s["pid"] == used["pid"]} == {None if ready["autogroup_nice"] is None else 0}
     [ended] = _events(run_dir, "attempt_ended", attempt=1)
     assert ended["startup_seconds"]["import"] < 0.5  # a fresh worker's import takes seconds
     # The standby kept for a next incident (attempt 2) was killed and reaped when fit returned.

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -15,8 +18,9 @@ from resilient._protocol import Heartbeat, Hello, Notice, WorkerGo
 from resilient._rundir import Journal, RunDir
 from resilient.policy import Policy, load_policy
 from resilient.supervisor import standby as standby_module
-from resilient.supervisor.standby import STANDBY_MARGIN, StandbyKeeper, standby_verdict
+from resilient.supervisor.standby import STANDBY_IMPORT_NICE, STANDBY_MARGIN, StandbyKeeper, standby_verdict
 from resilient.supervisor.startup import StartupCalibration, StartupClock
+from resilient.worker import __main__ as worker_main
 from resilient.worker.__main__ import _parse_args
 
 GB = 1 << 30
@@ -115,6 +119,124 @@ def test_the_worker_command_line():
     assert _parse_args(["--standby", "--supervisor-pid", "1", "--channel-fd", "5"]).standby
     with pytest.raises(SystemExit):  # an attempt's worker needs its run and attempt
         _parse_args(["--supervisor-pid", "1"])
+    assert _parse_args(["--standby", "--supervisor-pid", "1"]).import_nice == 0
+    assert _parse_args(["--standby", "--supervisor-pid", "1", "--import-nice", "19"]).import_nice == 19
+    for wrong in ("-5", "20"):  # not a nice value a process can lower itself to
+        with pytest.raises(SystemExit):
+            _parse_args(["--standby", "--supervisor-pid", "1", f"--import-nice={wrong}"])
+
+
+def test_the_keeper_starts_its_standby_at_the_lowest_priority_and_fit_its_early_worker_at_the_normal_one(
+        tmp_path, monkeypatch):
+    spawned = []
+
+    def spawn(env, kind="standby", import_nice=0):
+        spawned.append((kind, import_nice))
+        return _waiting(ready=False)
+
+    monkeypatch.setattr(standby_module.WaitingWorker, "spawn", spawn)
+    keeper = _keeper(tmp_path)
+    try:
+        keeper.tick(0, {"A": "1"}, started_up=True, limit=None, usage=None)
+    finally:
+        keeper.close()
+    assert spawned == [("standby", STANDBY_IMPORT_NICE)] and STANDBY_IMPORT_NICE == 19
+    [started] = _events(tmp_path)
+    assert (started["event"], started["import_nice"]) == ("standby_started", 19)
+    spawned.clear()
+    from resilient._fit import _start_worker_early
+
+    _start_worker_early().kill()
+    assert spawned == [("early", 0)]  # the first attempt waits for it: nothing trains beside its import
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_a_standby_imports_in_a_low_priority_thread_and_its_main_thread_keeps_the_normal_one():
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    priority = worker_main._Priority(19)
+    try:  # Keras is imported in this process already or now: the thread's priority is the test
+        imported = worker_main._import_keras(priority)
+    finally:
+        priority.restore()  # this process's session, had it been lowered (a test run as a session leader)
+    assert imported["import_nice"] == 19 and imported["import_seconds"] >= 0
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    assert worker_main._import_keras(worker_main._Priority(0))["import_nice"] == before  # fit's early worker
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_a_go_during_the_import_brings_the_import_back_to_the_normal_priority():
+    if os.geteuid() != 0:
+        pytest.skip("raising a thread's priority needs CAP_SYS_NICE")
+    seen, low = [], threading.Event()
+
+    def slow_import():  # a low-priority import that is still running when the go comes
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+        low.set()
+        time.sleep(0.4)
+        seen.append(os.getpriority(os.PRIO_PROCESS, tid))
+
+    priority = worker_main._Priority(19)
+    thread = threading.Thread(target=slow_import, daemon=True)
+    thread.start()
+    low.wait(10)
+    worker_main._join_import(thread, priority, go_waiting=lambda: True)
+    assert priority.hurried and seen == [os.getpriority(os.PRIO_PROCESS, 0)]
+    assert priority.restore()["hurried"] is True
+
+
+def test_the_autogroup_line_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "autogroup"
+    monkeypatch.setattr(worker_main, "_AUTOGROUP", str(path))
+    assert worker_main._autogroup_nice() is None  # no autogroups on this kernel
+    path.write_text("/autogroup-9955 nice 19\n")
+    assert worker_main._autogroup_nice() == 19
+
+
+@pytest.fixture
+def low_thread():
+    """A thread of this process at nice 19, as OpenBLAS's pool is after a standby's import."""
+    ready, done, tid = threading.Event(), threading.Event(), []
+
+    def run():
+        tid.append(threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, tid[0], 19)
+        ready.set()
+        done.wait(30)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(30)
+    yield tid[0]
+    done.set()
+    thread.join(30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_at_the_go_threads_started_during_the_import_are_raised_to_the_main_threads_priority(low_thread):
+    if os.geteuid() != 0:
+        pytest.skip("raising a thread's priority needs CAP_SYS_NICE")
+    fields = worker_main._Priority(19).restore()
+    assert worker_main._thread_nice(low_thread) == os.getpriority(os.PRIO_PROCESS, 0) == fields["nice"]
+    assert fields["threads_raised"] >= 1 and fields["threads_left_low"] == [] and "detail" not in fields
+    assert fields["restored"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_what_cannot_be_undone_at_the_go_is_named_not_left_low_silently(low_thread, monkeypatch):
+    def refuse(which, who, prio):  # what an unprivileged process gets for raising a thread's priority
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(worker_main.os, "setpriority", refuse)
+    priority = worker_main._Priority(19)
+    priority.autogroup_before = 0  # the session was lowered for the import; the kernel refuses it back:
+    monkeypatch.setattr(worker_main, "_set_autogroup_nice", lambda nice: f"setting /proc/self/autogroup to {nice}: "
+                        "Resource temporarily unavailable")
+    monkeypatch.setattr(worker_main, "_autogroup_nice", lambda: 19)
+    fields = priority.restore()
+    assert {"tid": low_thread, "name": worker_main._thread_name(low_thread), "nice": 19} in fields["threads_left_low"]
+    assert fields["threads_raised"] == 0 and fields["restored"] is False and fields["autogroup_nice"] == 19
+    assert "autogroup to 0: Resource temporarily unavailable" in fields["detail"] and "CAP_SYS_NICE" in fields["detail"]
 
 
 def test_runtime_standby_in_a_policy(tmp_path):

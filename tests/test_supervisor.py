@@ -243,6 +243,24 @@ def test_notices_are_journaled_with_the_attempt(supervise):
     assert notice["time"].endswith("Z")
 
 
+def test_an_adopted_standby_left_at_a_low_priority_is_said_on_the_console(supervise, tmp_path):
+    low = {"import_nice": 19, "nice": 0, "autogroup_nice": 19, "threads_raised": 1, "threads_left_low": [],
+           "hurried": False, "restored": False, "detail": "setting /proc/self/autogroup to 0: Permission denied"}
+    h = supervise({"default": [{"do": "notice", "event": "standby_priority", "fields": low}, *COMPLETE]})
+    h.supervisor.run()
+    assert h.events("standby_priority")[0]["restored"] is False
+    said = h.stream.getvalue()
+    assert "attempt 0: the standby worker it took could not return to the normal CPU priority" in said
+    assert "autogroup to 0: Permission denied" in said and 'standby = "off"' in said
+    # Restored (or threads left low only, named in the journal): nothing on the console.
+    h = supervise({"default": [{"do": "notice", "event": "standby_priority",
+                                "fields": {**low, "restored": True, "autogroup_nice": 0}}, *COMPLETE]},
+                  run_path=tmp_path / "run2")
+    h.supervisor.run()
+    assert h.events("standby_priority")[0]["restored"] is True
+    assert "CPU priority" not in h.stream.getvalue()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_message_the_journal_cannot_take_does_not_cut_the_channel(supervise):
     h = supervise({"default": [HELLO, beat(2), {"do": "notice", "event": "odd", "fields": {"attempt": 99}},

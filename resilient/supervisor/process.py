@@ -667,12 +667,18 @@ class WorkerProcess:
                 self._last_beat = max(self._last_beat, now)
 
     def _take_notice(self, msg: Notice) -> None:
-        """What a notice means beyond its journal line: a damaged checkpoint is said on the console, and an
-        error report the worker could not write to disk is kept as if read from error.json."""
+        """What a notice means beyond its journal line: a damaged checkpoint, and an adopted standby left at a low
+        CPU priority, are said on the console; an error report the worker could not write to disk is kept as if
+        read from error.json."""
         if msg.event == "checkpoint_corrupt":
             self.cfg.say(f"attempt {self.attempt}: checkpoint {Path(str(msg.fields.get('path', '?'))).name} is "
                          f"damaged ({msg.fields.get('reason', 'unknown')}); skipped: the attempt resumes from the newest one "
                          "that verifies")
+        elif msg.event == "standby_priority" and msg.fields.get("restored") is False:
+            self.cfg.say(f"attempt {self.attempt}: the standby worker it took could not return to the normal CPU "
+                         f"priority after its low-priority import ({msg.fields.get('detail', 'no reason given')}); "
+                         "it trains at the low one. If restarts train slowly, set [runtime] standby = \"off\" in "
+                         "the policy")
         elif msg.event == "error_report":
             try:
                 self._sent_report = ErrorReport.model_validate(msg.fields.get("report"))

@@ -10,7 +10,11 @@ attempt's memory cgroup, points its output at the attempt's ``worker.log``, then
   and the carry is proven; it is killed and reaped if ``fit`` refuses or fails before the go.
 - ``StandbyKeeper`` keeps one warm during training (``[runtime] standby = "auto"``): once an attempt
   has trained its first step it spawns the next attempt's worker, so a restart skips the import; the
-  attempt after that gets a new one. It never costs what it saves: none is started after a host OOM
+  attempt after that gets a new one. Its import runs beside the training, at the lowest CPU priority
+  (``STANDBY_IMPORT_NICE``: its session's and its import thread's; the attempt after the go runs at the
+  normal one; worker/__main__.py), so it takes only the CPU the training leaves.
+  fit's early worker imports at the normal priority: nothing trains beside it, and the first attempt
+  waits for it. It never costs what it saves: none is started after a host OOM
   in the run, nor while the machine's available memory or the headroom under the worker's memory
   limit is below a standby's own memory (measured: its private RSS once imported) plus
   ``STANDBY_MARGIN``; a waiting one is stopped when the machine's available memory falls below the
@@ -28,7 +32,11 @@ A waiting worker is handed an attempt only when the environment it was spawned w
 fresh worker would get now (``worker_env``); everything else an attempt needs (the plan, the fault
 schedule, the precision policy, the devices) is read by the worker after its go.
 
-Journal: ``standby_started`` (pid), ``standby_ready`` (pid, import_seconds, rss_bytes),
+Journal: ``standby_started`` (pid, import_nice), ``standby_ready`` (pid, import_seconds, rss_bytes;
+``import_nice``: the nice value of the thread that imported, ``autogroup_nice``: its session's then),
+``standby_priority`` (from the adopted worker at its go: the main thread's ``nice``, the session's
+``autogroup_nice``, ``threads_raised`` from the import's priority, ``threads_left_low`` where that was refused,
+``restored``, and a ``detail`` for what could not be undone; ``restored`` False is also said on the console),
 ``standby_used`` (attempt, pid, ``early`` or ``standby``, whether it had finished importing),
 ``standby_skipped`` (reason: ``off``, ``host_oom``, ``machine_memory``, ``limit_headroom``,
 ``environment_changed``, ``exited``, ``spawn_failed``), ``standby_stopped`` (pid, reason).
@@ -57,6 +65,8 @@ StandbyMode = Literal["auto", "off"]
 STANDBY_RSS_ESTIMATE = 700 << 20
 #: Memory that must stay free besides a standby's own for one to be started (and kept, on the machine).
 STANDBY_MARGIN = 512 << 20
+#: The nice value of a standby's import (the lowest priority): it runs beside an attempt that trains.
+STANDBY_IMPORT_NICE = 19
 #: Output a waiting worker may write before its go that is kept for the attempt's worker.log.
 _PENDING_OUTPUT = 1 << 20
 
@@ -113,24 +123,28 @@ class WorkerOutput:
 class WaitingWorker:
     """A worker process that has not been given its attempt yet (``python -m resilient.worker --standby``)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], channel_fd: int, env: dict[str, str], kind: str) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], channel_fd: int, env: dict[str, str], kind: str,
+                 import_nice: int = 0) -> None:
         self.proc = proc
+        self.import_nice = import_nice  # asked for its import; the nice it ran at is in ready_fields
         self.channel_fd: int | None = channel_fd  # the channel's read end; the adopter reads it
         self.env = env
         self.kind = kind  # "early" (fit's) or "standby" (kept during training)
         self.spawned = time.monotonic()
         self.output = WorkerOutput(proc)
         self.import_seconds: float | None = None  # from its standby_ready: it has imported
+        self.ready_fields: dict[str, object] = {}  # its standby_ready notice's fields
         self.taken = False  # handed to an attempt: killing it is the attempt's business now
 
     @classmethod
-    def spawn(cls, env: dict[str, str], kind: str = "standby") -> WaitingWorker:
-        """Start one; call from the thread that supervises (its parent-death signal follows that thread)."""
+    def spawn(cls, env: dict[str, str], kind: str = "standby", import_nice: int = 0) -> WaitingWorker:
+        """Start one, its import at the nice value ``import_nice``; call from the thread that supervises (its
+        parent-death signal follows that thread)."""
         read_fd, write_fd = os.pipe()
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "resilient.worker", "--standby", "--channel-fd", str(write_fd),
-                 "--supervisor-pid", str(os.getpid())],
+                 "--supervisor-pid", str(os.getpid()), "--import-nice", str(import_nice)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
                 env=env, start_new_session=True,
             )
@@ -139,7 +153,7 @@ class WaitingWorker:
             raise
         finally:
             os.close(write_fd)
-        return cls(proc, read_fd, env, kind)
+        return cls(proc, read_fd, env, kind, import_nice)
 
     @property
     def pid(self) -> int:
@@ -159,6 +173,7 @@ class WaitingWorker:
                 line = b""
             msg = parse_message(line.strip()) if line.strip() else None
             if isinstance(msg, Notice) and msg.event == "standby_ready":
+                self.ready_fields = dict(msg.fields)
                 self.import_seconds = float(msg.fields.get("import_seconds", 0.0))
         return self.import_seconds is not None
 
@@ -298,13 +313,13 @@ class StandbyKeeper:
                 self.journal.write("standby_skipped", attempt=attempt, reason=verdict[0], detail=verdict[1])
             return
         try:
-            self.waiting = WaitingWorker.spawn(env)
+            self.waiting = WaitingWorker.spawn(env, import_nice=STANDBY_IMPORT_NICE)
         except OSError as exc:
             self.journal.write("standby_skipped", attempt=attempt, reason="spawn_failed", detail=str(exc))
             self.enabled = False
             return
         self.journal.write("standby_started", pid=self.waiting.pid, for_attempt=attempt + 1,
-                           expected_rss_bytes=self.rss)
+                           expected_rss_bytes=self.rss, import_nice=STANDBY_IMPORT_NICE)
 
     def _note_ready(self, waiting: WaitingWorker) -> None:
         if waiting.pid in self._ready_seen or not waiting.ready():
@@ -314,7 +329,9 @@ class StandbyKeeper:
         if rss:
             self.rss = rss  # the next standby's need is this one's measured memory
         self.journal.write("standby_ready", pid=waiting.pid, kind=waiting.kind,
-                           import_seconds=waiting.import_seconds, rss_bytes=rss)
+                           import_seconds=waiting.import_seconds, rss_bytes=rss,
+                           import_nice=waiting.ready_fields.get("import_nice"),
+                           autogroup_nice=waiting.ready_fields.get("autogroup_nice"))
 
     def close(self) -> None:
         """Kill and reap the waiting worker, if any (the end of the run, Ctrl-C, an error)."""

@@ -16,19 +16,45 @@ TensorFlow and Keras (no device is listed or initialised, no data or model is re
 ``standby_ready`` over the channel, and waits for its go, a ``WorkerGo`` line on stdin that names the
 run directory, the attempt and its plan. From there it runs exactly as a worker started for that
 attempt. End of input without a go (the supervisor dismissed it) exits 0.
+
+A standby kept during training imports beside the attempt that trains (``--import-nice 19``): on a small
+machine the import's seconds of CPU would slow that training. Two kernel rules decide what a nice value
+does, so the import is lowered under both, and the attempt runs at the normal priority after the go:
+
+- Where the kernel groups tasks by session (``/proc/sys/kernel/sched_autogroup_enabled``, processes in
+  the root CPU cgroup: most plain Linux machines), each session shares the CPU as one and a thread's
+  nice value counts only within its session. The standby leads its own session, so it sets its
+  session's nice value (``/proc/self/autogroup``) to 19 for the import and back at the go (raising it
+  back to 0 needs no privilege; the kernel takes one change per 0.1 s system-wide, so it is retried).
+- Elsewhere nice values are per thread: the import runs in a thread that lowered its own priority,
+  while the main thread, which creates TensorFlow's thread pools when the attempt runs, keeps the
+  worker's. Threads started during the import (OpenBLAS's pool, started when NumPy loads) inherit the
+  low value: at the go they are raised to the main thread's, which needs ``CAP_SYS_NICE`` (or an
+  ``RLIMIT_NICE`` that allows it).
+
+A go that comes while the import still runs (a fault before the standby was ready) brings the priority
+back at once: the attempt waits for that import now. What could not be undone is named in the
+``standby_priority`` notice (and said on the console when the attempt itself would train at the low
+priority), never left low silently. Importing in a thread is sound here: importing TensorFlow and Keras
+installs no Python signal handler (only the main thread may), creates no eager context and lists no
+device, and the only thread-local state it sets (Keras's ``nnx_enabled``, False) reads the same from
+any thread by default.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import faulthandler
 import os
+import select
 import signal
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from .._protocol import (
@@ -98,24 +124,181 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--plan", default=None, help="this attempt's plan (JSON); default: run_dir/plan.json")
     parser.add_argument("--standby", action="store_true",
                         help="import TensorFlow, then wait for the attempt on stdin (a WorkerGo JSON line)")
+    parser.add_argument("--import-nice", type=int, default=0,
+                        help="with --standby: the nice value (0-19) of the thread that imports TensorFlow")
     args = parser.parse_args(argv)
     if not args.standby and (args.run_dir is None or args.attempt is None):
         parser.error("--run-dir and --attempt are required without --standby")
+    if not 0 <= args.import_nice <= 19:
+        parser.error(f"Invalid value for argument `--import-nice`. Received: {args.import_nice}. Expected a nice "
+                     "value from 0 (the worker's own priority) to 19 (the lowest).")
     return args
 
 
-def _wait_for_go(channel: ChannelWriter) -> WorkerGo | None:
-    """A standby's wait: import what every attempt imports, say so, then read the go (None: dismissed)."""
-    started = time.monotonic()
+#: Per-thread nice values (``setpriority`` on a thread id) and autogroups are Linux's; elsewhere the import runs
+#: at the worker's priority.
+_LINUX = sys.platform.startswith("linux")
+_AUTOGROUP = "/proc/self/autogroup"
+#: How long a change of the autogroup's nice value is retried while the kernel answers EAGAIN (its rate limit).
+_AUTOGROUP_PATIENCE = 2.0
+
+
+def _thread_nice(tid: int | str) -> int | None:
+    """The nice value of one of this process's threads (/proc/self/task/TID/stat), None when it is gone."""
     try:
-        import keras  # noqa: F401  (TensorFlow with it; importing lists no device and creates no context)
-    except BaseException:
-        pass  # the attempt imports it again and reports what it raises in error.json
-    channel.send(Notice(event="standby_ready", fields={"import_seconds": round(time.monotonic() - started, 3)}))
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(")") + 2:].split()[16])  # field 19 of proc(5); the name may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _thread_name(tid: int | str) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _autogroup_nice() -> int | None:
+    """The nice value of this process's autogroup (``/autogroup-123 nice 0``), None where there is none."""
+    try:
+        with open(_AUTOGROUP) as f:
+            return int(f.read().rsplit("nice", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _set_autogroup_nice(nice: int, patience: float = _AUTOGROUP_PATIENCE) -> str | None:
+    """Set this process's autogroup's nice value; None when done, else why not."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            with open(_AUTOGROUP, "w") as f:
+                f.write(str(nice))
+            return None
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN or time.monotonic() >= deadline:
+                return f"setting {_AUTOGROUP} to {nice}: {exc.strerror or exc}"
+            time.sleep(0.05)
+
+
+class _Priority:
+    """What a standby lowered for its import, and undoes at the go (see the module docstring)."""
+
+    def __init__(self, nice: int) -> None:
+        self.nice = nice if _LINUX else 0
+        self.autogroup_before: int | None = None  # the session's nice value before the import; None: untouched
+        self.raised = 0  # threads raised back so far
+        self.hurried = False  # the go came while the import ran: it finished at the normal priority
+
+    def lower_session(self) -> None:
+        """The session's share of the CPU at ``nice`` (only a session of its own: a standby leads one)."""
+        if self.nice <= 0 or os.getsid(0) != os.getpid():
+            return
+        before = _autogroup_nice()
+        if before is not None and before < self.nice and _set_autogroup_nice(self.nice) is None:
+            self.autogroup_before = before
+
+    def hurry(self) -> None:
+        """The go came while the import still runs: the attempt waits for it, so it finishes at the normal
+        priority (from the main thread)."""
+        self.hurried = True
+        self.restore()
+
+    def restore(self) -> dict[str, object]:
+        """At the go (from the main thread): the session back at its nice value, threads started during the
+        import at the main thread's. Returns the ``standby_priority`` notice's fields: ``nice`` (the main
+        thread's), ``autogroup_nice``, ``threads_raised``, ``threads_left_low``, ``hurried``, ``restored``
+        (False: the attempt itself runs at a low priority), and a ``detail`` for anything not undone."""
+        problems = []
+        if self.autogroup_before is not None and _autogroup_nice() != self.autogroup_before:
+            refused = _set_autogroup_nice(self.autogroup_before)
+            if refused:
+                problems.append(refused)
+        nice = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling (main) thread's
+        low = []
+        for tid in sorted(os.listdir("/proc/self/task"), key=int):
+            current = _thread_nice(tid)
+            if current is None or current <= nice:
+                continue
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+                self.raised += 1
+            except OSError as exc:
+                low.append({"tid": int(tid), "name": _thread_name(tid), "nice": current})
+                if len(low) == 1:
+                    problems.append(f"{exc.strerror}: raising a thread's priority needs CAP_SYS_NICE or an "
+                                    "RLIMIT_NICE that allows it; the threads left low were started during the "
+                                    "import (the main thread and the training's thread pools are not among them)")
+        autogroup = _autogroup_nice()
+        fields: dict[str, object] = {
+            "nice": nice, "autogroup_nice": autogroup, "threads_raised": self.raised, "threads_left_low": low,
+            "hurried": self.hurried, "restored": self.autogroup_before is None or autogroup == self.autogroup_before,
+        }
+        if problems:
+            fields["detail"] = "; ".join(problems)
+        return fields
+
+
+def _join_import(thread: threading.Thread, priority: _Priority, go_waiting: Callable[[], bool] | None) -> None:
+    """Wait for the import thread; a go that comes meanwhile (``go_waiting``) hurries it (``_Priority.hurry``)."""
+    while thread.is_alive():
+        thread.join(0.05)
+        if thread.is_alive() and not priority.hurried and go_waiting is not None and go_waiting():
+            priority.hurry()
+
+
+def _import_keras(priority: _Priority, go_waiting: Callable[[], bool] | None = None) -> dict[str, float | int | None]:
+    """Import TensorFlow and Keras, at the priority asked (in a thread of that nice value, the session lowered
+    too: see the module docstring; back to normal should the go come first); returns the ``standby_ready``
+    notice's fields: ``import_seconds``, ``import_nice`` (the nice value of the thread that imported; None: not
+    read, off Linux) and ``autogroup_nice`` (the session's during the import; None: no autogroup)."""
+    result: dict[str, float | int | None] = {"import_nice": None}
+
+    def work() -> None:
+        started = time.monotonic()
+        if _LINUX:
+            tid = threading.get_native_id()
+            if priority.nice > 0:
+                try:
+                    os.setpriority(os.PRIO_PROCESS, tid, max(priority.nice, os.getpriority(os.PRIO_PROCESS, tid)))
+                except OSError:
+                    pass  # the import runs at the worker's priority; import_nice says so
+            result["import_nice"] = os.getpriority(os.PRIO_PROCESS, tid)
+        try:
+            import keras  # noqa: F401  (TensorFlow with it; importing lists no device and creates no context)
+        except BaseException:
+            pass  # the attempt imports it again and reports what it raises in error.json
+        result["import_seconds"] = round(time.monotonic() - started, 3)
+
+    if priority.nice > 0:
+        priority.lower_session()
+        result["autogroup_nice"] = _autogroup_nice()
+        thread = threading.Thread(target=work, name="resilient-import", daemon=True)
+        thread.start()
+        _join_import(thread, priority, go_waiting)
+    else:
+        work()
+    return result
+
+
+def _wait_for_go(channel: ChannelWriter, import_nice: int = 0) -> WorkerGo | None:
+    """A standby's wait: import what every attempt imports (at ``import_nice``), say so, then read the go
+    (None: dismissed); the priority is back to normal before the attempt starts."""
+    priority = _Priority(import_nice)
+
+    def go_waiting() -> bool:  # the go (or the end of input) is there to read
+        return bool(select.select([sys.stdin.buffer], [], [], 0)[0])
+
+    channel.send(Notice(event="standby_ready", fields=_import_keras(priority, go_waiting)))
     line = sys.stdin.buffer.readline()
     if not line.strip():
         return None
     go = WorkerGo.model_validate_json(line)
+    if priority.nice > 0:
+        channel.send(Notice(event="standby_priority", fields={"import_nice": priority.nice, **priority.restore()}))
     # The attempt's code must not inherit the supervisor's pipe as its stdin.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -130,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_process(args.supervisor_pid, sigterm, pressure)
     channel = ChannelWriter(args.channel_fd)
     if args.standby:
-        go = _wait_for_go(channel)
+        go = _wait_for_go(channel, args.import_nice)
         if go is None:
             return 0
         args.run_dir, args.attempt, args.plan = go.run_dir, go.attempt, go.plan
