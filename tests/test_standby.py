@@ -74,30 +74,37 @@ def no_spawn(monkeypatch):
 def test_the_keeper_skips_a_standby_under_memory_pressure_and_says_why_once(tmp_path, no_spawn, setup, tick, reason):
     keeper = _keeper(tmp_path, **setup)
     for _ in range(3):  # the monitor asks after every memory sample; the journal says it once per attempt
-        keeper.tick(4, {}, started_up=True, limit=tick.get("limit"), usage=tick.get("usage"))
+        keeper.tick(4, {}, limit=tick.get("limit"), usage=tick.get("usage"))
     assert keeper.waiting is None
     [skipped] = _events(tmp_path)
     assert (skipped["event"], skipped["attempt"], skipped["reason"]) == ("standby_skipped", 4, reason)
 
 
-def test_the_keeper_waits_for_the_attempt_to_start_up(tmp_path, no_spawn):
+def test_the_keeper_starts_the_standby_at_the_attempts_first_look(tmp_path, monkeypatch):
+    # During the attempt's start-up, not after its first step: its import must be done before the training
+    # runs, where it would take the CPU from the training's threads.
+    monkeypatch.setattr(standby_module.WaitingWorker, "spawn", lambda env, **kwargs: _waiting(ready=False))
     keeper = _keeper(tmp_path)
     keeper.available = lambda: 100 * GB
-    keeper.tick(0, {}, started_up=False, limit=None, usage=None)  # no standby, no verdict before the first step
-    assert _events(tmp_path) == [] and keeper.waiting is None
+    try:
+        keeper.tick(0, {}, limit=None, usage=None)  # the attempt's first look: it has not trained a step
+        assert keeper.waiting is not None
+    finally:
+        keeper.close()
+    assert [(e["event"], e["for_attempt"]) for e in _events(tmp_path)] == [("standby_started", 1)]
 
 
 def test_a_standby_ruled_out_by_the_policy_is_journaled_at_the_attempts_first_look(tmp_path, no_spawn):
     # Not only once the attempt has trained a step: a fault at an early step must not hide it.
     keeper = _keeper(tmp_path, mode="off")
-    keeper.tick(0, {}, started_up=False, limit=None, usage=None)
-    keeper.tick(0, {}, started_up=True, limit=None, usage=None)
+    keeper.tick(0, {}, limit=None, usage=None)
+    keeper.tick(0, {}, limit=None, usage=None)
     assert [(e["event"], e["reason"]) for e in _events(tmp_path)] == [("standby_skipped", "off")]
 
 
 def test_a_keeper_for_fake_workers_does_nothing(tmp_path, no_spawn):
     keeper = _keeper(tmp_path, enabled=False)
-    keeper.tick(0, {}, started_up=True, limit=None, usage=None)
+    keeper.tick(0, {}, limit=None, usage=None)
     assert keeper.take(1, {}) is None and _events(tmp_path) == []
 
 
@@ -137,7 +144,7 @@ def test_the_keeper_starts_its_standby_at_the_lowest_priority_and_fit_its_early_
     monkeypatch.setattr(standby_module.WaitingWorker, "spawn", spawn)
     keeper = _keeper(tmp_path)
     try:
-        keeper.tick(0, {"A": "1"}, started_up=True, limit=None, usage=None)
+        keeper.tick(0, {"A": "1"}, limit=None, usage=None)
     finally:
         keeper.close()
     assert spawned == [("standby", STANDBY_IMPORT_NICE)] and STANDBY_IMPORT_NICE == 19
@@ -312,7 +319,7 @@ def test_a_standby_that_cannot_serve_is_killed_and_a_fresh_worker_starts(tmp_pat
 def test_a_waiting_standby_gives_its_memory_back_when_the_machine_runs_short(tmp_path, no_spawn):
     keeper = _keeper(tmp_path, available=STANDBY_MARGIN - 1)
     keeper.waiting = waiting = _waiting(ready=False)
-    keeper.tick(0, {"A": "1"}, started_up=True, limit=None, usage=None)
+    keeper.tick(0, {"A": "1"}, limit=None, usage=None)
     assert keeper.waiting is None and waiting.proc.returncode is not None
     assert [(e["event"], e["reason"]) for e in _events(tmp_path)] == [("standby_stopped", "machine_memory")]
 
@@ -321,7 +328,7 @@ def test_the_keeper_measures_a_ready_standby_for_the_next_decision(tmp_path, no_
     keeper = _keeper(tmp_path)
     keeper.waiting = _waiting()
     try:
-        keeper.tick(0, {"A": "1"}, started_up=True, limit=None, usage=None)
+        keeper.tick(0, {"A": "1"}, limit=None, usage=None)
         [ready] = _events(tmp_path)
         assert ready["event"] == "standby_ready" and ready["import_seconds"] == 3.5
         assert keeper.rss == ready["rss_bytes"] > 0  # sleep's own private memory: the next standby's need

@@ -293,7 +293,7 @@ class Supervisor:
     def _keep_standby(self, worker: WorkerProcess, env: dict[str, str]) -> None:
         """From the monitor, after each memory sample: the standby keeper's look (standby.py)."""
         limit, usage = worker.memory_use()
-        self._standby.tick(worker.attempt, env, started_up=worker.started_up(), limit=limit, usage=usage)
+        self._standby.tick(worker.attempt, env, limit=limit, usage=usage)
 
     def _flush_mirror(self) -> None:
         """At the end of the run, Ctrl-C included: a last copy within a bounded wait; say what the mirror holds."""

@@ -512,11 +512,6 @@ class WorkerProcess:
         if self.decision == "preempt" and age > self.cfg.preempt_grace:
             self._signal(signal.SIGKILL)
 
-    def started_up(self) -> bool:
-        """Whether the worker has trained its first step (its start-up phases are over)."""
-        with self._lock:
-            return self._clock.phase() is None
-
     def memory_use(self) -> tuple[int | None, int | None]:
         """(the memory budget in force, the worker's use against it: its cgroup's, else its private RSS)."""
         group = self._group

@@ -8,11 +8,14 @@ attempt's memory cgroup, points its output at the attempt's ``worker.log``, then
 
 - ``fit`` spawns one as soon as its arguments are valid, so the import runs while the run is stored
   and the carry is proven; it is killed and reaped if ``fit`` refuses or fails before the go.
-- ``StandbyKeeper`` keeps one warm during training (``[runtime] standby = "auto"``): once an attempt
-  has trained its first step it spawns the next attempt's worker, so a restart skips the import; the
-  attempt after that gets a new one. Its import runs beside the training, at the lowest CPU priority
-  (``STANDBY_IMPORT_NICE``: its session's and its import thread's; the attempt after the go runs at the
-  normal one; worker/__main__.py), so it takes only the CPU the training leaves.
+- ``StandbyKeeper`` keeps one warm during training (``[runtime] standby = "auto"``): at an attempt's
+  first look it spawns the next attempt's worker, so a restart skips the import; the attempt after
+  that gets a new one. Its import runs while the attempt starts up (which leaves a core to spare: the
+  import, the model's load and the first trace are mostly one thread's work), so it is done before
+  the training runs, and at the lowest CPU priority (``STANDBY_IMPORT_NICE``: its session's and its
+  import thread's; the attempt after the go runs at the normal one; worker/__main__.py), so what is
+  left of it takes only the CPU the attempt leaves. (Started after the first step instead, its import
+  slowed a 2-core training by 10-40% for as long as it lasted, even at nice 19.)
   fit's early worker imports at the normal priority: nothing trains beside it, and the first attempt
   waits for it. It never costs what it saves: none is started after a host OOM
   in the run, nor while the machine's available memory or the headroom under the worker's memory
@@ -284,10 +287,9 @@ class StandbyKeeper:
                            waited_seconds=round(time.monotonic() - waiting.spawned, 3))
         return waiting
 
-    def tick(self, attempt: int, env: dict[str, str], *, started_up: bool, limit: int | None,
-             usage: int | None) -> None:
-        """A look from the monitor (its own thread): start a standby once the attempt has started up and
-        memory allows; stop a waiting one when the machine runs short."""
+    def tick(self, attempt: int, env: dict[str, str], *, limit: int | None, usage: int | None) -> None:
+        """A look from the monitor (its own thread): start a standby as soon as memory allows (from the
+        attempt's start-up on); stop a waiting one when the machine runs short."""
         if not self.enabled:
             return
         waiting = self.waiting
@@ -299,10 +301,6 @@ class StandbyKeeper:
                                    available_bytes=available)
                 self.waiting = None
                 waiting.kill()
-            return
-        if not started_up and self.mode != "off" and not self.host_oom:
-            # Its import would compete with the attempt's own start-up for the CPU. (A standby ruled out
-            # whatever the memory, by the policy or a host OOM, is journaled at the attempt's first look.)
             return
         need = self.rss + STANDBY_MARGIN
         verdict = standby_verdict(self.mode, host_oom=self.host_oom, need=need, available=self.available(),
