@@ -128,7 +128,7 @@ def stalling_memory(limit: int, marker: Path, start: int = 3, stall: int = 6, pa
 
 @pytest.mark.cgroup
 @pytest.mark.fault("host_oom", "mid-epoch", incident="host_oom",
-                   outcome="after memory stalled above the mark: memory_pressure checkpoints at an interval while memory sits above the mark; the spike's "
+                   outcome="memory stalls above the mark: memory_pressure checkpoints at an interval; the spike's "
                            "real cgroup OOM kill redoes at most 2 steps", lost="at most 2 steps", corrupted="no")
 def test_pressure_checkpoints_while_memory_sits_above_the_mark_leave_at_most_two_steps_to_a_spike(tmp_path):
     ok, why = cgroup_support()
