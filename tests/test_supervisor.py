@@ -34,7 +34,7 @@ from resilient.policy import Policy, StepContext
 from resilient.steps import halve_batch
 from resilient.supervisor.loop import RunResult, Supervisor, SupervisorConfig
 from resilient.supervisor.memory import PressureWatch, cgroup_support
-from resilient.supervisor.process import INTERRUPT_SILENCE, Progress, interrupt_patience, worker_env
+from resilient.supervisor.process import INTERRUPT_SILENCE, Progress, WorkerProcess, interrupt_patience, worker_env
 from resilient.supervisor.startup import STARTUP_MIN_TIMEOUT
 from resilient.supervisor.telemetry import journal_interval
 
@@ -1471,3 +1471,19 @@ def test_memory_samples_name_the_watchdog_budget(supervise):
 def names_before(h: Harness, first: str, then: str) -> bool:
     names = [e["event"] for e in h.events()]
     return max(i for i, n in enumerate(names) if n == first) < names.index(then)
+
+
+def test_the_last_memory_reading_before_a_kill_stays_the_evidence():
+    # After the watchdog's (or a hang's) kill, the monitor may still read the dying process: it reads 0, which
+    # must not replace the reading the kill was for. After a SIGTERM (preemption, probe) the readings go on.
+    worker = object.__new__(WorkerProcess)
+    worker.decision, worker._last_rss, worker._peak = None, None, None
+    worker._note_rss(900 * MB)
+    worker.decision = "watchdog"
+    worker._note_rss(0)
+    worker._note_rss(100 * MB)
+    assert (worker._last_rss, worker._peak) == (900 * MB, 900 * MB)
+    worker.decision = "preempt"
+    worker._note_rss(0)  # a process on its way out reads 0: never a reading
+    worker._note_rss(950 * MB)
+    assert (worker._last_rss, worker._peak) == (950 * MB, 950 * MB)

@@ -391,9 +391,7 @@ class WorkerProcess:
     def _sample(self, now: float) -> None:
         assert self._proc is not None
         rss = tree_rss(self._proc.pid)
-        if rss is not None:
-            self._last_rss = rss
-            self._peak = max(self._peak or 0, rss)
+        self._note_rss(rss)
         devices = self.gpu.per_device({self._proc.pid}) if self.gpu.available else []
         used = sum(held or 0 for held, _, _ in devices)
         if self._device_peaks is not None and devices:
@@ -414,10 +412,16 @@ class WorkerProcess:
         rss = None
         if self._group is None:
             rss = tree_rss(self._proc.pid)
-            if rss is not None:
-                self._last_rss = rss
-                self._peak = max(self._peak or 0, rss)
+            self._note_rss(rss)
         self._watch_pressure(rss, self._group, now)
+
+    def _note_rss(self, rss: int | None) -> None:
+        """A reading of the worker's memory, kept as the last one and the peak. Not once the supervisor has
+        killed the worker (the watchdog, a hang): the last reading is then the evidence, and a process on its
+        way out reads 0. (After a SIGTERM, a preemption's or a probe's, the watchdog still watches it save.)"""
+        if rss and self.decision not in ("watchdog", "hang"):
+            self._last_rss = rss
+            self._peak = max(self._peak or 0, rss)
 
     def _pressure_usage(self, rss: int | None, group: MemoryCgroup | None) -> int | None:
         """The worker's memory as its limit counts it. With a cgroup: what the kernel holds to the group's
