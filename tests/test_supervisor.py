@@ -1487,3 +1487,28 @@ def test_the_last_memory_reading_before_a_kill_stays_the_evidence():
     worker._note_rss(0)  # a process on its way out reads 0: never a reading
     worker._note_rss(950 * MB)
     assert (worker._last_rss, worker._peak) == (950 * MB, 950 * MB)
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="the step board needs Linux's memfd_create")
+def test_the_step_boards_phase_is_the_newest_and_its_step_never_goes_back():
+    # A fault fired at step 10 (its message) before the worker wrote step 10 on its board; the last heartbeat
+    # message named a save's phase, and the board the training's after it: a Ctrl-C must not wait for a save.
+    import threading
+
+    from resilient._protocol import StepBoard
+
+    worker = object.__new__(WorkerProcess)
+    worker._lock = threading.Lock()
+    worker._progress, worker._board_seq, worker._last_beat = Progress(phase="save", epoch=0, step=10), 0, 0.0
+    worker._board = StepBoard.create()
+    try:
+        worker._board.write("train", 0, 9)
+        worker._read_board(now=5.0)
+        assert (worker._progress.phase, worker._progress.step, worker._last_beat) == ("train", 10, 5.0)
+        worker._read_board(now=9.0)  # nothing new written: no sign of life
+        assert worker._last_beat == 5.0
+        worker._board.write("validate", 1, 12)
+        worker._read_board(now=10.0)
+        assert (worker._progress.phase, worker._progress.epoch, worker._progress.step) == ("validate", 1, 12)
+    finally:
+        worker._board.close()

@@ -657,13 +657,17 @@ class WorkerProcess:
             return
         seq, phase, epoch, step = record
         with self._lock:
-            if seq == self._board_seq:
-                return
-            self._board_seq = seq
-            if step >= (self._progress.step or 0):  # a message may have told a step the board has not yet
-                self._progress = replace(self._progress, phase=phase, epoch=epoch, step=step)
-            if now is not None:
-                self._last_beat = max(self._last_beat, now)
+            # Every heartbeat is written on the board before it is sent, so the board's phase is the newest
+            # (a heartbeat still in the pipe may name an older one, as a save's does); a message may tell a
+            # newer step (a fault fired before the step's write): the step is the larger.
+            changes: dict[str, Any] = {"phase": phase}
+            if step >= (self._progress.step or 0):
+                changes.update(epoch=epoch, step=step)
+            self._progress = replace(self._progress, **changes)
+            if seq != self._board_seq:
+                self._board_seq = seq
+                if now is not None:
+                    self._last_beat = max(self._last_beat, now)  # a new step written: a sign of life
 
     def _take_notice(self, msg: Notice) -> None:
         """What a notice means beyond its journal line: a damaged checkpoint, and an adopted standby left at a low
@@ -711,6 +715,7 @@ class WorkerProcess:
         started = time.monotonic()
         while proc.poll() is None:
             now = time.monotonic()
+            self._read_board(now)
             with self._lock:
                 progress, age = self._progress, now - self._last_beat
             if now - started >= self.cfg.preempt_grace:

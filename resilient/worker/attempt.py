@@ -447,6 +447,8 @@ class Attempt:
             self.writer.submit(write)
         else:
             write()
+            if self.channel.board is not None:  # the save is over, as its CheckpointSaved tells the supervisor
+                self.channel.board.write("train", self.epoch, self.global_step)
         self.last_save_seconds = time.monotonic() - t0
         self.last_save_time = time.monotonic()
 
