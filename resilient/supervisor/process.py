@@ -660,10 +660,11 @@ class WorkerProcess:
             # Every heartbeat is written on the board before it is sent, so the board's phase is the newest
             # (a heartbeat still in the pipe may name an older one, as a save's does); a message may tell a
             # newer step (a fault fired before the step's write): the step is the larger.
-            changes: dict[str, Any] = {"phase": phase}
-            if step >= (self._progress.step or 0):
-                changes.update(epoch=epoch, step=step)
-            self._progress = replace(self._progress, **changes)
+            progress = self._progress
+            if step >= (progress.step or 0) and (phase, epoch, step) != (progress.phase, progress.epoch, progress.step):
+                self._progress = replace(progress, phase=phase, epoch=epoch, step=step)
+            elif phase != progress.phase:
+                self._progress = replace(progress, phase=phase)
             if seq != self._board_seq:
                 self._board_seq = seq
                 if now is not None:
